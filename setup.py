@@ -1,0 +1,30 @@
+"""caldpo: fast, exact Cal-DPO training with fused log-prob kernels."""
+from setuptools import find_packages, setup
+
+setup(
+    name="caldpo",
+    version="0.1.0",
+    description="Calibrated Direct Preference Optimization trainer with fused Triton kernels",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["caldpo", "caldpo.*"]),
+    package_data={"caldpo.train": ["conf/*.yaml", "conf/*/*.yaml", "sample/*.jsonl"]},
+    install_requires=[
+        "torch>=2.6",
+        "transformers>=4.45",
+        "datasets>=2.18",
+        "tokenizers>=0.19",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
+        "safetensors>=0.4",
+        "submitit>=1.5",
+        "tqdm>=4.66",
+    ],
+    extras_require={
+        "triton": ["triton>=3.1"],
+        "flash": ["flash-attn>=2.6"],
+        "test": ["pytest>=8", "triton>=3.1"],
+        "bench": ["liger-kernel", "cut-cross-entropy"],
+    },
+)
