@@ -1,0 +1,24 @@
+"""Reference backend: materialise the full logits and let autograd differentiate.
+
+The simplest correct path, used as a baseline in benchmarks and as a
+debugging aid. It allocates [N, V] logits (in fp32, or fp64 when asked), so
+it is only for small problems.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def reference_linear_logprobs(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """log_softmax(hidden @ weight.T)[targets] in `dtype`, 0.0 at ignored targets -> [N] float32."""
+    mask = targets != ignore_index
+    safe = torch.where(mask, targets, torch.zeros_like(targets))
+    logits = hidden.to(dtype) @ weight.to(dtype).T
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return torch.where(mask, logp, torch.zeros_like(logp)).float()
