@@ -1,0 +1,1 @@
+"""Training: config, data, batches, model, losses, trainer, checkpoints."""
