@@ -1,0 +1,484 @@
+"""Preference and SFT data: Anthropic HH, TL;DR comparisons, TL;DR filtered SFT, the shipped sample.
+
+Every source (hub split, .jsonl, .jsonl.gz, .json, .parquet) goes through the same
+row parsers, which turn rows into prompt groups and count what they did in a
+:class:`DataReport`. Rules (DESIGN.md section 3):
+
+HH
+  * prompt = the longest prefix shared by ``chosen`` and ``rejected`` that ends with
+    ``"\\n\\nAssistant:"``; responses are the remainders (they start with a space).
+    For ordinary rows this is ``chosen`` up to and including its last Assistant tag,
+    as in the reference code. Rows where the two differ (one side has two Assistant
+    turns in a row) are counted as ``prompt_not_shared``; the reference code would
+    slice ``rejected`` at chosen's prompt length and mis-split them.
+  * empty final replies (``"\\n\\nAssistant: "``) are kept (the response is the text
+    that is there, a lone space) and counted as ``empty_final_reply``.
+  * a row with no ``"\\n\\nAssistant:"`` in its shared prefix is broken.
+
+TL;DR comparisons
+  * prompt ``"SUBREDDIT: r/{subreddit}\\nTITLE: {title}\\nPOST: {post}\\nTL;DR:"``; a
+    subreddit already written ``r/x`` is not prefixed twice (``subreddit_has_r_prefix``).
+  * chosen = ``" " + summaries[choice].text.strip()``, rejected the other summary;
+    summaries stored without the leading space are counted
+    (``summary_without_leading_space``) and get the same normalisation. ``note`` is unused.
+  * CNN/DM rows (``info.article`` set, no ``post``): dropped and counted as
+    ``cnndm_dropped``. They are OpenAI's out-of-domain transfer set (news articles,
+    only in the validation split); the Reddit template cannot hold them and mixing
+    them into the test split would change what the TL;DR evaluation measures.
+  * ``choice`` not 0/1 or ``summaries`` not two texts: broken.
+
+All datasets
+  * ``chosen == rejected``: no preference signal, and Cal-DPO's two calibration
+    targets would pull one text both ways; dropped and counted (``identical_pair_dropped``).
+    With ``sft=True`` the row still provides its prompt's SFT target.
+  * pairs are grouped by prompt in order of first appearance; equal responses within
+    a group are stored once; the SFT target is the chosen response of the prompt's
+    first row (the reference code keeps the last one's; they differ only for prompts
+    with several rows). Repeated and reversed pairs (several raters) are kept and counted.
+  * structurally broken rows (bad JSON, missing or mistyped field, undecodable bytes,
+    truncated .gz) raise :class:`DataError` naming file and line, or with
+    ``on_error="skip"`` are skipped and counted by reason.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+DATASETS = ("hh", "tldr", "sample")
+SPLITS = ("train", "test")
+HH_HUB = "Anthropic/hh-rlhf"
+HH_SUBSETS = ("harmless-base", "helpful-base", "helpful-online", "helpful-rejection-sampled")
+TLDR_PREF_HUB = ("openai/summarize_from_feedback", "comparisons")
+TLDR_PREF_HUB_SPLIT = {"train": "train", "test": "validation"}
+TLDR_SFT_HUB = "UCL-DARK/openai-tldr-filtered"
+TLDR_SPLITS = {"train": ("train",), "test": ("valid1", "valid2")}  # comparison row["split"] per split
+SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
+ASSISTANT = "\n\nAssistant:"
+TRUNCATION_MODE = {"hh": "keep_end", "sample": "keep_end", "tldr": "keep_start"}
+
+
+@dataclass
+class PromptGroup:
+    """All responses to one prompt and the preferences among them."""
+
+    prompt: str
+    responses: list[str]
+    pairs: list[tuple[int, int]]  # (preferred idx, dispreferred idx) into responses
+    sft_target: str
+    truncation_mode: str  # "keep_end" (HH, sample) or "keep_start" (TL;DR)
+
+
+@dataclass
+class DataReport:
+    """What loading a dataset read, kept, counted and skipped; printed when it loads."""
+
+    dataset: str
+    split: str
+    source: str
+    rows_read: int = 0
+    prompts: int = 0
+    pairs: int = 0
+    anomalies: dict[str, int] = field(default_factory=dict)
+    skipped: dict[str, int] = field(default_factory=dict)
+
+    def count(self, rule: str, n: int = 1) -> None:
+        self.anomalies[rule] = self.anomalies.get(rule, 0) + n
+
+    def skip(self, reason: str) -> None:
+        self.skipped[reason] = self.skipped.get(reason, 0) + 1
+
+    @property
+    def rows_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    def __str__(self) -> str:
+        def fmt(d: dict[str, int]) -> str:
+            return ", ".join(f"{k}={v}" for k, v in sorted(d.items())) or "none"
+
+        return (f"data {self.dataset}/{self.split} from {self.source}: {self.rows_read} rows -> "
+                f"{self.prompts} prompts, {self.pairs} pairs; rules applied: {fmt(self.anomalies)}; "
+                f"rows skipped: {fmt(self.skipped)}")
+
+
+class DataError(ValueError):
+    """A structurally broken row: names the file (or hub split), the 1-based line, and the fault."""
+
+    def __init__(self, source: str, line: int, what: str, unit: str = "line"):
+        self.source, self.line, self.what, self.unit = source, line, what, unit
+        sep = ":" if unit == "line" else f" {unit} "
+        super().__init__(f"{source}{sep}{line}: {what}")
+
+
+class RowError(Exception):
+    """A broken row inside a parser; the reader turns it into DataError or a skip count."""
+
+    def __init__(self, reason: str, what: str):
+        super().__init__(what)
+        self.reason, self.what = reason, what
+
+
+# ----------------------------------------------------------------------------- records
+
+
+@dataclass
+class Record:
+    """One raw row and where it came from (a RowError if it could not be decoded)."""
+
+    source: str
+    line: int
+    row: Any
+    unit: str = "line"
+
+
+def _open_bytes(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+def _iter_json_lines(path: Path) -> Iterator[Record]:
+    src = str(path)
+    line_no = 0
+    with _open_bytes(path) as f:
+        it = iter(f)
+        while True:
+            try:
+                raw = next(it)
+            except StopIteration:
+                return
+            except (EOFError, OSError, zlib.error) as e:  # truncated or corrupt .gz
+                yield Record(src, line_no + 1, RowError("corrupt_file", f"file ends or is corrupt here ({e})"))
+                return
+            line_no += 1
+            if not raw.strip():
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                yield Record(src, line_no, RowError("undecodable", f"not UTF-8 ({e})"))
+                continue
+            try:
+                yield Record(src, line_no, json.loads(text))
+            except json.JSONDecodeError as e:
+                yield Record(src, line_no, RowError("bad_json", f"bad JSON ({e})"))
+
+
+def _iter_json_array(path: Path) -> Iterator[Record]:
+    src = str(path)
+    try:
+        with _open_bytes(path) as f:
+            data = f.read()
+        items = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        yield Record(src, 1, RowError("undecodable", f"not UTF-8 ({e})"))
+        return
+    except json.JSONDecodeError as e:
+        yield Record(src, e.lineno, RowError("bad_json", f"bad JSON ({e})"))
+        return
+    except (EOFError, OSError, zlib.error) as e:
+        yield Record(src, 1, RowError("corrupt_file", f"file is truncated or corrupt ({e})"))
+        return
+    if not isinstance(items, list):
+        yield Record(src, 1, RowError("wrong_type", "a .json file must hold JSON lines or one JSON array"))
+        return
+    for i, item in enumerate(items, 1):
+        yield Record(src, i, item, unit="item")
+
+
+def _starts_with_array(path: Path) -> bool:
+    try:
+        with _open_bytes(path) as f:
+            head = f.read(4096)
+    except (EOFError, OSError, zlib.error):
+        return False  # the line reader reports the corruption with its position
+    return head.lstrip().startswith(b"[")
+
+
+def iter_file(path: str | Path) -> Iterator[Record]:
+    """Rows of a .jsonl/.json (JSON lines or one array)/.parquet file, optionally gzipped."""
+    path = Path(path)
+    name = path.name.lower()
+    if name.endswith(".parquet"):
+        import pyarrow.parquet as pq
+
+        for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
+            yield Record(str(path), i, row, unit="row")
+    elif name.endswith((".json", ".json.gz")) and _starts_with_array(path):
+        yield from _iter_json_array(path)
+    else:
+        yield from _iter_json_lines(path)
+
+
+def iter_hub(name: str, config: str | None, split: str, cache_dir: str | None) -> Iterator[Record]:
+    """Rows of a hub split; ``line`` is the 0-based row index (``ds[line]``)."""
+    import datasets as hf_datasets
+
+    args = (name, config) if config else (name,)
+    ds = hf_datasets.load_dataset(*args, split=split, cache_dir=cache_dir)
+    src = f"hub:{name}{'/' + config if config else ''}[{split}]"
+    for i, row in enumerate(ds):
+        yield Record(src, i, row, unit="row")
+
+
+# ----------------------------------------------------------------------------- row parsers
+
+
+def _field(row: Any, key: str, typ: type | tuple[type, ...], where: str = "") -> Any:
+    if not isinstance(row, dict):
+        raise RowError("wrong_type", f"expected a JSON object{where}, got {type(row).__name__}")
+    if key not in row or row[key] is None:
+        raise RowError("missing_field", f"missing field {where}{key!r}")
+    value = row[key]
+    if not isinstance(value, typ) or isinstance(value, bool) and typ is not bool:
+        names = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
+        raise RowError("wrong_type", f"field {where}{key!r} should be {names}, got {type(value).__name__}")
+    return value
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    lo, hi = 0, min(len(a), len(b))
+    while lo < hi:  # largest n with a[:n] == b[:n]
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+def split_hh(chosen: str, rejected: str) -> tuple[str, str, str, bool]:
+    """(prompt, chosen response, rejected response, prompt_not_shared) for one HH row."""
+    k = chosen.rfind(ASSISTANT)
+    if k < 0:
+        raise RowError("no_assistant_turn", "'chosen' has no '\\n\\nAssistant:' turn")
+    end = k + len(ASSISTANT)
+    if rejected.startswith(chosen[:end]):
+        return chosen[:end], chosen[end:], rejected[end:], False
+    k = chosen.rfind(ASSISTANT, 0, _common_prefix_len(chosen, rejected))
+    if k < 0:
+        raise RowError("no_assistant_turn", "'chosen' and 'rejected' share no prefix ending in '\\n\\nAssistant:'")
+    end = k + len(ASSISTANT)
+    return chosen[:end], chosen[end:], rejected[end:], True
+
+
+def parse_hh(row: Any, report: DataReport) -> tuple[str, str, str]:
+    """An HH row ``{"chosen", "rejected"}`` -> (prompt, chosen response, rejected response)."""
+    chosen = _field(row, "chosen", str)
+    rejected = _field(row, "rejected", str)
+    prompt, c, r, not_shared = split_hh(chosen, rejected)
+    if not_shared:
+        report.count("prompt_not_shared")
+    if not c.strip() or not r.strip():
+        report.count("empty_final_reply")
+    return prompt, c, r
+
+
+def tldr_prompt(subreddit: str, title: str, post: str, report: DataReport) -> str:
+    """The TL;DR prompt template; a subreddit already written ``r/x`` is not prefixed again."""
+    if subreddit.startswith("r/"):
+        subreddit = subreddit[2:]
+        report.count("subreddit_has_r_prefix")
+    return f"SUBREDDIT: r/{subreddit}\nTITLE: {title}\nPOST: {post}\nTL;DR:"
+
+
+def parse_tldr_comparison(row: Any, report: DataReport) -> tuple[str, str, str] | None:
+    """An OpenAI comparison row -> (prompt, chosen, rejected); None for a dropped CNN/DM row."""
+    info = _field(row, "info", dict)
+    summaries = _field(row, "summaries", list)
+    choice = _field(row, "choice", int)
+    if len(summaries) != 2:
+        raise RowError("bad_summaries", f"'summaries' should hold 2 summaries, has {len(summaries)}")
+    if choice not in (0, 1):
+        raise RowError("bad_choice", f"'choice' should be 0 or 1, is {choice}")
+    texts = [_field(s, "text", str, where=f"summaries[{i}].") for i, s in enumerate(summaries)]
+    if info.get("post") is None and isinstance(info.get("article"), str):
+        report.count("cnndm_dropped")
+        return None
+    prompt = tldr_prompt(_field(info, "subreddit", str, "info."), _field(info, "title", str, "info."),
+                         _field(info, "post", str, "info."), report)
+    for t in texts:
+        if not t.startswith(" "):
+            report.count("summary_without_leading_space")
+    return prompt, " " + texts[choice].strip(), " " + texts[1 - choice].strip()
+
+
+def parse_tldr_filtered(row: Any, report: DataReport) -> tuple[str, str]:
+    """A filtered TL;DR SFT row ``{subreddit, title, post, summary}`` -> (prompt, target)."""
+    prompt = tldr_prompt(_field(row, "subreddit", str), _field(row, "title", str), _field(row, "post", str), report)
+    summary = _field(row, "summary", str)
+    if not summary.startswith(" "):
+        report.count("summary_without_leading_space")
+    return prompt, " " + summary.strip()
+
+
+def parse_tldr_any(row: Any, report: DataReport) -> tuple:
+    """Dispatch on the row's keys: raw comparison, raw filtered SFT, or preproc output.
+
+    Returns ("pair", prompt, chosen, rejected), ("sft", prompt, target) or ("drop",).
+    """
+    if not isinstance(row, dict):
+        raise RowError("wrong_type", f"expected a JSON object, got {type(row).__name__}")
+    if "summaries" in row or "info" in row:
+        out = parse_tldr_comparison(row, report)
+        return ("drop",) if out is None else ("pair", *out)
+    if "summary" in row or "post" in row:
+        return ("sft", *parse_tldr_filtered(row, report))
+    if "target" in row:
+        return "sft", _field(row, "prompt", str), _field(row, "target", str)
+    if "chosen" in row or "rejected" in row:
+        return "pair", _field(row, "prompt", str), _field(row, "chosen", str), _field(row, "rejected", str)
+    raise RowError("unknown_format", f"unrecognised TL;DR row with keys {sorted(row)}")
+
+
+# ----------------------------------------------------------------------------- grouping
+
+
+class _Groups:
+    """Builds prompt groups in order of first appearance."""
+
+    def __init__(self, truncation_mode: str, report: DataReport, sft: bool):
+        self.mode, self.report, self.sft = truncation_mode, report, sft
+        self.groups: dict[str, PromptGroup] = {}
+        self.index: dict[str, dict[str, int]] = {}
+        self.seen: dict[str, set[tuple[int, int]]] = {}
+
+    def _group(self, prompt: str, target: str) -> PromptGroup:
+        g = self.groups.get(prompt)
+        if g is None:
+            g = self.groups[prompt] = PromptGroup(prompt, [], [], target, self.mode)
+            self.index[prompt], self.seen[prompt] = {}, set()
+        return g
+
+    def _response(self, prompt: str, text: str) -> int:
+        idx = self.index[prompt]
+        if text not in idx:
+            idx[text] = len(self.groups[prompt].responses)
+            self.groups[prompt].responses.append(text)
+        return idx[text]
+
+    def add_pair(self, prompt: str, chosen: str, rejected: str) -> None:
+        if chosen == rejected:
+            self.report.count("identical_pair_dropped")
+            if self.sft:
+                self._response(prompt, self._group(prompt, chosen).sft_target)
+            return
+        g = self._group(prompt, chosen)
+        pair = (self._response(prompt, chosen), self._response(prompt, rejected))
+        seen = self.seen[prompt]
+        if pair in seen:
+            self.report.count("repeated_pair_kept")
+        elif pair[::-1] in seen:
+            self.report.count("reversed_pair_kept")
+        seen.add(pair)
+        g.pairs.append(pair)
+
+    def add_target(self, prompt: str, target: str) -> None:
+        if prompt in self.groups:
+            self.report.count("repeated_sft_prompt_first_kept")
+            return
+        self._response(prompt, self._group(prompt, target).sft_target)
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _hh_files(path: Path, split: str) -> list[Path]:
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"HH data path {path} does not exist")
+    files = []
+    for d in (path, *(path / s for s in HH_SUBSETS)):
+        for ext in (".jsonl", ".jsonl.gz"):
+            if (d / f"{split}{ext}").is_file():
+                files.append(d / f"{split}{ext}")
+                break
+    if not files:
+        raise FileNotFoundError(f"no {split}.jsonl[.gz] in {path} or its subsets {', '.join(HH_SUBSETS)}")
+    return files
+
+
+def _tldr_files(path: Path, split: str) -> tuple[list[Path], bool]:
+    """(files, filter_by_row_split): a preproc dir's split file, or raw comparison files."""
+    if path.is_file():
+        return [path], True
+    if not path.is_dir():
+        raise FileNotFoundError(f"TL;DR data path {path} does not exist")
+    for ext in (".jsonl", ".jsonl.gz"):
+        if (path / f"{split}{ext}").is_file():
+            return [path / f"{split}{ext}"], False
+    raw = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")))
+    if not raw:
+        raise FileNotFoundError(f"no {split}.jsonl (from caldpo.train.preproc) or comparison files in {path}")
+    return raw, True
+
+
+def _records(name: str, split: str, sft: bool, path: str | None, cache_dir: str | None) -> tuple[str, Iterable[Record], bool]:
+    """(source description, records, filter comparison rows by their 'split' field)."""
+    if name == "sample" and path is None:
+        if not (SAMPLE_DIR / f"{split}.jsonl").is_file():
+            raise FileNotFoundError(f"the shipped sample {SAMPLE_DIR / (split + '.jsonl')} is missing; "
+                                    "write it with `python -m caldpo.train.sample`")
+        path = str(SAMPLE_DIR)
+    if name in ("hh", "sample"):
+        if path is None:
+            return f"hub:{HH_HUB}", iter_hub(HH_HUB, None, split, cache_dir), False
+        files = _hh_files(Path(path), split)
+        return str(path), (r for f in files for r in iter_file(f)), False
+    if path is None:
+        if sft:
+            return f"hub:{TLDR_SFT_HUB}", iter_hub(TLDR_SFT_HUB, None, split, cache_dir), False
+        hub_name, config = TLDR_PREF_HUB
+        return (f"hub:{hub_name}/{config}", iter_hub(hub_name, config, TLDR_PREF_HUB_SPLIT[split], cache_dir), True)
+    files, by_split = _tldr_files(Path(path), split)
+    return str(path), (r for f in files for r in iter_file(f)), by_split
+
+
+def load_dataset(name: str, split: str, *, sft: bool = False, path: str | None = None,
+                 on_error: str = "raise", cache_dir: str | None = None) -> tuple[dict[str, PromptGroup], DataReport]:
+    """Load one split of a dataset as prompt groups plus the report of what was read.
+
+    ``path=None`` reads the hub (HH: Anthropic/hh-rlhf; TL;DR: the comparisons of
+    openai/summarize_from_feedback, or with ``sft=True`` UCL-DARK/openai-tldr-filtered);
+    otherwise a local file or directory (see the module docstring and ARCHITECTURE.md).
+    Comparison rows are filtered by their own ``split`` field ("train" -> train,
+    "valid1"/"valid2" -> test); rows of the other split are counted as ``other_split``.
+    """
+    if name not in DATASETS:
+        raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
+    source, records, by_split = _records(name, split, sft, path, cache_dir)
+    report = DataReport(name, split, source)
+    groups = _Groups(TRUNCATION_MODE[name], report, sft)
+    keep_splits = TLDR_SPLITS[split]
+    for rec in records:
+        report.rows_read += 1
+        try:
+            if isinstance(rec.row, RowError):
+                raise rec.row
+            if name == "tldr":
+                if by_split and isinstance(rec.row, dict) and "summaries" in rec.row:
+                    if _field(rec.row, "split", str) not in keep_splits:
+                        report.count("other_split")
+                        continue
+                out = parse_tldr_any(rec.row, report)
+                if out[0] == "pair":
+                    groups.add_pair(*out[1:])
+                elif out[0] == "sft":
+                    if not sft:
+                        raise RowError("sft_row", "an SFT row (prompt + target) in a preference load; pass sft=True")
+                    groups.add_target(*out[1:])
+            else:
+                groups.add_pair(*parse_hh(rec.row, report))
+        except RowError as e:
+            if on_error == "raise":
+                raise DataError(rec.source, rec.line, e.what, rec.unit) from None
+            report.skip(e.reason)
+    report.prompts = len(groups.groups)
+    report.pairs = sum(len(g.pairs) for g in groups.groups.values())
+    return groups.groups, report

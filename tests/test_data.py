@@ -1,0 +1,202 @@
+"""Row parsing, grouping, anomaly counts and broken-row errors of caldpo.train.data."""
+from __future__ import annotations
+
+import gzip
+import json
+
+import pytest
+
+from _data_fixtures import comparison, hh, write_jsonl
+from caldpo.train.data import DATASETS, DataError, PromptGroup, load_dataset
+
+H1 = "\n\nHuman: Hi there\n\nAssistant:"
+H2 = "\n\nHuman: Hi there\n\nAssistant: Hello.\n\nHuman: How are you?\n\nAssistant:"
+
+
+def test_dataset_names():
+    assert DATASETS == ("hh", "tldr", "sample")
+    with pytest.raises(ValueError, match="valid names: hh, tldr, sample"):
+        load_dataset("imdb", "train", path="x")
+    with pytest.raises(ValueError, match="valid splits"):
+        load_dataset("hh", "valid", path="x")
+
+
+def test_hh_prompt_is_chosen_up_to_last_assistant(tmp_path):
+    f = write_jsonl(tmp_path / "t.jsonl", [hh(H2, " Fine, thanks.", " Go away.")])
+    groups, report = load_dataset("hh", "test", path=str(f))
+    assert list(groups) == [H2]
+    g = groups[H2]
+    assert g == PromptGroup(
+        prompt="\n\nHuman: Hi there\n\nAssistant: Hello.\n\nHuman: How are you?\n\nAssistant:",
+        responses=[" Fine, thanks.", " Go away."], pairs=[(0, 1)], sft_target=" Fine, thanks.",
+        truncation_mode="keep_end")
+    assert (report.rows_read, report.prompts, report.pairs) == (1, 1, 1)
+    assert report.anomalies == {} and report.skipped == {}
+
+
+def test_hh_grouping_by_prompt(tmp_path):
+    rows = [hh(H1, " A", " B"), hh(H2, " X", " Y"), hh(H1, " C", " A"), hh(H1, " A", " B")]
+    groups, report = load_dataset("hh", "train", path=str(write_jsonl(tmp_path / "t.jsonl", rows)))
+    assert list(groups) == [H1, H2]
+    assert groups[H1].responses == [" A", " B", " C"]
+    assert groups[H1].pairs == [(0, 1), (2, 0), (0, 1)]
+    assert groups[H1].sft_target == " A"  # chosen of the prompt's first row
+    assert (report.prompts, report.pairs) == (2, 4)
+    assert report.anomalies == {"repeated_pair_kept": 1}
+
+
+def test_hh_prompt_not_shared_split_at_longest_shared_prefix(tmp_path):
+    # chosen has two Assistant turns in a row; rejected only one (the real-data anomaly).
+    chosen = "\n\nHuman: Q?\n\nAssistant: Let me see.\n\nAssistant: The answer."
+    rejected = "\n\nHuman: Q?\n\nAssistant: No idea."
+    groups, report = load_dataset("hh", "test", path=str(write_jsonl(tmp_path / "t.jsonl", [
+        {"chosen": chosen, "rejected": rejected}])))
+    (g,) = groups.values()
+    assert g.prompt == "\n\nHuman: Q?\n\nAssistant:"
+    assert g.responses == [" Let me see.\n\nAssistant: The answer.", " No idea."]
+    assert report.anomalies == {"prompt_not_shared": 1}
+
+
+def test_hh_empty_final_reply_kept_and_identical_dropped(tmp_path):
+    rows = [hh(H1, " ", " Something."), hh(H1, " Same.", " Same."), hh(H2, " Sure.", " ")]
+    groups, report = load_dataset("hh", "test", path=str(write_jsonl(tmp_path / "t.jsonl", rows)))
+    assert groups[H1].responses == [" ", " Something."] and groups[H1].pairs == [(0, 1)]
+    assert groups[H2].responses == [" Sure.", " "]
+    assert report.anomalies == {"empty_final_reply": 2, "identical_pair_dropped": 1}
+    assert report.pairs == 2
+    # sft=True keeps the identical row's prompt as an SFT target.
+    only_same = write_jsonl(tmp_path / "s.jsonl", [hh(H1, " Same.", " Same.")])
+    groups, _ = load_dataset("hh", "test", path=str(only_same))
+    assert groups == {}
+    groups, _ = load_dataset("hh", "test", path=str(only_same), sft=True)
+    assert groups[H1].sft_target == " Same." and groups[H1].pairs == []
+
+
+def test_hh_local_directory_of_gz_subsets(tmp_path):
+    write_jsonl(tmp_path / "helpful-base" / "test.jsonl.gz", [hh(H1, " B1", " B2")], gz=True)
+    write_jsonl(tmp_path / "harmless-base" / "test.jsonl.gz", [hh(H1, " A1", " A2")], gz=True)
+    write_jsonl(tmp_path / "harmless-base" / "train.jsonl.gz", [hh(H2, " T1", " T2")], gz=True)
+    groups, report = load_dataset("hh", "test", path=str(tmp_path))
+    assert groups[H1].responses == [" A1", " A2", " B1", " B2"]  # subset order: harmless-base first
+    assert groups[H1].pairs == [(0, 1), (2, 3)]
+    assert report.rows_read == 2 and report.source == str(tmp_path)
+    groups, _ = load_dataset("hh", "train", path=str(tmp_path))
+    assert list(groups) == [H2]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no test.jsonl.*helpful-online"):
+        load_dataset("hh", "test", path=str(tmp_path / "empty"))
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_dataset("hh", "test", path=str(tmp_path / "nowhere"))
+
+
+def test_sample_reads_hh_format(tmp_path):
+    write_jsonl(tmp_path / "train.jsonl", [hh(H1, " a", " b")])
+    groups, report = load_dataset("sample", "train", path=str(tmp_path))
+    assert groups[H1].truncation_mode == "keep_end" and report.dataset == "sample"
+
+
+@pytest.mark.parametrize("line, reason, message", [
+    (b'{"chosen": "\\n\\nHuman: x\\n\\nAssistant: y", "rejected": ', "bad_json", "bad JSON"),
+    (b'{"chosen": "\\n\\nHuman: x\\n\\nAssistant: y"}', "missing_field", "missing field 'rejected'"),
+    (b'{"chosen": 3, "rejected": "r"}', "wrong_type", "field 'chosen' should be str, got int"),
+    (b'["chosen", "rejected"]', "wrong_type", "expected a JSON object"),
+    (b'{"chosen": "\\n\\nHuman: x y", "rejected": "\\n\\nHuman: x z"}', "no_assistant_turn", r"'chosen' has no '\n\nAssistant:' turn"),
+    (b'{"chosen": "\\n\\nHuman: a\\n\\nAssistant: b", "rejected": "\\n\\nHuman: c\\n\\nAssistant: d"}',
+     "no_assistant_turn", r"'chosen' and 'rejected' share no prefix ending in '\n\nAssistant:'"),
+    (b'{"chosen": "\\n\\nHuman: \xff\xfe", "rejected": "r"}', "undecodable", "not UTF-8"),
+])
+def test_hh_broken_rows(tmp_path, line, reason, message):
+    good = json.dumps(hh(H1, " a", " b")).encode()
+    f = write_jsonl(tmp_path / "broken.jsonl", [good, b"", good, line, good])
+    with pytest.raises(DataError) as e:
+        load_dataset("hh", "train", path=str(f))
+    assert str(e.value).startswith(f"{f}:4: ")  # 1-based line, the blank line counted
+    assert message in str(e.value)
+    assert (e.value.source, e.value.line) == (str(f), 4)
+    groups, report = load_dataset("hh", "train", path=str(f), on_error="skip")
+    assert report.skipped == {reason: 1} and report.rows_read == 4 and report.pairs == 3
+
+
+def test_hh_truncated_gz(tmp_path):
+    rows = [json.dumps(hh(H1, f" a{i}", f" b{i}")) for i in range(2000)]
+    blob = gzip.compress(("\n".join(rows) + "\n").encode())
+    f = tmp_path / "harmless-base" / "test.jsonl.gz"
+    f.parent.mkdir()
+    f.write_bytes(blob[: len(blob) // 2])
+    with pytest.raises(DataError, match=r"harmless-base/test\.jsonl\.gz:\d+: file ends or is corrupt") as e:
+        load_dataset("hh", "test", path=str(tmp_path))
+    assert 1 < e.value.line <= 2000
+    groups, report = load_dataset("hh", "test", path=str(tmp_path), on_error="skip")
+    assert report.skipped == {"corrupt_file": 1}
+    assert report.pairs == e.value.line - 1  # every complete line before the cut was read
+
+
+# ----------------------------------------------------------------------------- TL;DR
+
+
+def test_tldr_comparison_template_and_leading_space(tmp_path):
+    f = write_jsonl(tmp_path / "c.jsonl", [comparison(post="Body text.\n", title="Help", texts=(" one ", "two\n"), choice=1)])
+    groups, report = load_dataset("tldr", "train", path=str(f))
+    (g,) = groups.values()
+    assert g.prompt == "SUBREDDIT: r/relationships\nTITLE: Help\nPOST: Body text.\n\nTL;DR:"
+    assert g.responses == [" two", " one"] and g.pairs == [(0, 1)] and g.sft_target == " two"
+    assert g.truncation_mode == "keep_start"
+    assert report.anomalies == {"summary_without_leading_space": 1}
+
+
+def test_tldr_r_prefix_cnndm_and_splits(tmp_path):
+    rows = [
+        comparison(subreddit="r/Advice", split="valid1"),
+        comparison(subreddit="Advice", split="valid2", texts=(" x", " y")),
+        comparison(split="train"),
+        {"info": {"id": "n1", "site": "dailymail", "title": "News", "article": "Story."}, "split": "valid2",
+         "summaries": [{"text": " s1", "note": "-", "policy": "p"}, {"text": " s2", "note": "-", "policy": "p"}],
+         "choice": 0, "worker": "w", "batch": "batch0_cnndm", "extra": {}},
+        # the hub schema: every info field present, None where unused
+        {"info": {"id": "n2", "post": None, "subreddit": None, "site": "cnn", "title": "T", "article": "A."},
+         "split": "valid2", "summaries": [{"text": " s1"}, {"text": " s2"}], "choice": 1},
+    ]
+    groups, report = load_dataset("tldr", "test", path=str(write_jsonl(tmp_path / "c.jsonl", rows)))
+    assert list(groups) == ["SUBREDDIT: r/Advice\nTITLE: A title\nPOST: My post.\nTL;DR:"]
+    assert groups[list(groups)[0]].responses == [" first", " second", " x", " y"]
+    assert report.anomalies == {"subreddit_has_r_prefix": 1, "cnndm_dropped": 2, "other_split": 1}
+    assert (report.rows_read, report.pairs) == (5, 2)
+
+
+@pytest.mark.parametrize("row, message", [
+    (comparison(choice=2), "'choice' should be 0 or 1, is 2"),
+    (comparison(texts=(" a", " b", " c")), "'summaries' should hold 2 summaries, has 3"),
+    (comparison(post=None), "missing field info.'post'"),
+    ({**comparison(), "choice": True}, "field 'choice' should be int, got bool"),
+    ({**comparison(), "summaries": [{"text": " a"}, {"txt": " b"}]}, "missing field summaries[1].'text'"),
+])
+def test_tldr_broken_rows(tmp_path, row, message):
+    f = write_jsonl(tmp_path / "batch3.json", [comparison(), row])
+    with pytest.raises(DataError) as e:
+        load_dataset("tldr", "train", path=str(f))
+    assert str(e.value) == f"{f}:2: {message}"
+    _, report = load_dataset("tldr", "train", path=str(f), on_error="skip")
+    assert report.rows_skipped == 1 and report.pairs == 1
+
+
+def test_tldr_json_array_file(tmp_path):
+    f = tmp_path / "comparisons.json"
+    f.write_text(json.dumps([comparison(), comparison(choice="0")]))
+    with pytest.raises(DataError, match=r"comparisons\.json item 2: field 'choice' should be int, got str"):
+        load_dataset("tldr", "train", path=str(f))
+
+
+def test_tldr_filtered_sft_rows(tmp_path):
+    rows = [{"subreddit": "r/AskReddit", "title": "Why?", "post": "Because.", "summary": "It is so. "},
+            {"subreddit": "tifu", "title": "Oops", "post": "I did it.", "summary": " Did it."},
+            {"subreddit": "tifu", "title": "Oops", "post": "I did it.", "summary": " Again."}]
+    f = write_jsonl(tmp_path / "test.jsonl", rows)
+    groups, report = load_dataset("tldr", "test", path=str(f), sft=True)
+    assert list(groups) == ["SUBREDDIT: r/AskReddit\nTITLE: Why?\nPOST: Because.\nTL;DR:",
+                            "SUBREDDIT: r/tifu\nTITLE: Oops\nPOST: I did it.\nTL;DR:"]
+    first = groups["SUBREDDIT: r/AskReddit\nTITLE: Why?\nPOST: Because.\nTL;DR:"]
+    assert (first.sft_target, first.responses, first.pairs) == (" It is so.", [" It is so."], [])
+    assert report.anomalies == {"subreddit_has_r_prefix": 1, "summary_without_leading_space": 1,
+                                "repeated_sft_prompt_first_kept": 1}
+    with pytest.raises(DataError, match="pass sft=True"):
+        load_dataset("tldr", "test", path=str(f))
