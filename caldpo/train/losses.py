@@ -1,0 +1,82 @@
+"""The per-batch loss step: concatenated chosen+rejected forward, reference log-probs, metrics.
+
+Log-probs are summed over response tokens. Rewards are ``beta * h`` with
+``h = log pi - log pi_ref``; accuracy is ``chosen_reward > rejected_reward``.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from caldpo.kernels import preference_loss
+
+
+def concatenated(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    """Stack chosen over rejected, right-padded to a common length: one forward for both."""
+    c, r = batch["chosen_input_ids"], batch["rejected_input_ids"]
+    T = max(c.shape[1], r.shape[1])
+
+    def pad(x, value):
+        return F.pad(x, (0, T - x.shape[1]), value=value)
+
+    pad_id = int(batch.get("pad_token_id", 0))
+    return {
+        "input_ids": torch.cat([pad(c, pad_id), pad(r, pad_id)]).to(device),
+        "attention_mask": torch.cat([pad(batch["chosen_attention_mask"], 0),
+                                     pad(batch["rejected_attention_mask"], 0)]).to(device),
+        "labels": torch.cat([pad(batch["chosen_labels"], -100), pad(batch["rejected_labels"], -100)]).to(device),
+    }
+
+
+def loss_options(cfg: DictConfig) -> dict:
+    if cfg.loss.name == "dpo":
+        return {"label_smoothing": float(cfg.loss.get("label_smoothing", 0.0))}
+    if cfg.loss.name == "caldpo":
+        return {"calibration_weight": float(cfg.loss.get("calibration_weight", 1.0))}
+    return {}
+
+
+def batch_loss(cfg: DictConfig, policy, reference_logps, batch: dict, device: torch.device, backend: str,
+               train: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Mean loss over the batch's pairs and per-pair metric tensors (detached).
+
+    ``reference_logps(batch, inputs)`` returns (ref_chosen, ref_rejected) or None for SFT.
+    """
+    name = cfg.loss.name
+    if name == "sft":
+        inputs = {k: batch[f"chosen_{k}"].to(device) for k in ("input_ids", "attention_mask", "labels")}
+        policy_chosen = policy(**inputs)
+        losses, _, _ = preference_loss(policy_chosen, None, None, None, 1.0, loss="sft", backend=backend)
+        metrics = {"logps/chosen": policy_chosen.detach().float(), "loss": losses.detach().float()}
+        return losses.mean(), metrics
+
+    inputs = concatenated(batch, device)
+    logps = policy(**inputs)
+    n = batch["chosen_input_ids"].shape[0]
+    policy_chosen, policy_rejected = logps[:n], logps[n:]
+    if cfg.loss.get("reference_free", False):
+        ref_chosen = torch.zeros_like(policy_chosen)
+        ref_rejected = torch.zeros_like(policy_rejected)
+    else:
+        ref_chosen, ref_rejected = reference_logps(batch, inputs)
+    beta = float(cfg.loss.beta)
+    losses, chosen_rewards, rejected_rewards = preference_loss(
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss=name, backend=backend,
+        **loss_options(cfg))
+    metrics = {
+        "rewards/chosen": chosen_rewards.float(),
+        "rewards/rejected": rejected_rewards.float(),
+        "rewards/accuracies": (chosen_rewards > rejected_rewards).float(),
+        "rewards/margins": (chosen_rewards - rejected_rewards).float(),
+        "logps/chosen": policy_chosen.detach().float(),
+        "logps/rejected": policy_rejected.detach().float(),
+        "loss": losses.detach().float(),
+    }
+    if name == "caldpo":
+        h_w = (policy_chosen - ref_chosen).detach().float()
+        h_l = (policy_rejected - ref_rejected).detach().float()
+        target = 1.0 / (2.0 * beta)
+        metrics["loss/preference"] = -F.logsigmoid(h_w - h_l)
+        metrics["loss/calibration"] = float(cfg.loss.calibration_weight) * ((h_w - target) ** 2 + (h_l + target) ** 2)
+    return losses.mean(), metrics

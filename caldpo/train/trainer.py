@@ -1,0 +1,518 @@
+"""The training loop: one process (BasicTrainer) or FSDP2 under torchrun (FSDPTrainer).
+
+One step = ``batch_size`` examples in global order; each rank takes its contiguous
+slice and splits it into ``gradient_accumulation_steps`` micro-batches. Data order
+is a deterministic permutation per epoch, so the data position is a single count of
+examples consumed: resume is exact.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import signal
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from omegaconf import DictConfig, OmegaConf
+from tqdm.auto import tqdm
+
+from caldpo.kernels import resolve_backend
+
+from . import checkpoint as ckpt
+from .batches import collate, epoch_order, flatten, tokenize_example
+from .config import TRAINERS, ConfigError, load_config, run_dir as cfg_run_dir, validate
+from .data import load_dataset
+from .losses import batch_loss
+from .metrics import MetricsWriter, Throughput, peak_memory_gb
+from .model import (DTYPES, LogProbModel, apply_activation_checkpointing, apply_archive, check_attention,
+                    count_matmul_params, load_archive_state, load_causal_lm, load_tokenizer, model_path, shard)
+
+log = logging.getLogger("caldpo")
+
+
+# ----------------------------------------------------------------------------- distributed
+
+def init_distributed(device_pref: str) -> tuple[int, int, int, torch.device]:
+    """(rank, world, local_rank, device); initialises torch.distributed when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+    if device_pref == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device=cuda but no CUDA device is available")
+    device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    if world > 1 and not dist.is_initialized():
+        backend = "nccl" if use_cuda else "gloo"
+        dist.init_process_group(backend=backend, timeout=timedelta(minutes=30),
+                                device_id=device if use_cuda else None)
+    return rank, world, local, device
+
+
+def init_single_process_group(device: torch.device) -> None:
+    """FSDP2 needs a process group even for one process: a local one on a free port."""
+    if dist.is_initialized():
+        return
+    import socket
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    if "MASTER_PORT" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=0, world_size=1)
+
+
+def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+    return t
+
+
+# ----------------------------------------------------------------------------- data
+
+class Examples:
+    """Flattened (prompt, chosen, rejected, truncation_mode) examples of all datasets, one split."""
+
+    def __init__(self, cfg: DictConfig, split: str, sft: bool, verbose: bool):
+        self.items: list = []
+        self.reports = []
+        for name in cfg.datasets:
+            groups, report = load_dataset(name, split, sft=sft, path=(cfg.data.paths or {}).get(name),
+                                          on_error=cfg.data.on_error, cache_dir=cfg.data.cache_dir)
+            if verbose:
+                print(str(report), flush=True)
+            self.reports.append(report)
+            self.items.extend(flatten(groups, sft=sft))
+        if not self.items:
+            raise ConfigError(f"datasets={list(cfg.datasets)}: no {split} examples")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+# ----------------------------------------------------------------------------- trainer
+
+class Trainer:
+    def __init__(self, cfg: DictConfig):
+        self.cfg = cfg
+        self.rank, self.world, self.local_rank, self.device = init_distributed(cfg.device)
+        validate(cfg, self.world)
+        self.fsdp = TRAINERS[cfg.trainer] == "fsdp"
+        if self.fsdp:
+            init_single_process_group(self.device)
+        self.is_main = self.rank == 0
+        self.run_dir = cfg_run_dir(cfg).resolve()
+        self.sft = cfg.loss.name == "sft"
+        self.stop_requested = False
+        torch.manual_seed(cfg.seed)
+        logging.basicConfig(level=logging.INFO if self.is_main else logging.WARNING,
+                            format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+        if self.is_main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            OmegaConf.save(cfg, self.run_dir / "config.yaml")
+        self._barrier()
+
+        self.backend = resolve_backend(cfg.kernels.backend, self.device)
+        path = model_path(cfg)
+        self.tokenizer = load_tokenizer(cfg, path)
+        self.train_data = Examples(cfg, "train", self.sft, self.is_main)
+        self.eval_data = Examples(cfg, "test", self.sft, self.is_main)
+        self.eval_indices = epoch_order(len(self.eval_data), 0, cfg.seed, True)[: cfg.n_eval_examples]
+
+        attn = check_attention(cfg, self.device)
+        archive = load_archive_state(cfg.model.archive) if cfg.model.archive else None
+        lm = load_causal_lm(cfg, path, DTYPES[cfg.model.policy_dtype], attn)
+        if archive is not None:
+            apply_archive(lm, archive, cfg.model.archive)
+        self.n_params, self.n_layers, self.hidden, self.vocab = count_matmul_params(lm)
+        if cfg.activation_checkpointing:
+            apply_activation_checkpointing(lm, cfg.model.block_name)
+        if cfg.compile:
+            lm.base_model.compile()
+        self.policy = LogProbModel(lm, self.backend)
+        self.reference = None
+        self.ref_cache = None
+        needs_ref = not self.sft and not cfg.loss.get("reference_free", False)
+        if needs_ref and cfg.reference.mode == "model":
+            self.reference = self._load_reference(cfg, path, attn, archive)
+        if self.fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+            mesh = init_device_mesh(self.device.type, (self.world,))
+            shard(self.policy, cfg, mesh, trainable=True)
+            if self.reference is not None:
+                shard(self.reference, cfg, mesh, trainable=False)
+        else:
+            self.policy.to(self.device)
+            if self.reference is not None:
+                self.reference.to(self.device)
+        if needs_ref and cfg.reference.mode == "cache":
+            self.ref_cache = self._reference_cache(cfg, path, attn, archive)
+        del archive
+        if self.is_main:
+            log.info("model %s (%s), %.1fM matmul params, attention=%s, kernels=%s, trainer=%s, world=%d, device=%s",
+                     cfg.model.preset, path, self.n_params / 1e6, attn, self.backend,
+                     "FSDP2" if self.fsdp else "single", self.world, self.device)
+
+        self.optimizer = self._optimizer()
+        warmup = int(cfg.warmup_steps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
+        self.step = 0
+        self.examples_seen = 0
+        self.next_eval = 0 if cfg.do_first_eval else int(cfg.eval_every)
+        self.resumed_from = None
+        self.ckpt_root = self.run_dir / "checkpoints"
+        if cfg.resume == "auto":
+            self._maybe_resume()
+        if cfg.n_examples is not None:
+            self.total_examples = int(cfg.n_examples)
+        else:
+            self.total_examples = int(cfg.n_epochs) * len(self.train_data)
+        self.total_steps = math.ceil(self.total_examples / cfg.batch_size)
+        self.writer = MetricsWriter(self.run_dir, cfg, enabled=self.is_main)
+        self.throughput = Throughput(self.n_params, self.n_layers, self.hidden, self.device,
+                                     with_reference=self.reference is not None, world=self.world)
+
+    # -- setup helpers
+    def _barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def _load_reference(self, cfg, path, attn, archive) -> LogProbModel:
+        dtype = DTYPES[cfg.model.reference_dtype]
+        if self.device.type == "cpu" and dtype == torch.float16:
+            dtype = torch.float32
+            if self.is_main:
+                log.info("reference_dtype float16 is slow on CPU: the reference runs in float32")
+        lm = load_causal_lm(cfg, path, dtype, attn)
+        if archive is not None:
+            apply_archive(lm, archive, cfg.model.archive)
+        lm.requires_grad_(False).eval()
+        return LogProbModel(lm, self.backend)
+
+    def _optimizer(self) -> torch.optim.Optimizer:
+        cls = getattr(torch.optim, self.cfg.optimizer)
+        kw = {"lr": float(self.cfg.lr)}
+        if self.cfg.weight_decay:
+            kw["weight_decay"] = float(self.cfg.weight_decay)
+        return cls([p for p in self.policy.parameters() if p.requires_grad], **kw)
+
+    def _maybe_resume(self) -> None:
+        path = ckpt.latest_resume(self.ckpt_root)
+        if path is None:
+            return
+        state = ckpt.load_resume(path, self.policy, self.optimizer, self.scheduler)
+        self.step = int(state["step"])
+        self.examples_seen = int(state["examples_seen"])
+        self.next_eval = int(state["next_eval"])
+        self.resumed_from = self.step
+        if self.is_main:
+            log.info("resumed from %s (step %d, %d examples seen)", path, self.step, self.examples_seen)
+
+    # -- batches
+    def _tokenize(self, item) -> dict:
+        prompt, chosen, rejected, mode = item
+        return tokenize_example(prompt, chosen, rejected, self.tokenizer, max_length=self.cfg.max_length,
+                                max_prompt_length=self.cfg.max_prompt_length, truncation_mode=mode)
+
+    def _collate(self, items) -> dict:
+        batch = collate([self._tokenize(it) for it in items], self.tokenizer.pad_token_id)
+        batch["pad_token_id"] = self.tokenizer.pad_token_id
+        return batch
+
+    def _global_indices(self, start: int, count: int) -> list[int]:
+        """Example indices at global positions [start, start+count), epochs following each other."""
+        n = len(self.train_data)
+        out, pos = [], start
+        while len(out) < count:
+            epoch, offset = divmod(pos, n)
+            order = self._order(epoch)
+            take = min(count - len(out), n - offset)
+            out.extend(order[offset:offset + take])
+            pos += take
+        return out
+
+    def _order(self, epoch: int) -> list[int]:
+        if getattr(self, "_order_epoch", None) != epoch:
+            self._order_cache = epoch_order(len(self.train_data), epoch, self.cfg.seed, True)
+            self._order_epoch = epoch
+        return self._order_cache
+
+    # -- reference log-probs
+    @torch.no_grad()
+    def _reference_logps(self, batch, inputs):
+        if self.ref_cache is not None:
+            idx = torch.as_tensor(batch["example_index"])
+            vals = self.ref_cache[batch["split"]][idx].to(self.device)
+            return vals[:, 0], vals[:, 1]
+        logps = self.reference(**inputs)
+        n = batch["chosen_input_ids"].shape[0]
+        return logps[:n].float(), logps[n:].float()
+
+    def _reference_cache(self, cfg, path, attn, archive) -> dict[str, torch.Tensor]:
+        """Reference log-probs of every train and eval example, computed once and stored on disk.
+
+        The key hashes everything that changes them: model, archive (path, size, mtime), dtype,
+        datasets and their paths, truncation settings, tokenizer vocabulary and example count.
+        """
+        arch = cfg.model.archive
+        arch_id = [arch, os.path.getsize(arch), os.path.getmtime(arch)] if arch else None
+        key_src = json.dumps({
+            "model": path, "archive": arch_id, "dtype": cfg.model.reference_dtype,
+            "datasets": list(cfg.datasets), "paths": OmegaConf.to_container(cfg.data.paths),
+            "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
+            "vocab": hashlib.sha256(json.dumps(sorted(self.tokenizer.get_vocab().items())).encode()).hexdigest(),
+            "n": [len(self.train_data), len(self.eval_data)],
+        }, sort_keys=True, default=str)
+        key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+        cache_dir = Path(cfg.reference.cache_dir or self.run_dir / "ref_cache")
+        file = cache_dir / f"ref_logps_{key}.pt"
+        if file.exists():
+            if self.is_main:
+                log.info("reference log-probs from cache %s", file)
+            return torch.load(file, weights_only=True)
+        ref = self._load_reference(cfg, path, attn, archive)
+        if self.fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+            shard(ref, cfg, init_device_mesh(self.device.type, (self.world,)), trainable=False)
+        else:
+            ref.to(self.device)
+        out = {}
+        for split, data in (("train", self.train_data), ("test", self.eval_data)):
+            vals = torch.zeros(len(data), 2, dtype=torch.float32)
+            bs = int(cfg.eval_batch_size)
+            chunks = range(0, len(data), bs)
+            for start in tqdm(chunks, desc=f"reference log-probs ({split})", disable=not self.is_main):
+                idx = list(range(start, min(start + bs, len(data))))
+                mine = idx[self.rank::self.world]
+                if not mine:
+                    mine = idx[:1]  # every rank must run the same number of sharded forwards
+                    weight = 0.0
+                else:
+                    weight = 1.0
+                batch = self._collate([data.items[i] for i in mine])
+                with torch.no_grad():
+                    from .losses import concatenated
+                    logps = ref(**concatenated(batch, self.device)).float().cpu()
+                n = len(mine)
+                vals[mine, 0] += weight * logps[:n]
+                vals[mine, 1] += weight * logps[n:]
+            out[split] = all_reduce(vals.to(self.device)).cpu()
+        del ref
+        if self.is_main:
+            cache_dir.mkdir(parents=True, exist_ok=True)
+            tmp = file.with_suffix(".tmp")
+            torch.save(out, tmp)
+            os.replace(tmp, file)
+            log.info("reference log-probs cached in %s", file)
+        self._barrier()
+        return out
+
+    # -- stop requests (Slurm preemption, SIGTERM)
+    def _install_signal_handlers(self) -> None:
+        def handler(signum, frame):
+            self.stop_requested = True
+            if self.is_main:
+                print(f"caldpo: signal {signum}: checkpointing at the next step boundary", file=sys.stderr, flush=True)
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                signal.signal(sig, handler)
+            except ValueError:  # not the main thread
+                pass
+
+    def _should_stop(self) -> bool:
+        local = self.stop_requested or (self.is_main and (self.run_dir / "STOP").exists())
+        flag = torch.tensor([1.0 if local else 0.0], device=self.device)
+        return bool(all_reduce(flag, dist.ReduceOp.MAX if dist.is_initialized() else None).item() > 0)
+
+    # -- steps
+    def _micro_batches(self, indices: list[int]):
+        per_rank = len(indices) // self.world
+        mine = indices[self.rank * per_rank:(self.rank + 1) * per_rank]
+        ga = int(self.cfg.gradient_accumulation_steps)
+        size = per_rank // ga
+        for i in range(ga):
+            chunk = mine[i * size:(i + 1) * size]
+            batch = self._collate([self.train_data.items[j] for j in chunk])
+            batch["example_index"], batch["split"] = chunk, "train"
+            yield batch
+
+    def train_step(self, indices: list[int]) -> dict:
+        self.policy.train()
+        ga = int(self.cfg.gradient_accumulation_steps)
+        sums: dict[str, torch.Tensor] = {}
+        tokens = 0
+        for batch in self._micro_batches(indices):
+            loss, metrics = batch_loss(self.cfg, self.policy, self._reference_logps, batch, self.device,
+                                       self.backend, train=True)
+            (loss / ga).backward()
+            tokens += int(batch["chosen_attention_mask"].sum())
+            if not self.sft:
+                tokens += int(batch["rejected_attention_mask"].sum())
+            for k, v in metrics.items():
+                sums[k] = sums.get(k, 0) + torch.stack([v.sum(), torch.tensor(float(v.numel()), device=v.device)])
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), float(self.cfg.max_grad_norm))
+        if hasattr(grad_norm, "full_tensor"):
+            grad_norm = grad_norm.full_tensor()
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        out = self._reduce(sums)
+        out["grad_norm"] = float(grad_norm)
+        out["lr"] = self.scheduler.get_last_lr()[0]
+        tok = all_reduce(torch.tensor([float(tokens)], device=self.device)).item()
+        out["tokens"] = tok
+        return out
+
+    def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
+        if not sums:
+            return {}
+        keys = sorted(sums)
+        stacked = all_reduce(torch.stack([sums[k] for k in keys]).to(self.device).float())
+        return {k: (stacked[i, 0] / stacked[i, 1].clamp_min(1)).item() for i, k in enumerate(keys)}
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        self.policy.eval()
+        bs = int(self.cfg.eval_batch_size)
+        sums: dict[str, torch.Tensor] = {}
+        idx = self.eval_indices
+        per_rank_bs = bs // self.world
+        n_batches = math.ceil(len(idx) / bs)
+        for b in tqdm(range(n_batches), desc="eval", leave=False, disable=not self.is_main or not sys.stderr.isatty()):
+            chunk = idx[b * bs:(b + 1) * bs]
+            mine = chunk[self.rank * per_rank_bs:(self.rank + 1) * per_rank_bs]
+            weight = 1.0
+            if not mine:  # the last batch may leave a rank empty: run a dummy forward, count nothing
+                mine, weight = chunk[:1], 0.0
+            batch = self._collate([self.eval_data.items[j] for j in mine])
+            batch["example_index"], batch["split"] = mine, "test"
+            _, metrics = batch_loss(self.cfg, self.policy, self._reference_logps, batch, self.device,
+                                    self.backend, train=False)
+            for k, v in metrics.items():
+                s = torch.stack([v.sum(), torch.tensor(float(v.numel()), device=v.device)]) * weight
+                sums[k] = sums.get(k, 0) + s
+        return self._reduce(sums)
+
+    def _eval_and_log(self) -> dict:
+        t = time.time()
+        metrics = self.evaluate()
+        self.writer.write({"split": "eval", "step": self.step, "examples": self.examples_seen, **metrics,
+                           "eval_seconds": time.time() - t})
+        if self.cfg.sample_during_eval:
+            self._write_samples()
+        return metrics
+
+    def _write_samples(self) -> None:
+        from .generate import generate_responses
+        items = [self.eval_data.items[i] for i in self.eval_indices[: self.cfg.n_eval_model_samples]]
+        prompts = [it[0] for it in items]
+        responses = generate_responses(self.policy, self.tokenizer, prompts, self.cfg, self.device,
+                                       batch_size=int(self.cfg.eval_batch_size) // self.world or 1)
+        if self.is_main:
+            out = self.run_dir / "samples" / f"step_{self.step}.json"
+            out.parent.mkdir(exist_ok=True)
+            rows = [{"prompt": p, "response": r, "reference": it[1]} for p, r, it in zip(prompts, responses, items)]
+            out.write_text(json.dumps(rows, indent=1))
+
+    def save_resume(self) -> None:
+        if self.cfg.debug:
+            return
+        state = {"examples_seen": self.examples_seen, "next_eval": self.next_eval}
+        path = ckpt.save_resume(self.ckpt_root, self.step, self.policy, self.optimizer, self.scheduler, state,
+                                keep=int(self.cfg.keep_checkpoints))
+        if self.is_main:
+            log.info("resume checkpoint %s", path)
+
+    # -- the loop
+    def train(self) -> dict:
+        cfg = self.cfg
+        self._install_signal_handlers()
+        if self.resumed_from is not None:
+            self.writer.write({"split": "train", "resumed_from_step": self.resumed_from, "step": self.step,
+                               "examples": self.examples_seen})
+        first_eval = last_eval = None
+        bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg.loss.name}", unit="step",
+                   disable=not self.is_main, dynamic_ncols=True, mininterval=float(cfg.minimum_log_interval_secs))
+        last_log = 0.0
+        stopped = False
+        while self.examples_seen < self.total_examples:
+            if self.examples_seen >= self.next_eval:
+                last_eval = self._eval_and_log()
+                first_eval = first_eval or last_eval
+                self.next_eval += int(cfg.eval_every)
+            count = min(int(cfg.batch_size), self.total_examples - self.examples_seen)
+            if count < int(cfg.batch_size):
+                break  # a partial final batch would change the per-example weighting; drop it like the reference
+            indices = self._global_indices(self.examples_seen, count)
+            self.throughput.start()
+            metrics = self.train_step(indices)
+            self.step += 1
+            self.examples_seen += count
+            metrics.update(self.throughput.stop(metrics.pop("tokens")))
+            record = {"split": "train", "step": self.step, "examples": self.examples_seen, **metrics}
+            self.writer.write(record)
+            bar.update(1)
+            now = time.time()
+            if now - last_log >= float(cfg.minimum_log_interval_secs):
+                bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3g}" for k in ("loss", "rewards/accuracies")
+                                 if k in metrics}, refresh=False)
+                last_log = now
+            if cfg.save_every and self.step % int(cfg.save_every) == 0:
+                self.save_resume()
+            if self._should_stop():
+                stopped = True
+                break
+        bar.close()
+        if stopped:
+            self.save_resume()
+            if self.is_main:
+                (self.run_dir / "STOP").unlink(missing_ok=True)
+                log.info("stopped at step %d on request; rerun the same command to resume", self.step)
+            self._barrier()
+            return {"stopped": True, "step": self.step, "run_dir": str(self.run_dir)}
+        last_eval = self._eval_and_log()
+        first_eval = first_eval or last_eval
+        self.save_resume()
+        summary = {"step": self.step, "examples": self.examples_seen, "run_dir": str(self.run_dir),
+                   "eval_first": first_eval, "eval_last": last_eval, "peak_memory_gb": peak_memory_gb(self.device)}
+        policy_pt = ckpt.save_policy(self.run_dir, self.policy.lm, self.step, last_eval, self.tokenizer,
+                                     export_hf=bool(cfg.export_hf) and not cfg.debug)
+        if self.is_main:
+            summary["policy"] = str(policy_pt)
+            (self.run_dir / "DONE").write_text(json.dumps(summary, indent=2, default=float))
+            print_summary(summary, cfg)
+        self.writer.close()
+        self._barrier()
+        return summary
+
+
+def print_summary(summary: dict, cfg: DictConfig) -> None:
+    keys = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen"]
+    first, last = summary.get("eval_first") or {}, summary.get("eval_last") or {}
+    print(f"\n== {cfg.loss.name} run finished: {summary['step']} steps, {summary['examples']} examples", flush=True)
+    print(f"   run dir: {summary['run_dir']}\n   policy:  {summary.get('policy')}")
+    print(f"   {'eval metric':<22}{'first':>12}{'last':>12}")
+    for k in keys:
+        if k in last:
+            print(f"   {k:<22}{first.get(k, float('nan')):>12.4f}{last[k]:>12.4f}")
+    sys.stdout.flush()
+
+
+def main(overrides: list[str] | None = None) -> dict:
+    """Run training in this process; torch.distributed is initialised from env vars under torchrun."""
+    cfg = load_config(overrides)
+    trainer = Trainer(cfg)
+    try:
+        return trainer.train()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
