@@ -1,0 +1,1 @@
+"""Kernel tests (a package so test modules can share the float64 oracle)."""
