@@ -332,6 +332,21 @@ def parse_tldr_any(row: Any, report: DataReport) -> tuple:
     raise RowError("unknown_format", f"unrecognised TL;DR row with keys {sorted(row)}")
 
 
+def apply_row(rec: Record, report: DataReport, on_error: str, fn) -> Any:
+    """Count the row and run ``fn`` on it; a broken row raises DataError or, with
+    ``on_error="skip"``, is counted by reason (and None returned)."""
+    report.rows_read += 1
+    try:
+        if isinstance(rec.row, RowError):
+            raise rec.row
+        return fn(rec.row)
+    except RowError as e:
+        if on_error == "raise":
+            raise DataError(rec.source, rec.line, e.what, rec.unit) from None
+        report.skip(e.reason)
+        return None
+
+
 # ----------------------------------------------------------------------------- grouping
 
 
@@ -456,29 +471,25 @@ def load_dataset(name: str, split: str, *, sft: bool = False, path: str | None =
     report = DataReport(name, split, source)
     groups = _Groups(TRUNCATION_MODE[name], report, sft)
     keep_splits = TLDR_SPLITS[split]
+
+    def add(row: Any) -> None:
+        if name != "tldr":
+            groups.add_pair(*parse_hh(row, report))
+            return
+        if by_split and isinstance(row, dict) and "summaries" in row:
+            if _field(row, "split", str) not in keep_splits:
+                report.count("other_split")
+                return
+        out = parse_tldr_any(row, report)
+        if out[0] == "pair":
+            groups.add_pair(*out[1:])
+        elif out[0] == "sft":
+            if not sft:
+                raise RowError("sft_row", "an SFT row (prompt + target) in a preference load; pass sft=True")
+            groups.add_target(*out[1:])
+
     for rec in records:
-        report.rows_read += 1
-        try:
-            if isinstance(rec.row, RowError):
-                raise rec.row
-            if name == "tldr":
-                if by_split and isinstance(rec.row, dict) and "summaries" in rec.row:
-                    if _field(rec.row, "split", str) not in keep_splits:
-                        report.count("other_split")
-                        continue
-                out = parse_tldr_any(rec.row, report)
-                if out[0] == "pair":
-                    groups.add_pair(*out[1:])
-                elif out[0] == "sft":
-                    if not sft:
-                        raise RowError("sft_row", "an SFT row (prompt + target) in a preference load; pass sft=True")
-                    groups.add_target(*out[1:])
-            else:
-                groups.add_pair(*parse_hh(rec.row, report))
-        except RowError as e:
-            if on_error == "raise":
-                raise DataError(rec.source, rec.line, e.what, rec.unit) from None
-            report.skip(e.reason)
+        apply_row(rec, report, on_error, add)
     report.prompts = len(groups.groups)
     report.pairs = sum(len(g.pairs) for g in groups.groups.values())
     return groups.groups, report

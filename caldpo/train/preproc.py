@@ -1,0 +1,189 @@
+"""Convert TL;DR exports into the training files ``caldpo.train.data`` reads.
+
+    python -m caldpo.train.preproc tldr-pref --input comparisons/ --out data/tldr_pref
+    python -m caldpo.train.preproc tldr-sft --input UCL-DARK/openai-tldr-filtered --out data/tldr_sft
+
+``tldr-pref`` reads OpenAI comparison rows (``comparisons/batch*.json``, JSON lines, or
+.jsonl/.json files, optionally gzipped) and writes ``train.jsonl`` (rows whose split is
+"train") and ``test.jsonl`` ("valid1"/"valid2") with ``{"prompt", "chosen", "rejected"}``.
+``tldr-sft`` reads filtered rows ``{subreddit, title, post, summary}`` (.jsonl/.json/
+.parquet files named by split, or a hub dataset) and writes ``{"prompt", "target"}``
+rows to ``<split>.jsonl``. Both apply the row rules of ``caldpo.train.data`` (templates,
+CNN/DM dropped, identical pairs dropped) and print one data report per split written.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Iterable, Iterator
+
+from .data import (DataReport, Record, RowError, _field, apply_row, iter_file, iter_hub,
+                   parse_tldr_comparison, parse_tldr_filtered)
+
+PREF_SPLITS = {"train": "train", "valid1": "test", "valid2": "test"}
+DATA_SUFFIXES = (".json", ".jsonl", ".json.gz", ".jsonl.gz", ".parquet")
+
+
+def input_files(inputs: Iterable[str]) -> list[Path]:
+    """The data files named by ``inputs``; a directory contributes its data files, sorted."""
+    files: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(DATA_SUFFIXES))
+            if not found:
+                raise FileNotFoundError(f"no data files ({', '.join(DATA_SUFFIXES)}) under {p}")
+            files.extend(found)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise FileNotFoundError(f"input {p} does not exist")
+    return files
+
+
+class _SplitWriter:
+    """Writes rows to ``<out>/<split>.jsonl`` (via a temporary file, renamed on close)."""
+
+    def __init__(self, out: Path):
+        self.out, self.files = out, {}
+        out.mkdir(parents=True, exist_ok=True)
+
+    def write(self, split: str, row: dict) -> None:
+        if split not in self.files:
+            self.files[split] = open(self.out / f".{split}.jsonl.tmp", "w", encoding="utf-8")
+        self.files[split].write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    def close(self, splits: Iterable[str]) -> list[Path]:
+        written = []
+        for split in splits:
+            if split not in self.files:  # an empty split still gets its (empty) file
+                self.files[split] = open(self.out / f".{split}.jsonl.tmp", "w", encoding="utf-8")
+        for split, f in self.files.items():
+            f.close()
+            os.replace(self.out / f".{split}.jsonl.tmp", self.out / f"{split}.jsonl")
+            written.append(self.out / f"{split}.jsonl")
+        return written
+
+
+def tldr_pref(inputs: Iterable[str], out: str, on_error: str = "raise") -> dict[str, DataReport]:
+    """Comparison files -> ``out/{train,test}.jsonl``; returns the report of each split."""
+    files = input_files(inputs)
+    source = ", ".join(map(str, files)) if len(files) <= 3 else f"{len(files)} files from {files[0].parent}"
+    reports = {s: DataReport("tldr-pref", s, source) for s in ("train", "test")}
+    unsplit = DataReport("tldr-pref", "?", source)  # rows whose split cannot be read
+    writer = _SplitWriter(Path(out))
+    prompts: dict[str, set[str]] = {s: set() for s in reports}
+
+    def route(rec: Record) -> DataReport:
+        row = rec.row
+        if isinstance(row, dict) and isinstance(row.get("split"), str):
+            return reports.get(PREF_SPLITS.get(row["split"]), unsplit)
+        return unsplit
+
+    def convert(row) -> None:
+        split = _field(row, "split", str)
+        if split not in PREF_SPLITS:
+            raise RowError("bad_split", f"'split' should be one of {', '.join(PREF_SPLITS)}, is {split!r}")
+        report = reports[PREF_SPLITS[split]]
+        parsed = parse_tldr_comparison(row, report)
+        if parsed is None:
+            return
+        prompt, chosen, rejected = parsed
+        if chosen == rejected:
+            report.count("identical_pair_dropped")
+            return
+        writer.write(PREF_SPLITS[split], {"prompt": prompt, "chosen": chosen, "rejected": rejected})
+        report.pairs += 1
+        prompts[PREF_SPLITS[split]].add(prompt)
+
+    try:
+        for f in files:
+            for rec in iter_file(f):
+                apply_row(rec, route(rec), on_error, convert)
+    finally:
+        writer.close(reports)
+    _merge_unsplit(reports, unsplit)
+    for s, r in reports.items():
+        r.prompts = len(prompts[s])
+    return reports
+
+
+def _merge_unsplit(reports: dict[str, DataReport], unsplit: DataReport) -> None:
+    if unsplit.rows_read:
+        first = next(iter(reports.values()))
+        first.rows_read += unsplit.rows_read
+        for k, v in unsplit.skipped.items():
+            first.skipped[k] = first.skipped.get(k, 0) + v
+
+
+def split_of(path: Path) -> str:
+    """The split a filtered-data file holds, from its name (train/valid/test)."""
+    name = path.name.lower()
+    for key, split in (("train", "train"), ("valid", "valid"), ("test", "test")):
+        if key in name:
+            return split
+    raise ValueError(f"cannot tell the split of {path} from its name; name it train*/valid*/test*")
+
+
+def _sft_records(inputs: list[str], cache_dir: str | None) -> Iterator[tuple[str, Record]]:
+    for item in inputs:
+        if not Path(item).exists() and "/" in item and not item.startswith((".", "/")):
+            import datasets as hf_datasets
+
+            for split in hf_datasets.get_dataset_split_names(item, cache_dir=cache_dir):
+                for rec in iter_hub(item, None, split, cache_dir):
+                    yield ("valid" if split == "validation" else split), rec
+        else:
+            for f in input_files([item]):
+                split = split_of(f)
+                for rec in iter_file(f):
+                    yield split, rec
+
+
+def tldr_sft(inputs: Iterable[str], out: str, on_error: str = "raise", cache_dir: str | None = None) -> dict[str, DataReport]:
+    """Filtered TL;DR rows (files or a hub name) -> ``out/<split>.jsonl`` of {"prompt", "target"}."""
+    inputs = list(inputs)
+    reports: dict[str, DataReport] = {}
+    writer = _SplitWriter(Path(out))
+    try:
+        for split, rec in _sft_records(inputs, cache_dir):
+            report = reports.setdefault(split, DataReport("tldr-sft", split, ", ".join(inputs)))
+
+            def convert(row, split=split, report=report) -> None:
+                prompt, target = parse_tldr_filtered(row, report)
+                writer.write(split, {"prompt": prompt, "target": target})
+                report.prompts += 1
+
+            apply_row(rec, report, on_error, convert)
+    finally:
+        writer.close(())
+    return reports
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="python -m caldpo.train.preproc", description=__doc__.split("\n\n")[0])
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("tldr-pref", help="OpenAI comparison files -> DIR/{train,test}.jsonl of prompt/chosen/rejected")
+    p.add_argument("--input", nargs="+", required=True, help="comparison .json/.jsonl[.gz] files or directories of them")
+    s = sub.add_parser("tldr-sft", help="filtered TL;DR rows -> DIR/<split>.jsonl of prompt/target")
+    s.add_argument("--input", nargs="+", required=True,
+                   help="jsonl/json/parquet files named train*/valid*/test*, directories of them, or a hub dataset name")
+    s.add_argument("--cache-dir", default=None, help="hub cache directory")
+    for q in (p, s):
+        q.add_argument("--out", required=True, help="output directory")
+        q.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                       help="broken rows: stop with file and line (raise) or skip and count them (skip)")
+    args = ap.parse_args(argv)
+    if args.command == "tldr-pref":
+        reports = tldr_pref(args.input, args.out, args.on_error)
+    else:
+        reports = tldr_sft(args.input, args.out, args.on_error, args.cache_dir)
+    for r in reports.values():
+        print(r)
+    print(f"wrote {', '.join(sorted(str(p) for p in Path(args.out).glob('*.jsonl')))}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+"""python -m caldpo.train.preproc: TL;DR exports -> training files the loader reads."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from _data_fixtures import comparison, write_jsonl
+from caldpo.train.data import DataError, load_dataset
+from caldpo.train.preproc import main, tldr_pref, tldr_sft
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def read(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_tldr_pref_directory_of_batches(tmp_path, capsys):
+    comp = tmp_path / "comparisons"
+    write_jsonl(comp / "batch1.json", [comparison(split="train", texts=(" a", " b"), choice=1),
+                                      comparison(split="valid1", subreddit="r/tifu", texts=("c", " d"))])
+    write_jsonl(comp / "batch2_cnndm.json", [{"info": {"id": "n", "title": "T", "article": "A", "site": "cnn"},
+                                             "split": "valid2", "summaries": [{"text": " x"}, {"text": " y"}], "choice": 0}])
+    write_jsonl(comp / "batch3.json", [comparison(split="valid2", texts=(" same", "same "))])
+    main(["tldr-pref", "--input", str(comp), "--out", str(tmp_path / "out")])
+    printed = capsys.readouterr().out
+    assert "data tldr-pref/train" in printed and "cnndm_dropped=1" in printed
+    assert read(tmp_path / "out" / "train.jsonl") == [
+        {"prompt": "SUBREDDIT: r/relationships\nTITLE: A title\nPOST: My post.\nTL;DR:", "chosen": " b", "rejected": " a"}]
+    assert read(tmp_path / "out" / "test.jsonl") == [
+        {"prompt": "SUBREDDIT: r/tifu\nTITLE: A title\nPOST: My post.\nTL;DR:", "chosen": " c", "rejected": " d"}]
+    groups, report = load_dataset("tldr", "test", path=str(tmp_path / "out"))
+    assert [(g.prompt, g.responses, g.pairs) for g in groups.values()] == [
+        ("SUBREDDIT: r/tifu\nTITLE: A title\nPOST: My post.\nTL;DR:", [" c", " d"], [(0, 1)])]
+    assert groups["SUBREDDIT: r/tifu\nTITLE: A title\nPOST: My post.\nTL;DR:"].truncation_mode == "keep_start"
+    # the same rows read raw by the loader give the same groups
+    raw, raw_report = load_dataset("tldr", "test", path=str(comp))
+    assert raw == groups
+    assert raw_report.anomalies == {"other_split": 1, "subreddit_has_r_prefix": 1, "summary_without_leading_space": 2,
+                                    "cnndm_dropped": 1, "identical_pair_dropped": 1}
+
+
+def test_tldr_pref_broken_row_names_file_and_line(tmp_path):
+    f = write_jsonl(tmp_path / "batch9.json", [comparison(), comparison(split="valid3")])
+    with pytest.raises(DataError, match=r"batch9\.json:2: 'split' should be one of train, valid1, valid2, is 'valid3'"):
+        tldr_pref([str(f)], str(tmp_path / "out"))
+    reports = tldr_pref([str(f)], str(tmp_path / "out"), on_error="skip")
+    assert reports["train"].skipped == {"bad_split": 1} and reports["train"].pairs == 1
+    assert len(read(tmp_path / "out" / "train.jsonl")) == 1
+
+
+def test_tldr_sft_files_by_split(tmp_path):
+    src = tmp_path / "filtered"
+    write_jsonl(src / "train.jsonl", [{"id": "1", "subreddit": "tifu", "title": "T", "post": "P", "summary": "S"}])
+    write_jsonl(src / "test.jsonl", [{"id": "2", "subreddit": "r/AskReddit", "title": "Q", "post": "B", "summary": " A "}])
+    reports = tldr_sft([str(src)], str(tmp_path / "out"))
+    assert sorted(reports) == ["test", "train"]
+    assert read(tmp_path / "out" / "train.jsonl") == [{"prompt": "SUBREDDIT: r/tifu\nTITLE: T\nPOST: P\nTL;DR:", "target": " S"}]
+    groups, _ = load_dataset("tldr", "test", path=str(tmp_path / "out"), sft=True)
+    (g,) = groups.values()
+    assert (g.prompt, g.sft_target, g.responses, g.pairs) == ("SUBREDDIT: r/AskReddit\nTITLE: Q\nPOST: B\nTL;DR:", " A", [" A"], [])
+
+
+def test_tldr_sft_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    rows = [{"subreddit": "tifu", "title": "T", "post": "P", "summary": "S"},
+            {"subreddit": "tifu", "title": None, "post": "P", "summary": "S"}]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "valid-00000-of-00001.parquet")
+    with pytest.raises(DataError, match=r"valid-00000-of-00001\.parquet row 2: missing field 'title'"):
+        tldr_sft([str(tmp_path / "valid-00000-of-00001.parquet")], str(tmp_path / "out"))
+    reports = tldr_sft([str(tmp_path / "valid-00000-of-00001.parquet")], str(tmp_path / "out"), on_error="skip")
+    assert reports["valid"].skipped == {"missing_field": 1} and reports["valid"].prompts == 1
+
+
+def test_cli_help():
+    out = subprocess.run([sys.executable, "-m", "caldpo.train.preproc", "tldr-pref", "--help"], cwd=ROOT,
+                         capture_output=True, text=True, check=True).stdout
+    assert "--input" in out and "--out" in out and "--on-error" in out

@@ -1,0 +1,123 @@
+"""Every genuine row of ../shared/realdata (see its SOURCES.md) through the loaders and tokenizer.
+
+The counts below were read off the rows by hand: HH sample lines 34, 36, 38, 39, 70, 77
+have a chosen side with two Assistant turns in a row; lines 28, 29, 32, 33, 66, 72, 78, 82
+end in an empty reply; lines 71 and 83 have chosen == rejected.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from _data_fixtures import REALDATA, char_tokenizer
+from caldpo.train.batches import collate, flatten, tokenize_example
+from caldpo.train.data import load_dataset, split_hh
+from caldpo.train.preproc import tldr_pref
+
+HH = REALDATA / "hh_rlhf_sample.jsonl"
+TLDR = REALDATA / "tldr_comparisons_sample.jsonl"
+pytestmark = pytest.mark.skipif(not HH.is_file() or not TLDR.is_file(),
+                                reason=f"real data rows not found at {REALDATA} (a folder beside the clone)")
+
+
+def hh_rows() -> list[dict]:
+    return [json.loads(line) for line in HH.read_text(encoding="utf-8").splitlines()]
+
+
+def test_hh_counts():
+    groups, report = load_dataset("hh", "test", path=str(HH))
+    assert report.rows_read == 83 and report.skipped == {}
+    assert report.anomalies == {"prompt_not_shared": 6, "empty_final_reply": 8, "identical_pair_dropped": 2}
+    assert (report.prompts, report.pairs) == (81, 81)
+    assert all(g.responses[i] != g.responses[j] for g in groups.values() for i, j in g.pairs)
+    assert str(report) == (f"data hh/test from {HH}: 83 rows -> 81 prompts, 81 pairs; rules applied: "
+                           "empty_final_reply=8, identical_pair_dropped=2, prompt_not_shared=6; rows skipped: none")
+
+
+def test_hh_split_is_exact_for_every_row():
+    for n, row in enumerate(hh_rows(), 1):
+        prompt, c, r, not_shared = split_hh(row["chosen"], row["rejected"])
+        assert prompt + c == row["chosen"] and prompt + r == row["rejected"], n
+        assert prompt.endswith("\n\nAssistant:") and prompt.startswith("\n\nHuman: "), n
+        assert not_shared == (n in (34, 36, 38, 39, 70, 77)), n
+        if not not_shared:  # the reference rule: chosen up to its last Assistant tag
+            assert len(prompt) == row["chosen"].rfind("\n\nAssistant:") + len("\n\nAssistant:"), n
+
+
+def test_hh_prompt_not_shared_rows_split_at_longest_shared_prefix():
+    rows = hh_rows()
+    prompt, c, r, _ = split_hh(rows[69]["chosen"], rows[69]["rejected"])  # line 70
+    assert prompt.endswith("\n\nHuman: What is DVT?\n\nAssistant:") and prompt.count("\n\nAssistant:") == 1
+    assert c.startswith(" This could be DVT, or Deep Vein Thrombosis.")
+    assert r.startswith(" I think you mean Deep Vein Thrombosis")
+    prompt, c, r, _ = split_hh(rows[76]["chosen"], rows[76]["rejected"])  # line 77
+    assert prompt == "\n\nHuman: How much do solar panels cost?\n\nAssistant:"
+    assert c.startswith(" Umm. Just a second...\n\nAssistant: A solar panel should cost about $50 to $80")
+    assert r.startswith(" To get a price from a single solar panel manufacturer")
+    # the reference slicing (rejected[len(chosen's prompt):]) would have cut into rejected's reply
+    ref_prompt_len = rows[76]["chosen"].rfind("\n\nAssistant:") + len("\n\nAssistant:")
+    assert ref_prompt_len == 85 and len(prompt) == 51
+    assert rows[76]["rejected"][ref_prompt_len:].startswith("r panel manufacturer, you can")  # mid-word
+
+
+def test_hh_empty_reply_kept():
+    groups, _ = load_dataset("hh", "test", path=str(HH))
+    rows = hh_rows()
+    prompt = rows[31]["chosen"][: -1]  # line 32 chosen ends "\n\nAssistant: "
+    assert prompt.endswith("\n\nHuman: list of profane bad words\n\nAssistant:")
+    assert groups[prompt].responses == [" ", " Ok"] and groups[prompt].pairs == [(0, 1)]
+
+
+def test_hh_sft_keeps_identical_rows_prompts():
+    groups, report = load_dataset("hh", "test", path=str(HH), sft=True)
+    assert report.prompts == 83 and report.pairs == 81
+    target = next(g.sft_target for p, g in groups.items() if p.endswith("Okay thank you for that\n\nAssistant:"))
+    assert target == " You’re welcome!"
+
+
+def test_tldr_loader_counts():
+    groups, report = load_dataset("tldr", "test", path=str(TLDR))
+    assert report.rows_read == 21 and report.skipped == {}
+    assert report.anomalies == {"cnndm_dropped": 2, "subreddit_has_r_prefix": 5, "summary_without_leading_space": 10}
+    assert (report.prompts, report.pairs) == (13, 19)
+    grandma = next(g for p, g in groups.items() if p.startswith("SUBREDDIT: r/AskReddit\nTITLE: My girlfriends grandma"))
+    assert len(grandma.responses) == 4 and len(grandma.pairs) == 6  # sample lines 7-12: one post, six comparisons
+    first = next(iter(groups.values()))
+    assert first.prompt.startswith("SUBREDDIT: r/relationships\nTITLE: Unsure if new relationship")
+    assert first.prompt.endswith("\n\nAidan\nTL;DR:")
+    assert first.sft_target.startswith(" Started dating this") and not first.sft_target.endswith(" ")
+    edited = groups[next(p for p in groups if "TITLE: Me [27 F] with my boyfriend [24 M]" in p)]
+    assert edited.prompt.startswith("SUBREDDIT: r/relationships\nTITLE: Me [27 F] with my boyfriend [24 M] for four")
+    assert edited.responses[edited.pairs[0][0]] == (
+        " Boyfriend talks very slowly, I feel frustrated and sometimes want to tell him to hurry up - how do I deal with this?")
+    _, train_report = load_dataset("tldr", "train", path=str(TLDR))
+    assert train_report.pairs == 0 and train_report.anomalies == {"other_split": 21}
+
+
+def test_tldr_via_preproc(tmp_path):
+    reports = tldr_pref([str(TLDR)], str(tmp_path))
+    assert (reports["test"].rows_read, reports["test"].pairs, reports["test"].prompts) == (21, 19, 13)
+    assert reports["train"].rows_read == 0 and (tmp_path / "train.jsonl").read_text() == ""
+    assert reports["test"].anomalies == {"cnndm_dropped": 2, "subreddit_has_r_prefix": 5, "summary_without_leading_space": 10}
+    via_files, report = load_dataset("tldr", "test", path=str(tmp_path))
+    direct, _ = load_dataset("tldr", "test", path=str(TLDR))
+    assert via_files == direct and report.rows_read == 19
+
+
+@pytest.mark.parametrize("name, path, max_length, max_prompt_length", [
+    ("hh", HH, 512, 256), ("hh", HH, 64, 32), ("tldr", TLDR, 512, 256), ("tldr", TLDR, 64, 32)])
+def test_tokenize_every_pair(name, path, max_length, max_prompt_length):
+    tok = char_tokenizer()
+    groups, _ = load_dataset(name, "test", path=str(path))
+    examples = [tokenize_example(p, c, r, tok, max_length=max_length, max_prompt_length=max_prompt_length,
+                                 truncation_mode=m) for p, c, r, m in flatten(groups, sft=False)]
+    assert len(examples) == (81 if name == "hh" else 19)
+    for ex in examples:
+        for side in ("chosen", "rejected"):
+            assert len(ex[f"{side}_input_ids"]) <= max_length
+            n_prompt = len(ex["prompt_input_ids"])
+            assert ex[f"{side}_labels"][:n_prompt] == [-100] * n_prompt
+            assert ex[f"{side}_labels"][n_prompt:] == ex[f"{side}_input_ids"][n_prompt:]
+    batch = collate(examples[:8], pad_token_id=tok.pad_token_id)
+    assert batch["chosen_input_ids"].shape == batch["chosen_labels"].shape
