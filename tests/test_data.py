@@ -200,3 +200,57 @@ def test_tldr_filtered_sft_rows(tmp_path):
                                 "repeated_sft_prompt_first_kept": 1}
     with pytest.raises(DataError, match="pass sft=True"):
         load_dataset("tldr", "test", path=str(f))
+
+
+# ----------------------------------------------------------------------------- hub and sample
+
+
+@pytest.fixture
+def fake_hub(monkeypatch):
+    """Replace datasets.load_dataset by a recorder that returns the rows set in ``hub.rows``."""
+    import datasets
+
+    class Hub:
+        rows: list = []
+        calls: list = []
+
+    def fake_load(*args, split, cache_dir=None):
+        Hub.calls.append((args, split, cache_dir))
+        return list(Hub.rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    return Hub
+
+
+def test_hub_hh_rows_go_through_the_row_parser(fake_hub):
+    fake_hub.rows = [hh(H1, " a", " b"), {"chosen": H1 + " c"}]
+    with pytest.raises(DataError, match=r"^hub:Anthropic/hh-rlhf\[test\] row 1: missing field 'rejected'$"):
+        load_dataset("hh", "test", cache_dir="/tmp/c")
+    assert fake_hub.calls == [(("Anthropic/hh-rlhf",), "test", "/tmp/c")]
+    groups, report = load_dataset("hh", "test", on_error="skip")
+    assert report.source == "hub:Anthropic/hh-rlhf" and report.skipped == {"missing_field": 1}
+    assert groups[H1].pairs == [(0, 1)]
+
+
+def test_hub_tldr_names_and_splits(fake_hub):
+    fake_hub.rows = [comparison(split="valid2"), comparison(split="valid1", texts=(" c", " d"))]
+    groups, report = load_dataset("tldr", "test")
+    assert fake_hub.calls[-1] == (("openai/summarize_from_feedback", "comparisons"), "validation", None)
+    assert report.pairs == 2
+    load_dataset("tldr", "train")
+    assert fake_hub.calls[-1] == (("openai/summarize_from_feedback", "comparisons"), "train", None)
+    fake_hub.rows = [{"id": "x", "subreddit": "tifu", "title": "T", "post": "P", "summary": " S"}]
+    groups, _ = load_dataset("tldr", "train", sft=True)
+    assert fake_hub.calls[-1] == (("UCL-DARK/openai-tldr-filtered",), "train", None)
+    assert [g.sft_target for g in groups.values()] == [" S"]
+
+
+def test_shipped_sample_loads():
+    from caldpo.train.data import SAMPLE_DIR
+
+    if not (SAMPLE_DIR / "train.jsonl").is_file():
+        pytest.skip("the shipped sample (caldpo/train/sample) has not been written")
+    for split in ("train", "test"):
+        groups, report = load_dataset("sample", split)
+        assert report.skipped == {} and report.pairs > 0
+        assert all(g.truncation_mode == "keep_end" and g.prompt.endswith("\n\nAssistant:") for g in groups.values())

@@ -121,3 +121,55 @@ def test_tokenize_every_pair(name, path, max_length, max_prompt_length):
             assert ex[f"{side}_labels"][n_prompt:] == ex[f"{side}_input_ids"][n_prompt:]
     batch = collate(examples[:8], pad_token_id=tok.pad_token_id)
     assert batch["chosen_input_ids"].shape == batch["chosen_labels"].shape
+
+
+def reference_tokenize(prompt, chosen, rejected, truncation_mode, tokenizer, max_length, max_prompt_length):
+    """Oracle: the reference ``tokenize_batch_element`` written as the DPO repository does it."""
+    chosen_tokens = dict(tokenizer(chosen, add_special_tokens=False))
+    rejected_tokens = dict(tokenizer(rejected, add_special_tokens=False))
+    prompt_tokens = dict(tokenizer(prompt, add_special_tokens=False))
+    chosen_tokens["input_ids"].append(tokenizer.eos_token_id)
+    chosen_tokens["attention_mask"].append(1)
+    rejected_tokens["input_ids"].append(tokenizer.eos_token_id)
+    rejected_tokens["attention_mask"].append(1)
+    longer_response_length = max(len(chosen_tokens["input_ids"]), len(rejected_tokens["input_ids"]))
+    if len(prompt_tokens["input_ids"]) + longer_response_length > max_length:
+        if truncation_mode == "keep_start":
+            prompt_tokens = {k: v[:max_prompt_length] for k, v in prompt_tokens.items()}
+        else:
+            prompt_tokens = {k: v[-max_prompt_length:] for k, v in prompt_tokens.items()}
+    if len(prompt_tokens["input_ids"]) + longer_response_length > max_length:
+        chosen_tokens = {k: v[: max_length - max_prompt_length] for k, v in chosen_tokens.items()}
+        rejected_tokens = {k: v[: max_length - max_prompt_length] for k, v in rejected_tokens.items()}
+    chosen_seq = {k: prompt_tokens[k] + chosen_tokens[k] for k in chosen_tokens}
+    rejected_seq = {k: prompt_tokens[k] + rejected_tokens[k] for k in rejected_tokens}
+    n = len(prompt_tokens["input_ids"])
+    chosen_seq["labels"] = [-100] * n + chosen_seq["input_ids"][n:]
+    rejected_seq["labels"] = [-100] * n + rejected_seq["input_ids"][n:]
+    batch = {"prompt": prompt, "chosen": prompt + chosen, "rejected": prompt + rejected,
+             "chosen_response_only": chosen, "rejected_response_only": rejected}
+    for k, toks in {"chosen": chosen_seq, "rejected": rejected_seq, "prompt": prompt_tokens}.items():
+        for type_key, tokens in toks.items():
+            if type_key != "token_type_ids":
+                batch[f"{k}_{type_key}"] = tokens
+    return batch
+
+
+@pytest.mark.parametrize("sft", [False, True])
+@pytest.mark.parametrize("max_length, max_prompt_length", [(512, 256), (96, 48)])
+def test_matches_reference_tokenization(sft, max_length, max_prompt_length):
+    from caldpo.train.tiny import build_tokenizer
+
+    tok = build_tokenizer()
+    n_cut = 0
+    for name, path in (("hh", HH), ("tldr", TLDR)):
+        groups, _ = load_dataset(name, "test", path=str(path), sft=sft)
+        for p, c, r, mode in flatten(groups, sft=sft):
+            ours = tokenize_example(p, c, r, tok, max_length=max_length, max_prompt_length=max_prompt_length,
+                                    truncation_mode=mode)
+            ref = reference_tokenize(p, c, c if r is None else r, mode, tok, max_length, max_prompt_length)
+            if r is None:  # the reference SFT path tokenizes (prompt, target, target) and drops rejected keys
+                ref = {k: v for k, v in ref.items() if "rejected" not in k}
+            assert ours == ref
+            n_cut += tok.eos_token_id not in ours["chosen_input_ids"]
+    assert n_cut > 0  # response truncation (EOS cut) is exercised in both settings
