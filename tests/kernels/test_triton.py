@@ -1,0 +1,131 @@
+"""Triton backend on CPU through the Triton interpreter.
+
+TRITON_INTERPRET=1 must be set before Triton is first imported, so a plain
+`pytest tests` run re-runs this file in a subprocess with the variable set
+(`test_triton_under_interpreter`); the cases themselves run only there (or
+directly: `TRITON_INTERPRET=1 pytest tests/kernels/test_triton.py`).
+On a CUDA machine without the variable, the cases run on the GPU instead.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from caldpo.kernels import available_backends, linear_logprobs, sequence_logprobs
+from caldpo.kernels.backends import triton_interpreting
+
+from .conftest import make_inputs, oracle_logprobs, rel_err, tol
+
+ON_GPU = torch.cuda.is_available() and not triton_interpreting()
+DEVICE = "cuda" if ON_GPU else "cpu"
+RUNNABLE = "triton" in available_backends(DEVICE)
+cases = pytest.mark.skipif(not RUNNABLE, reason="needs TRITON_INTERPRET=1 (run by the subprocess test) or CUDA")
+
+
+@pytest.mark.skipif(RUNNABLE or triton_interpreting(), reason="cases run directly")
+def test_triton_under_interpreter():
+    pytest.importorskip("triton")
+    root = Path(__file__).resolve().parents[2]
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(Path(__file__)),
+                           "-k", "not test_triton_under_interpreter"],
+                          cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    summary = proc.stdout.strip().splitlines()[-1]
+    assert " passed" in summary and "skipped" not in summary, proc.stdout[-2000:]
+
+
+def run_case(gen, hidden, weight, targets, grad=None, need=("h", "w")):
+    """Triton result vs float64 oracle; values and the requested gradients."""
+    g = torch.randn(hidden.shape[0], generator=gen, dtype=torch.float64) if grad is None else grad
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref = oracle_logprobs(h64, w64, targets)
+    ref_gh, ref_gw = torch.autograd.grad((ref * g).sum(), (h64, w64))
+    h = hidden.to(DEVICE).requires_grad_("h" in need)
+    w = weight.to(DEVICE).requires_grad_("w" in need)
+    out = linear_logprobs(h, w, targets.to(DEVICE), backend="triton")
+    out.backward(g.float().to(DEVICE))
+    limit = tol(hidden.dtype)
+    assert out.dtype == torch.float32 and torch.isfinite(out).all()
+    assert rel_err(out.cpu(), ref) < limit
+    if "h" in need:
+        assert h.grad.dtype == hidden.dtype and torch.isfinite(h.grad).all()
+        assert rel_err(h.grad.cpu(), ref_gh) < limit
+    if "w" in need:
+        assert w.grad.dtype == weight.dtype and torch.isfinite(w.grad).all()
+        assert rel_err(w.grad.cpu(), ref_gw) < limit
+
+
+@cases
+@pytest.mark.parametrize("shape", [(37, 20, 131), (5, 16, 37), (40, 33, 17)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matches_oracle(gen, shape, dtype):
+    run_case(gen, *make_inputs(gen, *shape, dtype))
+
+
+@cases
+@pytest.mark.parametrize("scale", [30.0, 100.0])
+def test_large_logits(gen, scale):
+    run_case(gen, *make_inputs(gen, 21, 16, 131, torch.float32, scale=scale))
+
+
+@cases
+def test_zero_grad_tiles_are_skipped_exactly(gen):
+    """Rows with zero upstream grad make whole tiles of d zero; skipping them changes nothing."""
+    hidden, weight, targets = make_inputs(gen, 40, 16, 37, torch.float32, ignore_frac=0.0)
+    g = torch.randn(40, generator=gen, dtype=torch.float64)
+    g[:16] = 0
+    run_case(gen, hidden, weight, targets, grad=g)
+
+
+@cases
+@pytest.mark.parametrize("need", [("h",), ("w",)])
+def test_one_side_frozen(gen, need):
+    run_case(gen, *make_inputs(gen, 19, 16, 37, torch.float32), need=need)
+
+
+@cases
+def test_uninitialised_memory_is_poisoned(gen):
+    """With every torch.empty filled with NaN, no NaN may reach outputs or grads."""
+    old_det = torch.are_deterministic_algorithms_enabled()
+    old_fill = torch.utils.deterministic.fill_uninitialized_memory
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = True
+    try:
+        run_case(gen, *make_inputs(gen, 23, 16, 37, torch.bfloat16))
+    finally:
+        torch.use_deterministic_algorithms(old_det)
+        torch.utils.deterministic.fill_uninitialized_memory = old_fill
+
+
+@cases
+def test_all_ignored():
+    h = torch.randn(6, 16, device=DEVICE, requires_grad=True)
+    w = torch.randn(37, 16, device=DEVICE, requires_grad=True)
+    out = linear_logprobs(h, w, torch.full((6,), -100, device=DEVICE), backend="triton")
+    out.sum().backward()
+    assert (out == 0).all() and (h.grad == 0).all() and (w.grad == 0).all()
+
+
+@cases
+def test_sequence_tied_bf16(gen):
+    """sequence_logprobs through Triton with a weight tied to the input embedding, bf16."""
+    v, d, b, t = 37, 16, 3, 11
+    emb64 = (torch.randn(v, d, generator=gen, dtype=torch.float64) / 2).requires_grad_()
+    ids = torch.randint(0, v, (b, t), generator=gen)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    labels[-1] = -100
+    hidden64 = emb64[ids].cos()
+    lp = oracle_logprobs(hidden64[:, :-1].reshape(-1, d), emb64, labels[:, 1:].reshape(-1))
+    ref = lp.view(b, t - 1).sum(1)
+    (ref_g,) = torch.autograd.grad(ref.sum(), emb64)
+
+    emb = emb64.detach().to(DEVICE, torch.bfloat16).requires_grad_()
+    out = sequence_logprobs(emb[ids.to(DEVICE)].cos(), emb, labels.to(DEVICE), backend="triton")
+    out.sum().backward()
+    assert out[-1].item() == 0.0
+    assert rel_err(out.cpu(), ref) < 1e-2 and rel_err(emb.grad.cpu(), ref_g) < 1e-2
