@@ -1,0 +1,138 @@
+"""End-to-end trainer tests on the shipped sample with the tiny local model."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from caldpo.train.config import ConfigError, load_config, validate
+from conftest import TINY, read_metrics, run_train
+
+SEED_SFT = ["model=pythia28", "datasets=[hh]", "loss=sft", "exp_name=sft_hh", "gradient_accumulation_steps=2",
+            "batch_size=64", "eval_batch_size=32", "trainer=FSDPTrainer", "sample_during_eval=false",
+            "model.fsdp_policy_mp=bfloat16"]
+
+
+def test_seed_command_lines_compose(tmp_path):
+    archive = tmp_path / "LATEST" / "policy.pt"
+    archive.parent.mkdir()
+    torch.save({"step_idx": 0, "state": {}, "metrics": {}}, archive)
+    cfg = load_config(SEED_SFT)
+    validate(cfg, world_size=1)
+    assert (cfg.model.name_or_path, cfg.loss.name, cfg.batch_size, cfg.trainer) == \
+        ("EleutherAI/pythia-2.8b", "sft", 64, "FSDPTrainer")
+    assert (cfg.lr, cfg.optimizer, cfg.warmup_steps, cfg.max_grad_norm) == (5e-7, "RMSprop", 150, 10.0)
+    for data, beta in (("hh", 0.1), ("tldr", 0.001)):
+        over = [o for o in SEED_SFT if not o.startswith(("loss=", "datasets="))]
+        cfg = load_config(over + [f"datasets=[{data}]", "loss=caldpo", f"loss.beta={beta}", f"model.archive={archive}"])
+        validate(cfg, world_size=4)
+        assert cfg.loss.name == "caldpo" and cfg.loss.beta == beta and cfg.loss.calibration_weight == 1.0
+        assert list(cfg.datasets) == [data]
+
+
+@pytest.mark.parametrize("overrides, option", [
+    (["datasets=[imdb]"], "datasets"),
+    (["batch_size=6", "gradient_accumulation_steps=4"], "batch_size"),
+    (["model.archive=/nonexistent/LATEST/policy.pt"], "model.archive"),
+    (["loss=caldpo", "loss.beta=0"], "loss.beta"),
+    (["trainer=DeepSpeed"], "trainer"),
+    (["max_prompt_length=600"], "max_prompt_length"),
+    (["data.paths.hh=/nonexistent"], "data.paths.hh"),
+])
+def test_bad_config_names_the_option(overrides, option):
+    with pytest.raises(ConfigError, match=option.replace(".", r"\.")):
+        validate(load_config(overrides), world_size=1)
+
+
+def test_world_size_divisibility():
+    over = ["trainer=FSDPTrainer", "batch_size=8", "gradient_accumulation_steps=2", "eval_batch_size=6"]
+    validate(load_config(over), world_size=2)
+    with pytest.raises(ConfigError, match="world size"):
+        validate(load_config(over), world_size=3)
+    with pytest.raises(ConfigError, match="trainer=BasicTrainer"):
+        validate(load_config(over[1:]), world_size=2)
+
+
+def test_unknown_key_is_rejected():
+    with pytest.raises(ConfigError, match="lr_typo"):
+        load_config(["lr_typo=3"])
+    with pytest.raises(ConfigError, match="beta"):
+        load_config(["loss=sft", "loss.beta=0.1"])
+
+
+def test_cli_config_error_exit_code(tmp_path):
+    proc = run_train(["datasets=[imdb]", f"run_dir={tmp_path}"], check=False)
+    assert proc.returncode == 2
+    assert "datasets" in proc.stderr and "imdb" in proc.stderr
+
+
+def test_sft_run_outputs(sft_run):
+    from transformers import AutoModelForCausalLM
+    blob = torch.load(sft_run / "LATEST" / "policy.pt", weights_only=True)
+    assert set(blob) == {"step_idx", "state", "metrics"}
+    assert blob["step_idx"] == 12
+    hf = AutoModelForCausalLM.from_pretrained(sft_run / "LATEST" / "hf")
+    assert set(blob["state"]) == set(hf.state_dict())
+    train = read_metrics(sft_run)
+    assert [r["step"] for r in train] == list(range(1, 13))
+    assert all(math.isfinite(r["loss"]) and r["tokens_per_second"] > 0 for r in train)
+    evals = read_metrics(sft_run, "eval")
+    assert evals[-1]["loss"] < evals[0]["loss"] - 5, "SFT should lower the eval NLL of chosen responses"
+    assert (sft_run / "DONE").exists()
+
+
+def test_checkpoint_round_trip(sft_run):
+    """policy.pt loaded into a fresh model gives the same log-probs as the trained weights (HF export)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from caldpo.kernels import sequence_logprobs
+    hf_dir = sft_run / "LATEST" / "hf"
+    trained = AutoModelForCausalLM.from_pretrained(hf_dir)
+    fresh = AutoModelForCausalLM.from_config(trained.config)
+    tok = AutoTokenizer.from_pretrained(hf_dir)
+    ids = torch.tensor([tok("\n\nHuman: What is 2 plus 2?\n\nAssistant: 2 plus 2 is 4.")["input_ids"]])
+    labels = ids.clone()
+    labels[:, :8] = -100
+
+    def logps(m):
+        m.eval()
+        with torch.no_grad():
+            h = m.base_model(input_ids=ids).last_hidden_state
+            return sequence_logprobs(h, m.get_output_embeddings().weight, labels, backend="reference")
+
+    before = logps(fresh)
+    fresh.load_state_dict(torch.load(sft_run / "LATEST" / "policy.pt", weights_only=True)["state"])
+    assert not torch.allclose(before, logps(fresh))
+    torch.testing.assert_close(logps(fresh), logps(trained), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("loss, beta, expected", [
+    # At step 1 the policy equals the reference (both loaded from the archive), so h_w = h_l = 0:
+    ("dpo", 0.1, math.log(2)),                                  # -log sigmoid(0)
+    ("ipo", 0.1, (1 / (2 * 0.1)) ** 2),                          # (0 - 1/(2 beta))^2
+    ("caldpo", 0.25, math.log(2) + 2 * (1 / (2 * 0.25)) ** 2),   # -log sigmoid(0) + 2 (1/(2 beta))^2
+])
+def test_first_step_loss_equals_formula(sft_run, tmp_path, loss, beta, expected):
+    run_train([*TINY, f"loss={loss}", f"loss.beta={beta}", f"model.archive={sft_run}/LATEST/policy.pt",
+               f"run_dir={tmp_path}", "n_examples=16", "batch_size=8", "lr=1e-3", "do_first_eval=false",
+               "export_hf=false"])
+    first = read_metrics(tmp_path)[0]
+    assert first["loss"] == pytest.approx(expected, rel=1e-5)
+    assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6)
+
+
+def test_caldpo_learns_preferences(sft_run, tmp_path):
+    """Cal-DPO from the SFT checkpoint: training-pair reward accuracy well above chance, chosen reward > 0."""
+    run_train([*TINY, "loss=caldpo", "loss.beta=0.1", f"model.archive={sft_run}/LATEST/policy.pt",
+               f"run_dir={tmp_path}", "n_examples=192", "batch_size=8", "lr=5e-4", "eval_every=1000",
+               "export_hf=false"])
+    train = read_metrics(tmp_path)
+    late = train[-8:]
+    acc = sum(r["rewards/accuracies"] for r in late) / len(late)
+    chosen = sum(r["rewards/chosen"] for r in late) / len(late)
+    # 64 pairs: chance is 0.5 +- 0.0625 (one s.d.), so 0.7 is over three s.d. above it.
+    assert acc > 0.7, f"training reward accuracy {acc:.2f} not well above chance"
+    assert chosen > 0, f"Cal-DPO should keep the chosen reward positive, got {chosen:.4f}"
+    assert read_metrics(tmp_path, "eval")[-1]["rewards/accuracies"] > 0.75
+    parts = train[-1]
+    assert parts["loss"] == pytest.approx(parts["loss/preference"] + parts["loss/calibration"], rel=1e-4)
