@@ -104,7 +104,8 @@ MinJobAge=900
 SlurmctldTimeout=60
 SlurmdTimeout=120
 InactiveLimit=0
-KillWait=30
+# Seconds between SIGTERM and SIGKILL: the time a stopping job has to checkpoint.
+KillWait=15
 Waittime=0
 MessageTimeout=20
 StateSaveLocation=$SPOOL/slurmctld

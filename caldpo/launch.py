@@ -1,0 +1,207 @@
+"""Submit a caldpo training run with submitit (Slurm, or locally without Slurm).
+
+    python -m caldpo.launch --nodes 2 --gpus-per-node 8 --partition gpu --time 1440 \\
+        -- model=pythia28 datasets=[hh] loss=caldpo loss.beta=0.1 model.archive=runs/sft_hh/LATEST/policy.pt
+
+One Slurm task per GPU runs ``caldpo.train.main`` with torch.distributed set up
+from the job's environment (rank 0's node is the rendezvous host). On preemption
+or before the time limit submitit signals the tasks; ``Train.checkpoint`` asks the
+trainer to stop at the next step boundary (it writes a resume checkpoint) and has
+submitit requeue the same callable, which resumes from ``run_dir``.
+``--gpus-per-node 0`` runs on CPUs (``device=cpu``, ``--tasks-per-node`` tasks).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import threading
+import time
+from pathlib import Path
+
+import submitit
+
+EXECUTORS = ("slurm", "local", "debug")
+
+
+def _override_key(o: str) -> str:
+    return o.split("=", 1)[0].lstrip("+~")
+
+
+def _with_default(overrides: list[str], key: str, value: str) -> list[str]:
+    """Append ``key=value`` unless the overrides set ``key`` already."""
+    return overrides if any(_override_key(o) == key for o in overrides) else [*overrides, f"{key}={value}"]
+
+
+class Train:
+    """The submitted callable: one instance per task, picklable, requeue-safe.
+
+    Training runs in a worker thread so that the main thread stays free for
+    submitit's preemption handler: ``checkpoint`` can then wait for the trainer
+    to finish its stop checkpoint before the job is requeued.
+    """
+
+    def __init__(self, overrides: list[str], run_dir: str, stop_wait_s: float = 60.0):
+        self.overrides = list(overrides)
+        self.run_dir = str(run_dir)
+        self.stop_wait_s = stop_wait_s
+        self._done = threading.Event()
+
+    def __getstate__(self):
+        return {k: v for k, v in self.__dict__.items() if k != "_done"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self._done = threading.Event()
+
+    def _set_dist_env(self) -> None:
+        env = submitit.JobEnvironment()
+        os.environ.update(RANK=str(env.global_rank), WORLD_SIZE=str(env.num_tasks),
+                          LOCAL_RANK=str(env.local_rank),
+                          LOCAL_WORLD_SIZE=str(max(1, env.num_tasks // max(1, env.num_nodes))))
+        os.environ["MASTER_ADDR"] = env.hostnames[0] if env.num_nodes > 1 else "127.0.0.1"
+        try:
+            job = int(str(env.job_id).split("_")[0])
+        except ValueError:
+            job = os.getpid()
+        # A port per job: jobs sharing a node must not share a rendezvous port.
+        os.environ["MASTER_PORT"] = str(40000 + job % 20000)
+
+    def __call__(self) -> dict:
+        self._set_dist_env()
+        from caldpo.train import main
+
+        overrides = [o for o in self.overrides if _override_key(o) != "run_dir"] + [f"run_dir={self.run_dir}"]
+        box: dict = {}
+
+        def work():
+            try:
+                box["result"] = main(overrides)
+            except BaseException as e:  # re-raised in the main thread
+                box["error"] = e
+            finally:
+                self._done.set()
+
+        self._done.clear()
+        thread = threading.Thread(target=work, name="caldpo-train", daemon=True)
+        thread.start()
+        while not self._done.wait(0.5):  # short waits keep signal handlers responsive
+            pass
+        thread.join()
+        if "error" in box:
+            raise box["error"]
+        result = box["result"]
+        if isinstance(result, dict) and result.get("stopped") and os.environ["RANK"] != "0" \
+                and "SLURM_JOB_ID" in os.environ:
+            # Rank 0 is requeueing the job: finishing here would leave a stale
+            # "stopped" result for this task that outlives the requeue.
+            time.sleep(self.stop_wait_s + 60)
+        return result
+
+    def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
+        """Stop the trainer at a step boundary (it saves a resume checkpoint), then requeue."""
+        stop = Path(self.run_dir) / "STOP"
+        stop.parent.mkdir(parents=True, exist_ok=True)
+        stop.touch()
+        print(f"caldpo.launch: stop requested ({stop}); waiting up to {self.stop_wait_s:.0f}s for the checkpoint",
+              file=sys.stderr, flush=True)
+        if not self._done.wait(self.stop_wait_s):
+            print("caldpo.launch: trainer still running; requeueing anyway (resumes from the last checkpoint)",
+                  file=sys.stderr, flush=True)
+        stop.unlink(missing_ok=True)
+        return submitit.helpers.DelayedSubmission(Train(self.overrides, self.run_dir, self.stop_wait_s))
+
+
+def submit(overrides: list[str], *, nodes: int = 1, gpus_per_node: int = 8, tasks_per_node: int | None = None,
+           cpus_per_task: int | None = None, partition: str | None = None, time_min: int = 24 * 60,
+           mem: str | None = None, sbatch: dict | None = None, executor: str = "slurm",
+           log_dir: str | Path = "logs/submitit", run_dir: str | Path | None = None, job_name: str = "caldpo",
+           signal_delay_s: int = 120, stop_wait_s: float = 60.0) -> submitit.Job:
+    """Submit one training run; returns the submitit job (``job.result()`` waits for it).
+
+    ``gpus_per_node`` GPUs and as many tasks per node (``tasks_per_node`` overrides);
+    0 GPUs means a CPU run (``device=cpu``). ``executor="local"`` runs the tasks as
+    local processes, ``"debug"`` in this process (one task); both on CPU unless the
+    overrides say ``device=...``. ``sbatch`` adds raw sbatch parameters.
+    """
+    if executor not in EXECUTORS:
+        raise ValueError(f"executor must be one of {EXECUTORS}, not {executor!r}")
+    overrides = list(overrides)
+    if executor != "slurm":
+        nodes, gpus_per_node, tasks_per_node = 1, 0, 1
+    if tasks_per_node is None:
+        tasks_per_node = max(1, gpus_per_node)
+    if gpus_per_node == 0:
+        overrides = _with_default(overrides, "device", "cpu")
+    if run_dir is None:
+        given = [o.split("=", 1)[1] for o in overrides if _override_key(o) == "run_dir"]
+        run_dir = given[-1] if given else f"runs/{job_name}_{time.strftime('%Y%m%d_%H%M%S')}"
+    run_dir = str(Path(run_dir).absolute())
+
+    ex = submitit.AutoExecutor(folder=str(Path(log_dir).absolute() / "%j"), cluster=executor)
+    params: dict = dict(name=job_name, timeout_min=int(time_min), nodes=nodes, tasks_per_node=tasks_per_node)
+    if gpus_per_node:
+        params["gpus_per_node"] = gpus_per_node
+    if cpus_per_task:
+        params["cpus_per_task"] = cpus_per_task
+    if executor == "slurm":
+        params["slurm_signal_delay_s"] = signal_delay_s
+        if partition:
+            params["slurm_partition"] = partition
+        if mem:
+            params["slurm_mem"] = mem
+        extra = {"requeue": True, "open-mode": "append", **(sbatch or {})}
+        params["slurm_additional_parameters"] = {k.replace("-", "_"): v for k, v in extra.items()}
+    ex.update_parameters(**params)
+    return ex.submit(Train(overrides, run_dir, stop_wait_s))
+
+
+def _kv(text: str) -> tuple[str, str]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    k, v = text.split("=", 1)
+    return k.lstrip("-"), v
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m caldpo.launch", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
+    p.add_argument("--gpus-per-node", type=int, default=8,
+                   help="GPUs per node = tasks per node (default 8); 0 for a CPU run")
+    p.add_argument("--tasks-per-node", type=int, default=None, help="default: --gpus-per-node (1 when it is 0)")
+    p.add_argument("--cpus-per-task", type=int, default=None, help="CPUs per task")
+    p.add_argument("--partition", default=None, help="Slurm partition")
+    p.add_argument("--time", type=int, default=24 * 60, help="time limit in minutes (default 1440)")
+    p.add_argument("--mem", default=None, help="memory per node, e.g. 500G (sbatch --mem)")
+    p.add_argument("--sbatch", type=_kv, action="append", default=[], metavar="KEY=VALUE",
+                   help="additional sbatch parameter, e.g. --sbatch account=myproj (repeatable)")
+    p.add_argument("--executor", choices=EXECUTORS, default="slurm",
+                   help="slurm, local (subprocess, no Slurm) or debug (this process)")
+    p.add_argument("--log-dir", default="logs/submitit", help="submitit folder for logs and pickles")
+    p.add_argument("--run-dir", default=None, help="run directory (default runs/<job name>_<time>)")
+    p.add_argument("--job-name", default="caldpo")
+    p.add_argument("--signal-delay", type=int, default=120,
+                   help="seconds before the time limit at which the job checkpoints and requeues")
+    p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
+    p.add_argument("overrides", nargs="*", help="training overrides key=value (after --)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    job = submit(args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                 tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, partition=args.partition,
+                 time_min=args.time, mem=args.mem, sbatch=dict(args.sbatch), executor=args.executor,
+                 log_dir=args.log_dir, run_dir=args.run_dir, job_name=args.job_name,
+                 signal_delay_s=args.signal_delay)
+    print(f"submitted job {job.job_id} (logs: {job.paths.folder})", flush=True)
+    if args.wait:
+        result = job.results()[0]
+        print(result, flush=True)
+        return 0 if result and not (isinstance(result, dict) and result.get("stopped")) else 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
