@@ -140,8 +140,13 @@ def _default_cache() -> pathlib.Path:
 
 
 def _build_key(kwargs: dict) -> str:
-    """Hash of the build arguments, the build version and the sample text."""
-    h = hashlib.sha256(json.dumps({"v": BUILD_VERSION, **kwargs}, sort_keys=True).encode())
+    """Hash of the build arguments, build version, library versions and sample text."""
+    import tokenizers
+    import transformers
+
+    versions = {"v": BUILD_VERSION, "tokenizers": tokenizers.__version__,
+                "transformers": transformers.__version__}
+    h = hashlib.sha256(json.dumps({**versions, **kwargs}, sort_keys=True).encode())
     for split in ("train", "test"):
         h.update(sample_path(split).read_bytes())
     return h.hexdigest()[:16]
