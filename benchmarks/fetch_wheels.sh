@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Download the benchmark peers as wheels into benchmarks/wheels/ (git-ignored),
+# for machines that cannot reach a package index (the GPU suite installs them
+# from there). Versions are pinned to the ones the CPU results were made with.
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+dest="${1:-$here/wheels}"
+mkdir -p "$dest"
+python3 -m pip download --no-deps --only-binary=:all: -d "$dest" \
+    "liger-kernel==${LIGER_VERSION:-0.8.5}" \
+    "cut-cross-entropy==${CCE_VERSION:-25.1.1}"
+ls -l "$dest"
