@@ -68,3 +68,34 @@ def test_rows_are_distinct_and_preference_is_mixed():
     # both the style signal (refusals) and the content signal (wrong facts) are present
     assert 0.25 * len(rows) < refusals < 0.75 * len(rows)
     assert multi_turn > 0.1 * len(rows)
+
+
+def test_facts_are_right_in_chosen_and_wrong_in_rejected():
+    """The content signal: same wording, the fact is correct only on the chosen side."""
+    import re
+
+    ops = {"plus": lambda a, b: a + b, "times": lambda a, b: a * b, "minus": lambda a, b: a - b}
+    capitals = dict(sample.CAPITALS)
+    arith = re.compile(r"(\d+) (plus|times|minus) (\d+) is (\d+)\.$")
+    capital = re.compile(r"The capital of (.+) is (.+)\.$")
+    n_checked = 0
+    for split in sample.SPLITS:
+        for row in _rows(sample.sample_path(split)):
+            prompt = _prompt(row["chosen"])
+            for side, truth in (("chosen", True), ("rejected", False)):
+                reply = row[side][len(prompt):]
+                if m := arith.search(reply):
+                    a, op, b, c = m.groups()
+                    assert (ops[op](int(a), int(b)) == int(c)) is truth, row
+                    n_checked += 1
+                elif m := capital.search(reply):
+                    assert (capitals[m.group(1)] == m.group(2)) is truth, row
+                    n_checked += 1
+                elif truth:
+                    assert reply.strip() not in sample.RUDE + sample.UNHELPFUL, row
+    assert n_checked > 150
+
+
+def test_text_is_plain_ascii():
+    for split in sample.SPLITS:
+        assert sample.sample_path(split).read_bytes().isascii()
