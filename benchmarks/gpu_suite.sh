@@ -1,0 +1,91 @@
+#!/usr/bin/env bash
+# GPU suite, one call on a CUDA machine without internet (about 8 minutes):
+#   1. install the benchmark peers from benchmarks/wheels/ (benchmarks/fetch_wheels.sh)
+#   2. make caldpo importable (editable install, PYTHONPATH as a fallback)
+#   3. kernel tests on CUDA: pytest tests/kernels -x -q (compiled Triton)
+#   4. bench_logprob_loss.py at Pythia shapes, bf16, with its peers
+# Each stage is time-boxed so that one failure does not eat the budget.
+# Results: $OUT/gpu_results.json, $OUT/gpu_table.txt, $OUT/suite.log
+# ($OUT defaults to benchmarks/results/gpu_run); copies go to --dest DIR if given.
+# Knobs (env): SUITE_BUDGET_S (450), TESTS_TIMEOUT_S (150), BENCH_ARGS (extra args),
+#              OURS_BACKENDS (auto), SHAPES (cuda).
+set -uo pipefail
+
+repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$repo"
+dest=""
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --dest) dest="$2"; shift 2 ;;
+        *) echo "usage: $0 [--dest DIR]" >&2; exit 2 ;;
+    esac
+done
+out="${OUT:-$repo/benchmarks/results/gpu_run}"
+mkdir -p "$out"
+log="$out/suite.log"
+: > "$log"
+budget="${SUITE_BUDGET_S:-450}"
+start=$SECONDS
+py="${PYTHON:-python3}"
+export PYTHONUNBUFFERED=1
+unset TRITON_INTERPRET
+
+left() { echo $(( budget - (SECONDS - start) )); }
+# stage NAME CAP_S CMD...: run CMD with a timeout of min(CAP_S, time left - 10 s).
+stage() {
+    local name="$1" cap="$2"; shift 2
+    local t; t=$(left); t=$(( t - 10 < cap ? t - 10 : cap ))
+    if [ "$t" -le 5 ]; then
+        echo "== $name: skipped (suite budget spent)" | tee -a "$log"; return 124
+    fi
+    echo "== $name (timeout ${t}s, $(( SECONDS - start ))s into the suite)" | tee -a "$log"
+    timeout -k 10 "$t" "$@" 2>&1 | tee -a "$log"
+    local rc=${PIPESTATUS[0]}
+    echo "== $name: rc=$rc after $(( SECONDS - start ))s" | tee -a "$log"
+    return "$rc"
+}
+
+stage "environment" 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
+    $py -c 'import sys, torch, triton; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())'"
+
+# 1. peers: pure-Python wheels, no dependencies fetched (torch and triton are there).
+site=/tmp/caldpo_bench_site
+if ls benchmarks/wheels/*.whl >/dev/null 2>&1; then
+    stage "install peers" 60 "$py" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir \
+        --upgrade --target "$site" benchmarks/wheels/*.whl \
+        && export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+else
+    echo "== install peers: no wheels in benchmarks/wheels (run benchmarks/fetch_wheels.sh and carry the folder);" \
+         "the benchmark records missing peers" | tee -a "$log"
+fi
+
+# 2. caldpo itself; PYTHONPATH keeps it importable if the editable install fails offline.
+stage "install caldpo" 60 "$py" -m pip install -q --no-index --no-deps --no-build-isolation -e . \
+    || echo "editable install failed; using PYTHONPATH" | tee -a "$log"
+export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
+
+# 3. kernel tests on the GPU.
+stage "kernel tests" "${TESTS_TIMEOUT_S:-150}" "$py" -m pytest tests/kernels -x -q -p no:cacheprovider
+tests_rc=$?
+
+# 4. the micro-benchmark; it stops starting new work 40 s before its own timeout
+#    and writes its JSON after every shape.
+t=$(( $(left) - 15 ))
+# shellcheck disable=SC2086
+stage "benchmark" "$t" "$py" benchmarks/bench_logprob_loss.py --device cuda --shapes ${SHAPES:-cuda} \
+    --ours-backends "${OURS_BACKENDS:-auto}" --budget-s $(( t - 40 > 30 ? t - 40 : 30 )) \
+    --json "$out/gpu_results.json" ${BENCH_ARGS:-} | tee "$out/bench_output.txt"
+bench_rc=${PIPESTATUS[0]}
+# The table is what follows the last blank-line-led '# ' header line of the output.
+awk '/^# /{buf=""} {buf=buf $0 "\n"} END{printf "%s", buf}' "$out/bench_output.txt" > "$out/gpu_table.txt"
+
+if [ -n "$dest" ]; then
+    mkdir -p "$dest"
+    stamp="$(date +%Y%m%d)"
+    [ -f "$out/gpu_results.json" ] && cp "$out/gpu_results.json" "$dest/gpu_$stamp.json"
+    cp "$out/gpu_table.txt" "$dest/gpu_$stamp.txt"
+fi
+echo "== suite done in $(( SECONDS - start ))s: kernel tests rc=$tests_rc, benchmark rc=$bench_rc" | tee -a "$log"
+echo
+cat "$out/gpu_table.txt"
+[ "$tests_rc" -eq 0 ] && [ "$bench_rc" -eq 0 ]
