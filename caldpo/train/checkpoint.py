@@ -14,6 +14,7 @@ import os
 import random
 import re
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -74,7 +75,9 @@ def save_resume(root: Path, step: int, model, optimizer, scheduler, trainer_stat
         tmp.mkdir()
     _barrier()
     model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+    with warnings.catch_warnings():  # DCP warns when it runs without a process group, which is intended here
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
     torch.save(rng_state(), tmp / f"rng_rank{rank}.pt")
     if rank == 0:
         state = dict(trainer_state, step=step, scheduler=scheduler.state_dict())
@@ -100,7 +103,9 @@ def load_resume(path: Path, model, optimizer, scheduler) -> dict:
     """Restore what save_resume wrote; returns the trainer state (step, examples seen, ...)."""
     model_sd, optim_sd = get_state_dict(model, optimizer)
     state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*torch.distributed is disabled.*")
+        dcp.load(state, checkpoint_id=str(path))
     set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
     trainer_state = torch.load(path / "trainer_state.pt", weights_only=False)
     scheduler.load_state_dict(trainer_state.pop("scheduler"))

@@ -56,8 +56,10 @@ def check_attention(cfg: DictConfig, device: torch.device) -> str:
 
 def load_causal_lm(cfg: DictConfig, path: str, dtype: torch.dtype, attn: str) -> nn.Module:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+    hf_logging.disable_progress_bar()
     model = AutoModelForCausalLM.from_pretrained(
-        path, torch_dtype=dtype, attn_implementation=attn,
+        path, dtype=dtype, attn_implementation=attn,
         trust_remote_code=bool(cfg.model.trust_remote_code), low_cpu_mem_usage=True)
     model.config.use_cache = False
     return model
