@@ -53,12 +53,16 @@ def test_fp16_inputs(gen):
     check(*make_inputs(gen, 29, 16, 131, torch.float16), "torch", gen)
 
 
-def test_many_ragged_chunks(gen, monkeypatch):
-    """Force 7-token chunks so every chunk boundary and a ragged last chunk are exercised."""
-    monkeypatch.setattr(chunked, "CHUNK_BYTES", 7 * 4 * 131)
+@pytest.mark.parametrize("axis", ["vocab", "tokens"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_ragged_chunks(gen, monkeypatch, axis, dtype):
+    """Force 7-row chunks on each axis so every boundary and a ragged last chunk are exercised."""
+    n, v = 100, 131
+    monkeypatch.setattr(chunked, "AXIS", axis)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 7 * 4 * (v if axis == "tokens" else n))
     monkeypatch.setattr(chunked, "MIN_CHUNK", 1)
-    assert chunked.chunk_tokens(100, 131) == 7
-    check(*make_inputs(gen, 100, 16, 131, torch.float32), "torch", gen)
+    assert chunked.chunk_size(v if axis == "vocab" else n, n if axis == "vocab" else v) == 7
+    check(*make_inputs(gen, n, 16, v, dtype), "torch", gen)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -150,14 +154,16 @@ class _MaxAlloc(TorchDispatchMode):
         return out
 
 
-def test_torch_backend_never_allocates_full_logits(gen, monkeypatch):
-    monkeypatch.setattr(chunked, "CHUNK_BYTES", 64 * 4 * 1000)
-    n, h, v = 1024, 8, 1000
+@pytest.mark.parametrize("n,v", [(1024, 1000), (800, 1024)])
+def test_torch_backend_never_allocates_full_logits(gen, monkeypatch, n, v):
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 64 * 4 * 1024)
+    monkeypatch.setattr(chunked, "MIN_CHUNK", 1)
+    h = 8
     hidden, weight, targets = make_inputs(gen, n, h, v, torch.float32, ignore_frac=0.0)
     with _MaxAlloc() as mode:
         _, lse = chunked.forward(hidden, weight, targets)
         chunked.backward(torch.ones(n), hidden, weight, targets, lse)
-    assert mode.largest <= 64 * v < n * v
+    assert mode.largest <= 64 * 1024 < n * v
 
 
 def test_torch_compile_matches(gen):
