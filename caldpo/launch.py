@@ -112,18 +112,12 @@ class Train:
         return submitit.helpers.DelayedSubmission(Train(self.overrides, self.run_dir, self.stop_wait_s))
 
 
-def submit(overrides: list[str], *, nodes: int = 1, gpus_per_node: int = 8, tasks_per_node: int | None = None,
-           cpus_per_task: int | None = None, partition: str | None = None, time_min: int = 24 * 60,
-           mem: str | None = None, sbatch: dict | None = None, executor: str = "slurm",
-           log_dir: str | Path = "logs/submitit", run_dir: str | Path | None = None, job_name: str = "caldpo",
-           signal_delay_s: int = 120, stop_wait_s: float = 60.0) -> submitit.Job:
-    """Submit one training run; returns the submitit job (``job.result()`` waits for it).
-
-    ``gpus_per_node`` GPUs and as many tasks per node (``tasks_per_node`` overrides);
-    0 GPUs means a CPU run (``device=cpu``). ``executor="local"`` runs the tasks as
-    local processes, ``"debug"`` in this process (one task); both on CPU unless the
-    overrides say ``device=...``. ``sbatch`` adds raw sbatch parameters.
-    """
+def prepare(overrides: list[str], *, nodes: int = 1, gpus_per_node: int = 8, tasks_per_node: int | None = None,
+            cpus_per_task: int | None = None, partition: str | None = None, time_min: int = 24 * 60,
+            mem: str | None = None, sbatch: dict | None = None, executor: str = "slurm",
+            log_dir: str | Path = "logs/submitit", run_dir: str | Path | None = None, job_name: str = "caldpo",
+            signal_delay_s: int = 120, stop_wait_s: float = 60.0) -> tuple[submitit.AutoExecutor, Train]:
+    """The configured executor and the callable that ``submit`` submits (see there)."""
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, not {executor!r}")
     overrides = list(overrides)
@@ -153,7 +147,22 @@ def submit(overrides: list[str], *, nodes: int = 1, gpus_per_node: int = 8, task
         extra = {"requeue": True, "open-mode": "append", **(sbatch or {})}
         params["slurm_additional_parameters"] = {k.replace("-", "_"): v for k, v in extra.items()}
     ex.update_parameters(**params)
-    return ex.submit(Train(overrides, run_dir, stop_wait_s))
+    return ex, Train(overrides, run_dir, stop_wait_s)
+
+
+def submit(overrides: list[str], **options) -> submitit.Job:
+    """Submit one training run; returns the submitit job (``job.results()[0]`` is rank 0's summary).
+
+    Options: nodes, gpus_per_node (GPUs and as many tasks per node; 0 means a CPU
+    run with ``device=cpu``), tasks_per_node, cpus_per_task, partition, time_min,
+    mem ("500G"), sbatch (extra sbatch parameters), executor ("slurm"; "local" runs
+    one task as a local process, "debug" in this process, both on CPU unless the
+    overrides say ``device=...``), log_dir, run_dir (default runs/<job_name>_<time>),
+    job_name, signal_delay_s (checkpoint this long before the time limit),
+    stop_wait_s (how long ``checkpoint`` waits for the trainer's stop checkpoint).
+    """
+    ex, fn = prepare(overrides, **options)
+    return ex.submit(fn)
 
 
 def _kv(text: str) -> tuple[str, str]:
