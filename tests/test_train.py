@@ -136,3 +136,23 @@ def test_caldpo_learns_preferences(sft_run, tmp_path):
     assert read_metrics(tmp_path, "eval")[-1]["rewards/accuracies"] > 0.75
     parts = train[-1]
     assert parts["loss"] == pytest.approx(parts["loss/preference"] + parts["loss/calibration"], rel=1e-4)
+
+
+def test_generate_writes_prompt_response_reference(sft_run, tmp_path):
+    import json
+    import subprocess
+    import sys
+    from conftest import REPO
+    from caldpo.train.data import load_dataset
+    out = tmp_path / "samples.json"
+    proc = subprocess.run([sys.executable, "-m", "caldpo.train.generate", *TINY,
+                           f"model.archive={sft_run}/LATEST/policy.pt", "generate.n_prompts=5", "max_new_tokens=8",
+                           f"generate.output={out}"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    groups, _ = load_dataset("sample", "test", sft=True)
+    expected = list(groups.values())[:5]
+    assert [r["prompt"] for r in rows] == [g.prompt for g in expected]
+    assert [r["reference"] for r in rows] == [g.sft_target for g in expected]
+    assert all(isinstance(r["response"], str) for r in rows)
+    assert any(r["response"].strip() for r in rows)

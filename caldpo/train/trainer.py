@@ -349,14 +349,16 @@ class Trainer:
         self.policy.train()
         ga = int(self.cfg.gradient_accumulation_steps)
         sums: dict[str, torch.Tensor] = {}
-        tokens = 0
+        tokens = sequences = 0
         for batch in self._micro_batches(indices):
             loss, metrics = batch_loss(self.cfg, self.policy, self._reference_logps, batch, self.device,
                                        self.backend, train=True)
             (loss / ga).backward()
             tokens += int(batch["chosen_attention_mask"].sum())
+            sequences += batch["chosen_attention_mask"].shape[0]
             if not self.sft:
                 tokens += int(batch["rejected_attention_mask"].sum())
+                sequences += batch["rejected_attention_mask"].shape[0]
             for k, v in metrics.items():
                 sums[k] = sums.get(k, 0) + torch.stack([v.sum(), torch.tensor(float(v.numel()), device=v.device)])
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), float(self.cfg.max_grad_norm))
@@ -368,8 +370,8 @@ class Trainer:
         out = self._reduce(sums)
         out["grad_norm"] = float(grad_norm)
         out["lr"] = self.scheduler.get_last_lr()[0]
-        tok = all_reduce(torch.tensor([float(tokens)], device=self.device)).item()
-        out["tokens"] = tok
+        tok, seqs = all_reduce(torch.tensor([float(tokens), float(sequences)], device=self.device)).tolist()
+        out["tokens"], out["sequences"] = tok, seqs
         return out
 
     def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -457,7 +459,8 @@ class Trainer:
             metrics = self.train_step(indices)
             self.step += 1
             self.examples_seen += count
-            metrics.update(self.throughput.stop(metrics.pop("tokens")))
+            tokens, sequences = metrics.pop("tokens"), metrics.pop("sequences")
+            metrics.update(self.throughput.stop(tokens, tokens / max(sequences, 1)))
             record = {"split": "train", "step": self.step, "examples": self.examples_seen, **metrics}
             self.writer.write(record)
             bar.update(1)
