@@ -103,7 +103,7 @@ def test_local_executor_trains(tmp_path):
     out = subprocess.run(
         [sys.executable, "-m", "caldpo.launch", "--executor", "local", "--wait", "--log-dir", str(tmp_path / "logs"),
          "--run-dir", str(run_dir), "--", *S.TINY_TLDR, "trainer=BasicTrainer", "loss=caldpo", "loss.beta=0.1",
-         "datasets=[tldr]", f"+data.paths.tldr={tldr}", "n_examples=16"],
+         "datasets=[tldr]", f"data.paths.tldr={tldr}", "n_examples=16"],
         capture_output=True, text=True, cwd=S.REPO, env=env, timeout=600)
     logs = "".join(p.read_text() for p in (tmp_path / "logs").rglob("*_log.*"))
     assert out.returncode == 0, out.stdout + out.stderr + logs[-5000:]

@@ -102,7 +102,7 @@ def tldr_file(tmp_path_factory):
 
 
 def tiny_args(tldr: Path, run_dir: Path, **extra) -> list[str]:
-    args = [*S.TINY_TLDR, "datasets=[tldr]", f"+data.paths.tldr={tldr}", f"n_examples={N_EXAMPLES}",
+    args = [*S.TINY_TLDR, "datasets=[tldr]", f"data.paths.tldr={tldr}", f"n_examples={N_EXAMPLES}",
             f"run_dir={run_dir}"]
     return args + [f"{k}={v}" for k, v in extra.items()]
 

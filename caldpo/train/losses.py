@@ -37,9 +37,12 @@ def loss_options(cfg: DictConfig) -> dict:
     return {}
 
 
-def batch_loss(cfg: DictConfig, policy, reference_logps, batch: dict, device: torch.device, backend: str,
-               train: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def batch_loss(cfg: DictConfig, policy, reference_logps, batch: dict,
+               device: torch.device) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Mean loss over the batch's pairs and per-pair metric tensors (detached).
+
+    The per-pair loss runs eagerly: it is elementwise over [pairs], negligible next to the
+    fused log-prob stage, and eager avoids a compile per new batch shape.
 
     ``reference_logps(batch, inputs)`` returns (ref_chosen, ref_rejected) or None for SFT.
     """
@@ -47,7 +50,7 @@ def batch_loss(cfg: DictConfig, policy, reference_logps, batch: dict, device: to
     if name == "sft":
         inputs = {k: batch[f"chosen_{k}"].to(device) for k in ("input_ids", "attention_mask", "labels")}
         policy_chosen = policy(**inputs)
-        losses, _, _ = preference_loss(policy_chosen, None, None, None, 1.0, loss="sft", backend=backend)
+        losses, _, _ = preference_loss(policy_chosen, None, None, None, 1.0, loss="sft")
         metrics = {"logps/chosen": policy_chosen.detach().float(), "loss": losses.detach().float()}
         return losses.mean(), metrics
 
@@ -62,8 +65,7 @@ def batch_loss(cfg: DictConfig, policy, reference_logps, batch: dict, device: to
         ref_chosen, ref_rejected = reference_logps(batch, inputs)
     beta = float(cfg.loss.beta)
     losses, chosen_rewards, rejected_rewards = preference_loss(
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss=name, backend=backend,
-        **loss_options(cfg))
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss=name, **loss_options(cfg))
     metrics = {
         "rewards/chosen": chosen_rewards.float(),
         "rewards/rejected": rejected_rewards.float(),

@@ -351,8 +351,7 @@ class Trainer:
         sums: dict[str, torch.Tensor] = {}
         tokens = sequences = 0
         for batch in self._micro_batches(indices):
-            loss, metrics = batch_loss(self.cfg, self.policy, self._reference_logps, batch, self.device,
-                                       self.backend, train=True)
+            loss, metrics = batch_loss(self.cfg, self.policy, self._reference_logps, batch, self.device)
             (loss / ga).backward()
             tokens += int(batch["chosen_attention_mask"].sum())
             sequences += batch["chosen_attention_mask"].shape[0]
@@ -397,8 +396,7 @@ class Trainer:
                 mine, weight = chunk[:1], 0.0
             batch = self._collate([self.eval_data.items[j] for j in mine])
             batch["example_index"], batch["split"] = mine, "test"
-            _, metrics = batch_loss(self.cfg, self.policy, self._reference_logps, batch, self.device,
-                                    self.backend, train=False)
+            _, metrics = batch_loss(self.cfg, self.policy, self._reference_logps, batch, self.device)
             for k, v in metrics.items():
                 s = torch.stack([v.sum(), torch.tensor(float(v.numel()), device=v.device)]) * weight
                 sums[k] = sums.get(k, 0) + s
