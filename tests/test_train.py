@@ -156,3 +156,13 @@ def test_generate_writes_prompt_response_reference(sft_run, tmp_path):
     assert [r["reference"] for r in rows] == [g.sft_target for g in expected]
     assert all(isinstance(r["response"], str) for r in rows)
     assert any(r["response"].strip() for r in rows)
+
+
+def test_eos_inside_data_is_rejected_at_load(tmp_path):
+    import json
+    bad = tmp_path / "hh.jsonl"
+    rows = [{"chosen": "\n\nHuman: hi\n\nAssistant: fine<|endoftext|>", "rejected": "\n\nHuman: hi\n\nAssistant: no"}]
+    bad.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    proc = run_train([*TINY, f"data.paths.sample={bad}", f"run_dir={tmp_path / 'r'}"], check=False)
+    assert proc.returncode == 2
+    assert "EOS" in proc.stderr and "chosen" in proc.stderr

@@ -91,9 +91,9 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
         raise ConfigError("model.name_or_path: required for this model preset")
     if cfg.model.fsdp_policy_mp not in (None, "bfloat16", "float16", "float32"):
         raise ConfigError(f"model.fsdp_policy_mp={cfg.model.fsdp_policy_mp!r}: choose bfloat16, float16, float32 or null")
-    if cfg.model.attn_implementation not in ("sdpa", "flash_attention_2", "eager"):
+    if cfg.model.attn_implementation not in ("auto", "sdpa", "flash_attention_2", "eager"):
         raise ConfigError(f"model.attn_implementation={cfg.model.attn_implementation!r}: "
-                          "choose sdpa, flash_attention_2 or eager")
+                          "choose auto, sdpa, flash_attention_2 or eager")
     if cfg.device not in ("auto", "cpu", "cuda"):
         raise ConfigError(f"device={cfg.device!r}: choose auto, cpu or cuda")
     if cfg.reference.mode not in ("model", "cache"):

@@ -42,8 +42,12 @@ def load_tokenizer(cfg: DictConfig, path: str):
 
 
 def check_attention(cfg: DictConfig, device: torch.device) -> str:
-    """The attention implementation asked for, or a clear error; never a silent fallback."""
+    """The attention implementation to use: ``auto`` picks flash-attn on CUDA when it is installed,
+    else SDPA; an explicit ``flash_attention_2`` that cannot run is an error, never a silent fallback."""
     impl = cfg.model.attn_implementation
+    if impl == "auto":
+        return ("flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+                else "sdpa")
     if impl == "flash_attention_2":
         if device.type != "cuda":
             raise ConfigError("model.attn_implementation=flash_attention_2 needs a CUDA device; "

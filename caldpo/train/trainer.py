@@ -79,9 +79,13 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
 # ----------------------------------------------------------------------------- data
 
 class Examples:
-    """Flattened (prompt, chosen, rejected, truncation_mode) examples of all datasets, one split."""
+    """Flattened (prompt, chosen, rejected, truncation_mode) examples of all datasets, one split.
 
-    def __init__(self, cfg: DictConfig, split: str, sft: bool, verbose: bool):
+    Texts that contain the tokenizer's EOS string are rejected here, at load time, rather
+    than at the first batch that holds them (the reference code asserts at tokenization).
+    """
+
+    def __init__(self, cfg: DictConfig, split: str, sft: bool, verbose: bool, eos: str | None = None):
         self.items: list = []
         self.reports = []
         for name in cfg.datasets:
@@ -90,7 +94,14 @@ class Examples:
             if verbose:
                 print(str(report), flush=True)
             self.reports.append(report)
-            self.items.extend(flatten(groups, sft=sft))
+            items = flatten(groups, sft=sft)
+            if eos:
+                for i, item in enumerate(items):
+                    for part, text in zip(("prompt", "chosen", "rejected"), item[:3]):
+                        if text is not None and eos in text:
+                            raise ConfigError(f"datasets: {name}/{split} example {i}: the {part} contains the EOS "
+                                              f"token {eos!r}, which would end the sequence early: {text[:120]!r}")
+            self.items.extend(items)
         if not self.items:
             raise ConfigError(f"datasets={list(cfg.datasets)}: no {split} examples")
 
@@ -123,8 +134,9 @@ class Trainer:
         self.backend = resolve_backend(cfg.kernels.backend, self.device)
         path = model_path(cfg)
         self.tokenizer = load_tokenizer(cfg, path)
-        self.train_data = Examples(cfg, "train", self.sft, self.is_main)
-        self.eval_data = Examples(cfg, "test", self.sft, self.is_main)
+        eos = self.tokenizer.eos_token
+        self.train_data = Examples(cfg, "train", self.sft, self.is_main, eos)
+        self.eval_data = Examples(cfg, "test", self.sft, self.is_main, eos)
         self.eval_indices = epoch_order(len(self.eval_data), 0, cfg.seed, True)[: cfg.n_eval_examples]
 
         attn = check_attention(cfg, self.device)
@@ -440,9 +452,11 @@ class Trainer:
             self.writer.write({"split": "train", "resumed_from_step": self.resumed_from, "step": self.step,
                                "examples": self.examples_seen})
         first_eval = last_eval = None
+        tty = sys.stderr.isatty()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg.loss.name}", unit="step",
-                   disable=not self.is_main, dynamic_ncols=True, mininterval=float(cfg.minimum_log_interval_secs))
-        last_log = 0.0
+                   disable=not (self.is_main and tty), dynamic_ncols=True,
+                   mininterval=float(cfg.minimum_log_interval_secs))
+        last_log = last_line = time.time()
         stopped = False
         while self.examples_seen < self.total_examples:
             if self.examples_seen >= self.next_eval:
@@ -467,6 +481,12 @@ class Trainer:
                 bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3g}" for k in ("loss", "rewards/accuracies")
                                  if k in metrics}, refresh=False)
                 last_log = now
+            if self.is_main and not tty and (now - last_line >= 30 or self.step in (1, self.total_steps)):
+                # Logs (Slurm, CI) get one plain line every 30 s instead of carriage-return bar updates.
+                acc = f" acc {metrics['rewards/accuracies']:.3f}" if "rewards/accuracies" in metrics else ""
+                log.info("step %d/%d examples %d loss %.4f%s %.0f tok/s", self.step, self.total_steps,
+                         self.examples_seen, metrics["loss"], acc, metrics["tokens_per_second"])
+                last_line = now
             if cfg.save_every and self.step % int(cfg.save_every) == 0:
                 self.save_resume()
             if self._should_stop():
