@@ -4,27 +4,37 @@ Both functions work on *compacted* inputs (no ignored targets). Forward keeps
 only the per-token logsumexp; backward recomputes each chunk's softmax and
 applies d = g * (onehot - softmax) to W and X without forming d: the onehot
 part becomes a row gather/scatter, the softmax part one GEMM per gradient, and
-the only pass over a chunk buffer besides the GEMMs is an in-place exp.
+the only pass over a chunk buffer besides the GEMMs is an in-place exp (the
+-lse shift rides in the GEMM's beta term, and X is pre-scaled by -g so that
+the weight-gradient block needs no negation pass).
 
 Two chunking axes, picked by which gradient must be accumulated across chunks:
 - over the vocabulary (when tokens <= vocab, the usual case): chunks are
   [M, Cv] column blocks; grad_weight rows are written once per block and only
   the smaller grad_hidden [M, H] accumulates (inside the GEMM, beta=1); the
-  forward merges per-block logsumexps.
+  forward merges per-block logsumexps and picks each target logit out of the
+  block that holds it. A 16-bit weight is cast to fp32 one block at a time
+  into a reused buffer, never as a whole.
 - over tokens (when tokens > vocab): chunks are [C, V] row blocks and
-  grad_weight [V, H] accumulates.
-Either way the accumulator is fp32 and bf16/fp16 inputs are upcast to fp32 for
-the GEMMs, so logits are never rounded to 16 bits.
+  grad_weight [V, H] accumulates; a 16-bit weight is cast to fp32 once.
+Either way the accumulator is fp32 and logits are never rounded to 16 bits.
+All chunk buffers are allocated once per call and reused (ragged last chunks
+use a contiguous prefix of the same storage).
 """
 from __future__ import annotations
 
 import torch
 
 # Bytes of fp32 logits per chunk, and the smallest chunk edge (GEMM efficiency).
-# On a shared 2-core Xeon at N=2048, H=256, V=8192, budgets of 1-8 MiB timed
-# within run-to-run noise of each other; 2 MiB keeps a block cache-resident.
-CHUNK_BYTES = 2 << 20
-MIN_CHUNK = 128
+# Measured with benchmarks/bench_logprob_loss.py-shaped steps on a shared 2-core
+# Xeon (fp32, M ~ 1000 scored tokens, H 256-512, V 8-16k; fastest of
+# interleaved reps): budgets from 0.5 to 32 MiB time within a few percent of
+# each other, while the chunk buffer adds its full size to the peak memory.
+# 1 MiB with at least 256 columns keeps the buffer small and the GEMMs wide.
+CHUNK_BYTES = 1 << 20
+MIN_CHUNK = 256
+# Rows per block when finishing grad_hidden / the target-row gathers (bounds temporaries).
+ROW_BLOCK = 512
 # "auto" chooses by shape; tests force each axis.
 AXIS = "auto"
 
@@ -45,6 +55,20 @@ def _f32(x: torch.Tensor) -> torch.Tensor:
     return x if x.dtype == torch.float32 else x.float()
 
 
+def _view(buf: torch.Tensor, rows: int, cols: int) -> torch.Tensor:
+    """A contiguous [rows, cols] view on the front of `buf` (ragged chunks stay contiguous)."""
+    return buf.view(-1)[: rows * cols].view(rows, cols)
+
+
+def _wrows(w: torch.Tensor, s: int, e: int, wbuf: torch.Tensor | None) -> torch.Tensor:
+    """fp32 rows s:e of the weight: a view when already fp32, else cast into `wbuf`."""
+    if wbuf is None:
+        return w[s:e]
+    out = _view(wbuf, e - s, w.shape[1])
+    out.copy_(w[s:e])
+    return out
+
+
 def _block_lse(x: torch.Tensor) -> torch.Tensor:
     """Row logsumexp of a logits block, overwriting the block."""
     mx = x.amax(dim=1)
@@ -56,32 +80,50 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
             chunk_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-prob of target, logsumexp) per token, both [M] float32."""
     m, v = hidden.shape[0], weight.shape[0]
-    h, w = _f32(hidden), _f32(weight)
+    h = _f32(hidden)
     dev = hidden.device
     if m == 0:
         e = torch.empty(0, dtype=torch.float32, device=dev)
         return e, e.clone()
     if _axis(m, v) == "vocab":
         cv = chunk_size(v, m, chunk_bytes)
-        buf = torch.empty(m, cv, dtype=torch.float32, device=dev)
+        buf = torch.empty(m * cv, dtype=torch.float32, device=dev)
+        wbuf = None if weight.dtype == torch.float32 else torch.empty(
+            cv * weight.shape[1], dtype=torch.float32, device=dev)
+        tgt = torch.zeros(m, dtype=torch.float32, device=dev)
         lse = None
         for s in range(0, v, cv):
             e = min(s + cv, v)
-            part = _block_lse(torch.mm(h, w[s:e].T, out=buf[:, : e - s]))
+            logits = torch.mm(h, _wrows(weight, s, e, wbuf).T, out=_view(buf, m, e - s))
+            rel = targets - s
+            here = (rel >= 0) & (rel < e - s)
+            picked = logits.gather(1, rel.clamp(0, e - s - 1).unsqueeze(1)).squeeze(1)
+            tgt.add_(picked.masked_fill_(~here, 0.0))
+            part = _block_lse(logits)
             lse = part if lse is None else torch.logaddexp(lse, part, out=lse)
-        target_logit = (h * w.index_select(0, targets)).sum(dim=1)
-        return target_logit - lse, lse
+        return tgt.sub_(lse), lse
+    w = _f32(weight)
     c = chunk_size(m, v, chunk_bytes)
-    buf = torch.empty(c, v, dtype=torch.float32, device=dev)
+    buf = torch.empty(c * v, dtype=torch.float32, device=dev)
     logp = torch.empty(m, dtype=torch.float32, device=dev)
     lse = torch.empty(m, dtype=torch.float32, device=dev)
     for s in range(0, m, c):
         e = min(s + c, m)
-        logits = torch.mm(h[s:e], w.T, out=buf[: e - s])
+        logits = torch.mm(h[s:e], w.T, out=_view(buf, e - s, v))
         tgt = logits.gather(1, targets[s:e].unsqueeze(1)).squeeze(1)
         lse[s:e] = _block_lse(logits)
         torch.sub(tgt, lse[s:e], out=logp[s:e])
     return logp, lse
+
+
+def _finish_grad_hidden(acc: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
+                        g: torch.Tensor) -> torch.Tensor:
+    """acc <- g * (W[targets] - acc), in row blocks so the gathered rows stay small."""
+    for s in range(0, acc.shape[0], ROW_BLOCK):
+        e = min(s + ROW_BLOCK, acc.shape[0])
+        blk = acc[s:e]
+        torch.sub(weight.index_select(0, targets[s:e]), blk, out=blk).mul_(g[s:e])
+    return acc
 
 
 def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
@@ -91,7 +133,7 @@ def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
     """Gradients of sum(grad * logp) w.r.t. hidden [M,H] and weight [V,H], in fp32."""
     m, v = hidden.shape[0], weight.shape[0]
     dev = hidden.device
-    h, w = _f32(hidden), _f32(weight)
+    h = _f32(hidden)
     grad_h = grad_w = None
     if m == 0 or not (need_hidden or need_weight):
         if need_hidden:
@@ -101,42 +143,46 @@ def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
         return grad_h, grad_w
     g = _f32(grad).unsqueeze(1)
     neg_lse = lse.neg().unsqueeze(1)
-    gx = h * g if need_weight else None  # rows of X scaled by their upstream grad
+    ngx = h * g.neg() if need_weight else None  # rows of X scaled by minus their upstream grad
 
     if _axis(m, v) == "vocab":
         cv = chunk_size(v, m, chunk_bytes)
-        buf = torch.empty(m, cv, dtype=torch.float32, device=dev)
+        buf = torch.empty(m * cv, dtype=torch.float32, device=dev)
+        wbuf = None if weight.dtype == torch.float32 else torch.empty(
+            cv * weight.shape[1], dtype=torch.float32, device=dev)
         acc = torch.zeros(m, h.shape[1], dtype=torch.float32, device=dev) if need_hidden else None
         if need_weight:
             grad_w = torch.empty(weight.shape, dtype=torch.float32, device=dev)
         for s in range(0, v, cv):
             e = min(s + cv, v)
+            wc = _wrows(weight, s, e, wbuf)
             # softmax block = exp(X W^T - lse): the shift rides in the GEMM's beta term.
-            p = torch.addmm(neg_lse, h, w[s:e].T, out=buf[:, : e - s]).exp_()
+            p = torch.addmm(neg_lse, h, wc.T, out=_view(buf, m, e - s)).exp_()
             if need_hidden:
-                acc.addmm_(p, w[s:e])
+                acc.addmm_(p, wc)
             if need_weight:
-                torch.mm(p.T, gx, out=grad_w[s:e]).neg_()
+                torch.mm(p.T, ngx, out=grad_w[s:e])
         if need_hidden:
-            grad_h = torch.sub(w.index_select(0, targets), acc, out=acc).mul_(g)
+            grad_h = _finish_grad_hidden(acc, weight, targets, g)
         if need_weight:
-            grad_w.index_add_(0, targets, gx)
+            grad_w.index_add_(0, targets, ngx, alpha=-1.0)
         return grad_h, grad_w
 
+    w = _f32(weight)
     c = chunk_size(m, v, chunk_bytes)
-    buf = torch.empty(c, v, dtype=torch.float32, device=dev)
+    buf = torch.empty(c * v, dtype=torch.float32, device=dev)
     if need_hidden:
         grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=dev)
     if need_weight:
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev)
     for s in range(0, m, c):
         e = min(s + c, m)
-        p = torch.addmm(neg_lse[s:e], h[s:e], w.T, out=buf[: e - s]).exp_()
+        p = torch.addmm(neg_lse[s:e], h[s:e], w.T, out=_view(buf, e - s, v)).exp_()
         if need_hidden:
             gh = torch.mm(p, w, out=grad_h[s:e])
             torch.sub(w.index_select(0, targets[s:e]), gh, out=gh).mul_(g[s:e])
         if need_weight:
-            grad_w.addmm_(p.T, gx[s:e], alpha=-1.0)
+            grad_w.addmm_(p.T, ngx[s:e])
     if need_weight:
-        grad_w.index_add_(0, targets, gx)
+        grad_w.index_add_(0, targets, ngx, alpha=-1.0)
     return grad_h, grad_w
