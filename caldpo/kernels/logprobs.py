@@ -24,46 +24,52 @@ def _impl(backend: str):
     return chunked
 
 
-def _kept(targets: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
-    """Indices of tokens to score, or None when every token is kept."""
-    mask = targets != ignore_index
-    if bool(mask.all()):
-        return None
-    return mask.nonzero().squeeze(1)
+def _kept(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
+    """Indices of the tokens to score, ascending (one host sync: `nonzero`'s size).
+
+    When every token is kept this is arange(N), and consumers skip the gathers.
+    """
+    return (targets != ignore_index).nonzero().squeeze(1)
 
 
 @torch.library.custom_op("caldpo::linear_logprobs_fwd", mutates_args=())
 def _fwd_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-            ignore_index: int, backend: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp [N], lse [N]) in fp32; ignored tokens are dropped before any matmul."""
+            ignore_index: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(logp [N], lse [N], kept index [K]) in fp32 / int64; ignored tokens are dropped
+    before any matmul. The index is returned so that backward reuses it without a sync."""
     n = hidden.shape[0]
     idx = _kept(targets, ignore_index)
     impl = _impl(backend)
-    if idx is None:
-        return impl.forward(hidden, weight, targets)
+    if idx.numel() == n:
+        logp, lse = impl.forward(hidden, weight, targets)
+        return logp, lse, idx
     logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
     lse = torch.zeros(n, dtype=torch.float32, device=hidden.device)
     if idx.numel():
         lp_c, lse_c = impl.forward(hidden.index_select(0, idx), weight, targets.index_select(0, idx))
         logp.index_copy_(0, idx, lp_c)
         lse.index_copy_(0, idx, lse_c)
-    return logp, lse
+    return logp, lse, idx
 
 
 @_fwd_op.register_fake
 def _(hidden, weight, targets, ignore_index, backend):
     n = hidden.shape[0]
-    return hidden.new_empty(n, dtype=torch.float32), hidden.new_empty(n, dtype=torch.float32)
+    k = torch.library.get_ctx().new_dynamic_size()
+    f32 = dict(dtype=torch.float32)
+    return hidden.new_empty(n, **f32), hidden.new_empty(n, **f32), targets.new_empty(k, dtype=torch.long)
 
 
 @torch.library.custom_op("caldpo::linear_logprobs_bwd", mutates_args=())
 def _bwd_op(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-            lse: torch.Tensor, ignore_index: int, backend: str, need_hidden: bool,
+            lse: torch.Tensor, idx: torch.Tensor, backend: str, need_hidden: bool,
             need_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_hidden, grad_weight) in the inputs' dtypes; an unneeded one is an empty tensor."""
-    idx = _kept(targets, ignore_index)
+    """(grad_hidden, grad_weight) in the inputs' dtypes; an unneeded one is an empty tensor.
+
+    `idx` is the forward's kept index, so no host sync happens here.
+    """
     impl = _impl(backend)
-    if idx is None:
+    if idx.numel() == hidden.shape[0]:
         gh, gw = impl.backward(grad, hidden, weight, targets, lse, need_hidden, need_weight)
     else:
         gh_c, gw = impl.backward(grad.index_select(0, idx), hidden.index_select(0, idx), weight,
@@ -73,13 +79,14 @@ def _bwd_op(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targ
         if need_hidden:
             gh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
             gh.index_copy_(0, idx, gh_c.to(hidden.dtype))
+            del gh_c
     gh = gh.to(hidden.dtype) if need_hidden else hidden.new_empty(0)
     gw = gw.to(weight.dtype) if need_weight else weight.new_empty(0)
     return gh, gw
 
 
 @_bwd_op.register_fake
-def _(grad, hidden, weight, targets, lse, ignore_index, backend, need_hidden, need_weight):
+def _(grad, hidden, weight, targets, lse, idx, backend, need_hidden, need_weight):
     gh = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
     gw = torch.empty_like(weight) if need_weight else weight.new_empty(0)
     return gh, gw
@@ -87,17 +94,17 @@ def _(grad, hidden, weight, targets, lse, ignore_index, backend, need_hidden, ne
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, targets, ignore_index, backend = inputs
-    ctx.save_for_backward(hidden, weight, targets, output[1])
-    ctx.ignore_index = ignore_index
+    ctx.save_for_backward(hidden, weight, targets, output[1], output[2])
+    ctx.set_materialize_grads(False)
     ctx.backend = backend
 
 
-def _backward(ctx, grad_logp, grad_lse):
-    hidden, weight, targets, lse = ctx.saved_tensors
+def _backward(ctx, grad_logp, grad_lse, grad_idx):
+    hidden, weight, targets, lse, idx = ctx.saved_tensors
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     if grad_logp is None or not (need_h or need_w):
         return None, None, None, None, None
-    gh, gw = _bwd_op(grad_logp.contiguous(), hidden, weight, targets, lse, ctx.ignore_index,
+    gh, gw = _bwd_op(grad_logp.contiguous(), hidden, weight, targets, lse, idx,
                      ctx.backend, need_h, need_w)
     return (gh if need_h else None), (gw if need_w else None), None, None, None
 

@@ -195,3 +195,28 @@ def test_shape_errors():
         linear_logprobs(torch.randn(3, 4), torch.randn(5, 6), torch.zeros(3, dtype=torch.long))
     with pytest.raises(ValueError):
         linear_logprobs(torch.randn(3, 4), torch.randn(5, 4), torch.zeros(2, dtype=torch.long))
+
+
+
+@pytest.mark.parametrize("ignore_frac", [0.0, 0.4])
+def test_one_compaction_per_forward_none_in_backward(gen, monkeypatch, ignore_frac):
+    """Forward finds the kept tokens with one nonzero (its only host sync); backward reuses
+    the saved index and reads nothing back to the host."""
+    calls = []
+    for name in ("nonzero", "item", "__bool__", "tolist"):
+        orig = getattr(torch.Tensor, name)
+
+        def spy(self, *a, _orig=orig, _name=name, **k):
+            calls.append(_name)
+            return _orig(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    hidden, weight, targets = make_inputs(gen, 40, 8, 37, torch.float32, ignore_frac=ignore_frac)
+    h = hidden.clone().requires_grad_()
+    out = linear_logprobs(h, weight.clone().requires_grad_(), targets, backend="torch")
+    assert calls == ["nonzero"], calls
+    calls.clear()
+    out.sum().backward()
+    assert calls == [], calls
+    monkeypatch.undo()
+    ref = oracle_logprobs(hidden.double(), weight.double(), targets)
+    assert rel_err(out, ref) < 1e-5
