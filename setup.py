@@ -24,7 +24,8 @@ setup(
     extras_require={
         "triton": ["triton>=3.1"],
         "flash": ["flash-attn>=2.6"],
-        "test": ["pytest>=8", "triton>=3.1"],
-        "bench": ["liger-kernel", "cut-cross-entropy"],
+        "test": ["pytest>=8", "triton>=3.1", "ninja"],
+        "native": ["ninja"],
+        "bench": ["liger-kernel>=0.8.5", "cut-cross-entropy>=25.1.1"],
     },
 )

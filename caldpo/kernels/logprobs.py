@@ -21,6 +21,10 @@ def _impl(backend: str):
         from . import triton_logprobs
 
         return triton_logprobs
+    if backend == "native":
+        from . import native
+
+        return native
     return chunked
 
 

@@ -98,8 +98,8 @@ def validate(cfg: DictConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"device={cfg.device!r}: choose auto, cpu or cuda")
     if cfg.reference.mode not in ("model", "cache"):
         raise ConfigError(f"reference.mode={cfg.reference.mode!r}: choose model or cache")
-    if cfg.kernels.backend not in ("auto", "torch", "triton", "reference"):
-        raise ConfigError(f"kernels.backend={cfg.kernels.backend!r}: choose auto, torch, triton or reference")
+    if cfg.kernels.backend not in ("auto", "torch", "native", "triton", "reference"):
+        raise ConfigError(f"kernels.backend={cfg.kernels.backend!r}: choose auto, torch, native, triton or reference")
     if cfg.resume not in ("auto", "never"):
         raise ConfigError(f"resume={cfg.resume!r}: choose auto or never")
     if cfg.save_every is not None and int(cfg.save_every) < 1:

@@ -131,7 +131,10 @@ class Trainer:
             OmegaConf.save(cfg, self.run_dir / "config.yaml")
         self._barrier()
 
-        self.backend = resolve_backend(cfg.kernels.backend, self.device)
+        try:
+            self.backend = resolve_backend(cfg.kernels.backend, self.device)
+        except RuntimeError as e:
+            raise ConfigError(f"kernels.backend={cfg.kernels.backend}: {e}") from None
         path = model_path(cfg)
         self.tokenizer = load_tokenizer(cfg, path)
         eos = self.tokenizer.eos_token

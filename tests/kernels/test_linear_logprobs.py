@@ -9,6 +9,12 @@ from caldpo.kernels import chunked
 from .conftest import make_inputs, oracle_logprobs, rel_err, tol
 
 BACKENDS = ["reference", "torch"]
+try:
+    from caldpo.kernels import native as _native
+    if _native.available():
+        BACKENDS.append("native")
+except ImportError:
+    pass
 SHAPES = [(37, 16, 131), (64, 32, 37), (5, 8, 1000), (1, 4, 3)]
 
 
