@@ -166,3 +166,22 @@ def test_eos_inside_data_is_rejected_at_load(tmp_path):
     proc = run_train([*TINY, f"data.paths.sample={bad}", f"run_dir={tmp_path / 'r'}"], check=False)
     assert proc.returncode == 2
     assert "EOS" in proc.stderr and "chosen" in proc.stderr
+
+
+def test_rerun_of_finished_run_changes_nothing(sft_run):
+    before = (sft_run / "metrics.jsonl").read_text()
+    proc = run_train([*TINY, "loss=sft", f"run_dir={sft_run}", "n_examples=96", "batch_size=8",
+                      "optimizer=AdamW"])
+    assert "already finished" in proc.stderr
+    assert (sft_run / "metrics.jsonl").read_text() == before
+    proc = run_train([*TINY, "loss=sft", f"run_dir={sft_run}", "resume=never"], check=False)
+    assert proc.returncode == 2 and "already holds a run" in proc.stderr
+
+
+def test_resume_with_another_optimizer_is_a_clear_error(tmp_path):
+    args = [*TINY, "loss=sft", f"run_dir={tmp_path}", "n_examples=64", "batch_size=8", "optimizer=AdamW"]
+    (tmp_path).mkdir(exist_ok=True)
+    (tmp_path / "STOP").touch()
+    run_train(args)
+    proc = run_train([*args[:-1], "optimizer=RMSprop"], check=False)
+    assert proc.returncode == 2 and "cannot resume" in proc.stderr and "optimizer" in proc.stderr

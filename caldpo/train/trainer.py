@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 from omegaconf import DictConfig, OmegaConf
 from tqdm.auto import tqdm
 
@@ -126,6 +127,9 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         logging.basicConfig(level=logging.INFO if self.is_main else logging.WARNING,
                             format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+        self.finished = cfg.resume == "auto" and (self.run_dir / "DONE").exists()
+        if self.finished:
+            return
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             OmegaConf.save(cfg, self.run_dir / "config.yaml")
@@ -187,11 +191,14 @@ class Trainer:
         self.ckpt_root = self.run_dir / "checkpoints"
         if cfg.resume == "auto":
             self._maybe_resume()
+        elif (self.run_dir / "metrics.jsonl").exists() or ckpt.latest_resume(self.ckpt_root) is not None:
+            raise ConfigError(f"resume=never but run_dir={self.run_dir} already holds a run; "
+                              "choose a new run_dir, or resume=auto to continue it")
         if cfg.n_examples is not None:
             self.total_examples = int(cfg.n_examples)
         else:
             self.total_examples = int(cfg.n_epochs) * len(self.train_data)
-        self.total_steps = math.ceil(self.total_examples / cfg.batch_size)
+        self.total_steps = self.total_examples // int(cfg.batch_size)  # a partial final batch is dropped
         self.writer = MetricsWriter(self.run_dir, cfg, enabled=self.is_main)
         self.throughput = Throughput(self.n_params, self.n_layers, self.hidden, self.device,
                                      with_reference=self.reference is not None, world=self.world)
@@ -224,7 +231,11 @@ class Trainer:
         path = ckpt.latest_resume(self.ckpt_root)
         if path is None:
             return
-        state = ckpt.load_resume(path, self.policy, self.optimizer, self.scheduler)
+        try:
+            state = ckpt.load_resume(path, self.policy, self.optimizer, self.scheduler)
+        except (RuntimeError, KeyError, ValueError, CheckpointException) as e:
+            raise ConfigError(f"cannot resume from {path}: it does not match this configuration (a different "
+                              f"model or optimizer?): {e}. Use the original command, or a new run_dir.") from None
         self.step = int(state["step"])
         self.examples_seen = int(state["examples_seen"])
         self.next_eval = int(state["next_eval"])
@@ -450,6 +461,10 @@ class Trainer:
     # -- the loop
     def train(self) -> dict:
         cfg = self.cfg
+        if self.finished:
+            if self.is_main:
+                log.info("%s already finished (DONE is there); use a new run_dir to train again", self.run_dir)
+            return json.loads((self.run_dir / "DONE").read_text())
         self._install_signal_handlers()
         if self.resumed_from is not None:
             self.writer.write({"split": "train", "resumed_from_step": self.resumed_from, "step": self.step,
