@@ -235,7 +235,8 @@ class Trainer:
             state = ckpt.load_resume(path, self.policy, self.optimizer, self.scheduler)
         except (RuntimeError, KeyError, ValueError, CheckpointException) as e:
             raise ConfigError(f"cannot resume from {path}: it does not match this configuration (a different "
-                              f"model or optimizer?): {e}. Use the original command, or a new run_dir.") from None
+                              f"model or optimizer?): {str(e).strip().splitlines()[-1]} "
+                              "Use the original command, or a new run_dir.") from None
         self.step = int(state["step"])
         self.examples_seen = int(state["examples_seen"])
         self.next_eval = int(state["next_eval"])
