@@ -69,6 +69,10 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 stage "kernel tests" "${TESTS_TIMEOUT_S:-150}" "$py" -m pytest ${TESTS:-tests/kernels} -x -q -p no:cacheprovider
 tests_rc=$?
 
+# 3b. the real trainer on the GPU (Triton head, FSDP2 bf16): fused vs materialised logits.
+stage "train e2e" "${TRAIN_TIMEOUT_S:-90}" "$py" benchmarks/bench_train.py --device cuda --hidden 2048 --layers 2 \
+    --heads 16 --vocab 50304 --batch-size 16 --max-length 256 --steps 6 --json "$out/train_cuda.json"
+
 # 4. the micro-benchmark; it stops starting new work 40 s before its own timeout
 #    and writes its JSON after every shape.
 t=$(( $(left) - 15 ))
@@ -84,6 +88,7 @@ if [ -n "$dest" ]; then
     mkdir -p "$dest"
     stamp="$(date +%Y%m%d)"
     [ -f "$out/gpu_results.json" ] && cp "$out/gpu_results.json" "$dest/gpu_$stamp.json"
+    [ -f "$out/train_cuda.json" ] && cp "$out/train_cuda.json" "$dest/train_cuda_$stamp.json"
     cp "$out/gpu_table.txt" "$dest/gpu_$stamp.txt"
 fi
 echo "== suite done in $(( SECONDS - start ))s: kernel tests rc=$tests_rc, benchmark rc=$bench_rc" | tee -a "$log"
