@@ -10,6 +10,6 @@ python3 -m pip download --no-deps --only-binary=:all: -d "$dest" \
     "liger-kernel==${LIGER_VERSION:-0.8.5}" \
     "cut-cross-entropy==${CCE_VERSION:-25.1.1}"
 # The trainer's config layer, which the GPU image lacks (pure-Python wheels), for the
-# suite's end-to-end training stage.
-python3 -m pip download --no-deps -d "$dest" "hydra-core==1.3.8" "omegaconf==2.3.1" "antlr4-python3-runtime==4.9.3"
+# suite's end-to-end training stage (pip wheel builds antlr4's pure-Python wheel from its sdist).
+python3 -m pip wheel -q --no-deps -w "$dest" "hydra-core==1.3.8" "omegaconf==2.3.1" "antlr4-python3-runtime==4.9.3"
 ls -l "$dest"
