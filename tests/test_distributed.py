@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -46,6 +47,32 @@ def test_two_processes_match_one(sft_run, tmp_path):
     assert moved > len(s0) // 2
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (torchrun starts its workers in sessions of their own)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a launcher and all its workers at once, as a node failure would."""
+    for p in [pid, *_descendants(pid)]:
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
 def _cmd(args):
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
             "-m", "caldpo.train", *args]
@@ -62,12 +89,14 @@ def test_sigkill_then_resume_matches_uninterrupted(tmp_path):
     killed_at = None
     while time.time() < deadline and proc.poll() is None:
         if (run_dir / "checkpoints" / "step_4").exists() and len(read_metrics(run_dir)) >= 5:
-            os.killpg(proc.pid, signal.SIGKILL)
+            _kill_tree(proc.pid)
             killed_at = len(read_metrics(run_dir))
             break
         time.sleep(0.05)
     proc.wait()
     assert killed_at is not None and killed_at < 10, "the run ended before it could be killed"
+    time.sleep(2)
+    assert len(read_metrics(run_dir)) == killed_at, "a worker outlived the kill"
     assert not (run_dir / "DONE").exists()
     run_train([*args, f"run_dir={run_dir}"], torchrun=2)
     resumed = [json.loads(l) for l in (run_dir / "metrics.jsonl").read_text().splitlines()
