@@ -56,8 +56,7 @@ def generate_responses(policy, tokenizer, prompts: list[str], cfg: DictConfig, d
 
 def main(overrides: list[str] | None = None) -> Path:
     """Load the policy (``model.archive``), sample for ``generate.n_prompts`` test prompts, write JSON."""
-    from .batches import flatten
-    from .data import load_dataset
+    from .trainer import Examples
     from .model import LogProbModel, apply_archive, check_attention, load_archive_state, load_causal_lm, \
         load_tokenizer, model_path, DTYPES
 
@@ -71,12 +70,7 @@ def main(overrides: list[str] | None = None) -> Path:
     if cfg.model.archive:
         apply_archive(lm, load_archive_state(cfg.model.archive), cfg.model.archive)
     policy = LogProbModel(lm).to(device)
-    items = []
-    for name in cfg.datasets:
-        groups, report = load_dataset(name, cfg.generate.split, sft=True, path=(cfg.data.paths or {}).get(name),
-                                      on_error=cfg.data.on_error, cache_dir=cfg.data.cache_dir)
-        print(report, flush=True)
-        items.extend(flatten(groups, sft=True))
+    items = Examples(cfg, cfg.generate.split, sft=True, verbose=True, eos=tokenizer.eos_token).items
     items = items[: int(cfg.generate.n_prompts)]
     responses = generate_responses(policy, tokenizer, [it[0] for it in items], cfg, device,
                                    int(cfg.generate.batch_size), [it[3] for it in items], progress=True)

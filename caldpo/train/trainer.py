@@ -30,7 +30,7 @@ from . import checkpoint as ckpt
 from .batches import collate, epoch_order, flatten, tokenize_example
 from .config import TRAINERS, ConfigError, load_config, run_dir as cfg_run_dir, validate
 from .data import load_dataset
-from .losses import batch_loss
+from .losses import batch_loss, concatenated
 from .metrics import MetricsWriter, Throughput, peak_memory_gb
 from .model import (DTYPES, LogProbModel, apply_activation_checkpointing, apply_archive, check_attention,
                     count_matmul_params, load_archive_state, load_causal_lm, load_tokenizer, model_path, shard)
@@ -162,16 +162,13 @@ class Trainer:
         needs_ref = not self.sft and not cfg.loss.get("reference_free", False)
         if needs_ref and cfg.reference.mode == "model":
             self.reference = self._load_reference(cfg, path, attn, archive)
+        self.mesh = None
         if self.fsdp:
             from torch.distributed.device_mesh import init_device_mesh
-            mesh = init_device_mesh(self.device.type, (self.world,))
-            shard(self.policy, cfg, mesh, trainable=True)
-            if self.reference is not None:
-                shard(self.reference, cfg, mesh, trainable=False)
-        else:
-            self.policy.to(self.device)
-            if self.reference is not None:
-                self.reference.to(self.device)
+            self.mesh = init_device_mesh(self.device.type, (self.world,))
+        self._place(self.policy, trainable=True)
+        if self.reference is not None:
+            self._place(self.reference, trainable=False)
         if needs_ref and cfg.reference.mode == "cache":
             self.ref_cache = self._reference_cache(cfg, path, attn, archive)
         del archive
@@ -207,6 +204,30 @@ class Trainer:
     def _barrier(self) -> None:
         if dist.is_initialized():
             dist.barrier()
+
+    def _place(self, model: LogProbModel, trainable: bool) -> None:
+        """Shard with FSDP2 on the trainer's mesh, or move to the device in a single process."""
+        if self.fsdp:
+            shard(model, self.cfg, self.mesh, trainable=trainable)
+        else:
+            model.to(self.device)
+
+    def _share(self, chunk: list[int]) -> tuple[list[int], float]:
+        """This rank's contiguous share of an evaluation-sized chunk, and its weight.
+
+        A rank left with nothing (the last chunk) runs a dummy forward on the chunk's first
+        example with weight 0: under FSDP2 every rank must run the same number of forwards.
+        """
+        per_rank = int(self.cfg.eval_batch_size) // self.world
+        mine = chunk[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return (mine, 1.0) if mine else (chunk[:1], 0.0)
+
+    @staticmethod
+    def _accumulate(sums: dict[str, torch.Tensor], metrics: dict[str, torch.Tensor], weight: float = 1.0) -> None:
+        """Add each metric's (sum, count) to ``sums``; ``_reduce`` turns them into means over all ranks."""
+        for k, v in metrics.items():
+            s = torch.stack([v.sum(), torch.tensor(float(v.numel()), device=v.device)]) * weight
+            sums[k] = sums.get(k, 0) + s
 
     def _load_reference(self, cfg, path, attn, archive) -> LogProbModel:
         dtype = DTYPES[cfg.model.reference_dtype]
@@ -307,27 +328,16 @@ class Trainer:
                 log.info("reference log-probs from cache %s", file)
             return torch.load(file, weights_only=True)
         ref = self._load_reference(cfg, path, attn, archive)
-        if self.fsdp:
-            from torch.distributed.device_mesh import init_device_mesh
-            shard(ref, cfg, init_device_mesh(self.device.type, (self.world,)), trainable=False)
-        else:
-            ref.to(self.device)
+        self._place(ref, trainable=False)
         out = {}
         for split, data in (("train", self.train_data), ("test", self.eval_data)):
             vals = torch.zeros(len(data), 2, dtype=torch.float32)
             bs = int(cfg.eval_batch_size)
             chunks = range(0, len(data), bs)
             for start in tqdm(chunks, desc=f"reference log-probs ({split})", disable=not self.is_main):
-                idx = list(range(start, min(start + bs, len(data))))
-                mine = idx[self.rank::self.world]
-                if not mine:
-                    mine = idx[:1]  # every rank must run the same number of sharded forwards
-                    weight = 0.0
-                else:
-                    weight = 1.0
+                mine, weight = self._share(list(range(start, min(start + bs, len(data)))))
                 batch = self._collate([data.items[i] for i in mine])
                 with torch.no_grad():
-                    from .losses import concatenated
                     logps = ref(**concatenated(batch, self.device)).float().cpu()
                 n = len(mine)
                 vals[mine, 0] += weight * logps[:n]
@@ -385,8 +395,7 @@ class Trainer:
             if not self.sft:
                 tokens += int(batch["rejected_attention_mask"].sum())
                 sequences += batch["rejected_attention_mask"].shape[0]
-            for k, v in metrics.items():
-                sums[k] = sums.get(k, 0) + torch.stack([v.sum(), torch.tensor(float(v.numel()), device=v.device)])
+            self._accumulate(sums, metrics)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), float(self.cfg.max_grad_norm))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
@@ -413,20 +422,13 @@ class Trainer:
         bs = int(self.cfg.eval_batch_size)
         sums: dict[str, torch.Tensor] = {}
         idx = self.eval_indices
-        per_rank_bs = bs // self.world
         n_batches = math.ceil(len(idx) / bs)
         for b in tqdm(range(n_batches), desc="eval", leave=False, disable=not self.is_main or not sys.stderr.isatty()):
-            chunk = idx[b * bs:(b + 1) * bs]
-            mine = chunk[self.rank * per_rank_bs:(self.rank + 1) * per_rank_bs]
-            weight = 1.0
-            if not mine:  # the last batch may leave a rank empty: run a dummy forward, count nothing
-                mine, weight = chunk[:1], 0.0
+            mine, weight = self._share(idx[b * bs:(b + 1) * bs])
             batch = self._collate([self.eval_data.items[j] for j in mine])
             batch["example_index"], batch["split"] = mine, "test"
             _, metrics = batch_loss(self.cfg, self.policy, self._reference_logps, batch, self.device)
-            for k, v in metrics.items():
-                s = torch.stack([v.sum(), torch.tensor(float(v.numel()), device=v.device)]) * weight
-                sums[k] = sums.get(k, 0) + s
+            self._accumulate(sums, metrics, weight)
         return self._reduce(sums)
 
     def _eval_and_log(self) -> dict:
