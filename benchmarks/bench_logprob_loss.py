@@ -239,8 +239,12 @@ def setup_ours(backend: str):
                 ref = sequence_logprobs(inp["ref_hidden"], inp["ref_weight"], inp["labels"], backend=backend)
             p = pol.shape[0] // 2
             losses, _, _ = preference_loss(pol[:p], pol[p:], ref[:p], ref[p:], BETA, loss="caldpo")
+            if resolved == "triton":  # the backward tile the autotuner settled on
+                from caldpo.kernels import triton_logprobs
+                info["bwd_config"] = str(getattr(triton_logprobs._bwd_kernel_tuned, "best_config", None))
             return losses.mean(), pol
-        return step, {"computes": "caldpo", "backend": resolved}
+        info = {"computes": "caldpo", "backend": resolved}
+        return step, info
     return setup
 
 
@@ -502,6 +506,7 @@ def bench_shape(shape, methods, device, dtype, reps, warmup, gen, deadline, log)
                 run_step(step, inp)
             sync(device)
             entry["warmup_s"] = time.perf_counter() - t_w
+            entry.update(info)  # what the warm-up learnt (e.g. an autotuned tile)
             loss, logps, gh, gw, peak = check_step(step, inp, device)
             ref = refs[entry["computes"]]
             entry["peak_mem_bytes"] = int(peak)
@@ -594,6 +599,9 @@ def fmt_table(results: dict) -> str:
                 f"{e['peak_mem_bytes'] / 2**20:9.1f} {e.get('mem_vs_ours', float('nan')):7.2f} "
                 f"{e['flops_per_s'] / tflop_unit:8.1f} {100 * e['frac_matmul']:5.0f} "
                 f"{f(err['loss'])} {f(err['logps'])} {f(err['grad_hidden'])} {f(err['grad_weight'])}")
+        for name, e in sr["methods"].items():
+            if e.get("bwd_config"):
+                lines.append(f"  ({name}: Triton backward tile {e['bwd_config']})")
     missing = results.get("missing_peers")
     if missing:
         lines.append("")

@@ -2,15 +2,18 @@
 # GPU suite, one call on a CUDA machine without internet (about 8 minutes):
 #   1. install the benchmark peers from benchmarks/wheels/ (benchmarks/fetch_wheels.sh)
 #   2. make caldpo importable (PYTHONPATH to this checkout)
-#   3. kernel tests on CUDA: pytest tests/kernels -x -q (compiled Triton)
-#   4. bench_logprob_loss.py at Pythia shapes, bf16, with its peers
+#   3. kernel tests on CUDA: tests/kernels/test_cuda.py and test_triton.py (compiled Triton)
+#   4. profile_head.py: the fused head's forward and backward apart, per backend
+#   5. bench_logprob_loss.py at Pythia shapes, bf16, with its peers
+#   6. bench_train.py: the real trainer, fused head vs materialised logits
 # Each stage is time-boxed so that one failure does not eat the budget.
 # Results: $OUT/gpu_results.json, $OUT/gpu_table.txt, $OUT/suite.log
 # ($OUT defaults to benchmarks/results/gpu_run); copies go to --dest DIR if given.
-# Knobs (env): SUITE_BUDGET_S (450), TESTS_TIMEOUT_S (150), TESTS (tests/kernels),
+# Knobs (env): SUITE_BUDGET_S (450), TESTS_TIMEOUT_S (130), TESTS (the two CUDA test files),
 #              BENCH_ARGS (extra args), OURS_BACKENDS (auto), SHAPES (cuda), DEVICE (cuda).
 # A CPU dry run of the plumbing:
 #   DEVICE=cpu SHAPES=quick TESTS="tests/test_benchmarks.py -k parse_shape" bash benchmarks/gpu_suite.sh
+# (stages 4 and 6 run on CUDA only).
 set -uo pipefail
 
 repo="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -31,6 +34,7 @@ start=$SECONDS
 py="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1
 unset TRITON_INTERPRET
+export TRITON_PRINT_AUTOTUNING=1  # the chosen backward tile goes into the log
 
 left() { echo $(( budget - (SECONDS - start) )); }
 # stage NAME CAP_S CMD...: run CMD with a timeout of min(CAP_S, time left - 10 s).
@@ -64,18 +68,19 @@ fi
 # 2. caldpo itself, from this checkout (nothing is written into the machine's Python).
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
-# 3. kernel tests on the GPU.
+# 3. kernel tests on the GPU: the CUDA cases and the Triton cases, compiled (no interpreter).
 # shellcheck disable=SC2086
-stage "kernel tests" "${TESTS_TIMEOUT_S:-150}" "$py" -m pytest ${TESTS:-tests/kernels} -x -q -p no:cacheprovider
+stage "kernel tests" "${TESTS_TIMEOUT_S:-130}" "$py" -m pytest ${TESTS:-tests/kernels/test_cuda.py tests/kernels/test_triton.py} \
+    -q -rs -p no:cacheprovider --durations=5
 tests_rc=$?
 
-# 3b. the real trainer on the GPU (Triton head, FSDP2 bf16): fused vs materialised logits.
-stage "train e2e" "${TRAIN_TIMEOUT_S:-90}" "$py" benchmarks/bench_train.py --device cuda --hidden 2048 --layers 2 \
-    --heads 16 --vocab 50304 --batch-size 16 --max-length 256 --steps 6 --json "$out/train_cuda.json"
+# 4. the fused head's forward and backward apart, per backend (cheap; tells which phase is slow).
+[ "${DEVICE:-cuda}" = cuda ] && stage "head profile" "${PROFILE_TIMEOUT_S:-50}" "$py" benchmarks/profile_head.py \
+    --json "$out/profile_head.json" | tee "$out/profile_head.txt"
 
-# 4. the micro-benchmark; it stops starting new work 40 s before its own timeout
-#    and writes its JSON after every shape.
-t=$(( $(left) - 15 ))
+# 5. the micro-benchmark with its peers, leaving TRAIN_RESERVE_S for stage 6; it stops starting
+#    new work 40 s before its own timeout and writes its JSON after every shape.
+t=$(( $(left) - ${TRAIN_RESERVE_S:-75} ))
 # shellcheck disable=SC2086
 stage "benchmark" "$t" "$py" benchmarks/bench_logprob_loss.py --device "${DEVICE:-cuda}" --shapes ${SHAPES:-cuda} \
     --ours-backends "${OURS_BACKENDS:-auto}" --budget-s $(( t - 40 > 30 ? t - 40 : 30 )) \
@@ -84,11 +89,18 @@ bench_rc=${PIPESTATUS[0]}
 # The table is what follows the last blank-line-led '# ' header line of the output.
 awk '/^# /{buf=""} {buf=buf $0 "\n"} END{printf "%s", buf}' "$out/bench_output.txt" > "$out/gpu_table.txt"
 
+# 6. the real trainer on the GPU (Triton head, FSDP2 bf16): fused vs materialised logits.
+[ "${DEVICE:-cuda}" = cuda ] && stage "train e2e" "${TRAIN_TIMEOUT_S:-90}" "$py" benchmarks/bench_train.py --device cuda \
+    --hidden 1024 --layers 2 --heads 16 --vocab 50304 --batch-size 16 --max-length 256 --steps 6 \
+    --json "$out/train_cuda.json"
+
 if [ -n "$dest" ]; then
     mkdir -p "$dest"
     stamp="$(date +%Y%m%d)"
     [ -f "$out/gpu_results.json" ] && cp "$out/gpu_results.json" "$dest/gpu_$stamp.json"
     [ -f "$out/train_cuda.json" ] && cp "$out/train_cuda.json" "$dest/train_cuda_$stamp.json"
+    [ -f "$out/profile_head.txt" ] && cp "$out/profile_head.txt" "$dest/profile_head_$stamp.txt"
+    cp "$log" "$dest/gpu_suite_$stamp.log"
     cp "$out/gpu_table.txt" "$dest/gpu_$stamp.txt"
 fi
 echo "== suite done in $(( SECONDS - start ))s: kernel tests rc=$tests_rc, benchmark rc=$bench_rc" | tee -a "$log"

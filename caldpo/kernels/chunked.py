@@ -18,8 +18,16 @@ Two chunking axes, picked by which gradient must be accumulated across chunks:
 - over tokens (when tokens > vocab): chunks are [C, V] row blocks and
   grad_weight [V, H] accumulates; a 16-bit weight is cast to fp32 once.
 Either way the accumulator is fp32 and logits are never rounded to 16 bits.
-All chunk buffers are allocated once per call and reused (ragged last chunks
-use a contiguous prefix of the same storage).
+
+GEMM precision for 16-bit inputs (`GEMM`): on CPU the operands are cast to
+fp32 one chunk at a time (its 16-bit GEMMs are slow) and all chunk buffers are
+allocated once per call and reused (ragged last chunks use a contiguous prefix
+of the same storage). On CUDA the GEMMs run in the input dtype on the tensor
+cores with fp32 results (`torch.mm(..., out_dtype=torch.float32)`): logits and
+their logsumexp stay fp32, and the softmax block is rounded to the input dtype
+only as an operand of the two gradient GEMMs, the same numerics as the Triton
+kernel. Chunks are larger on CUDA (`CUDA_CHUNK_BYTES`) so that each GEMM is
+big enough to hide the launches of the elementwise passes between them.
 """
 from __future__ import annotations
 
@@ -33,15 +41,21 @@ import torch
 # 1 MiB with at least 256 columns keeps the buffer small and the GEMMs wide.
 CHUNK_BYTES = 1 << 20
 MIN_CHUNK = 256
+# On CUDA: [M, Cv] fp32 chunks of 128 MiB (Cv = 4096 columns at 8192 tokens).
+CUDA_CHUNK_BYTES = 128 << 20
+# "auto": 16-bit operands stay 16-bit on CUDA and are cast to fp32 on CPU; "fp32" or
+# "input" force one rule everywhere (tests run the CUDA rule on CPU with "input").
+GEMM = "auto"
+_OUT_DTYPE_MM = True  # cleared if this torch's CUDA mm lacks out_dtype
 # Rows per block when finishing grad_hidden / the target-row gathers (bounds temporaries).
 ROW_BLOCK = 512
 # "auto" chooses by shape; tests force each axis.
 AXIS = "auto"
 
 
-def chunk_size(rows: int, width: int, chunk_bytes: int | None = None) -> int:
+def chunk_size(rows: int, width: int, chunk_bytes: int | None = None, cuda: bool = False) -> int:
     """How many of `rows` fit one chunk when each is `width` fp32 values wide."""
-    budget = CHUNK_BYTES if chunk_bytes is None else chunk_bytes
+    budget = chunk_bytes if chunk_bytes is not None else (CUDA_CHUNK_BYTES if cuda else CHUNK_BYTES)
     return max(1, min(rows, max(MIN_CHUNK, budget // (4 * max(width, 1)))))
 
 
@@ -49,6 +63,28 @@ def _axis(m: int, v: int) -> str:
     if AXIS != "auto":
         return AXIS
     return "vocab" if m <= v else "tokens"
+
+
+def _lowp(x: torch.Tensor) -> bool:
+    """Whether GEMMs on this 16-bit tensor run in its own dtype (fp32 results)."""
+    if x.dtype == torch.float32:
+        return False
+    return x.is_cuda if GEMM == "auto" else GEMM == "input"
+
+
+def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b as fp32 from 16-bit operands, products accumulated in fp32.
+
+    On CPU (tests of the CUDA rule) the operands are upcast: a product of two
+    16-bit values is exact in fp32, so only the summation order differs.
+    """
+    global _OUT_DTYPE_MM
+    if a.is_cuda and _OUT_DTYPE_MM:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # a torch without mm(out_dtype=): upcast instead
+            _OUT_DTYPE_MM = False
+    return torch.mm(a.float(), b.float())
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
@@ -80,13 +116,15 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
             chunk_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-prob of target, logsumexp) per token, both [M] float32."""
     m, v = hidden.shape[0], weight.shape[0]
-    h = _f32(hidden)
     dev = hidden.device
     if m == 0:
         e = torch.empty(0, dtype=torch.float32, device=dev)
         return e, e.clone()
+    if _lowp(hidden):
+        return _forward_lowp(hidden, weight.to(hidden.dtype), targets, chunk_bytes)
+    h = _f32(hidden)
     if _axis(m, v) == "vocab":
-        cv = chunk_size(v, m, chunk_bytes)
+        cv = chunk_size(v, m, chunk_bytes, hidden.is_cuda)
         buf = torch.empty(m * cv, dtype=torch.float32, device=dev)
         wbuf = None if weight.dtype == torch.float32 else torch.empty(
             cv * weight.shape[1], dtype=torch.float32, device=dev)
@@ -95,15 +133,10 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         for s in range(0, v, cv):
             e = min(s + cv, v)
             logits = torch.mm(h, _wrows(weight, s, e, wbuf).T, out=_view(buf, m, e - s))
-            rel = targets - s
-            here = (rel >= 0) & (rel < e - s)
-            picked = logits.gather(1, rel.clamp(0, e - s - 1).unsqueeze(1)).squeeze(1)
-            tgt.add_(picked.masked_fill_(~here, 0.0))
-            part = _block_lse(logits)
-            lse = part if lse is None else torch.logaddexp(lse, part, out=lse)
+            lse = _pick_lse(logits, targets - s, tgt, lse)
         return tgt.sub_(lse), lse
     w = _f32(weight)
-    c = chunk_size(m, v, chunk_bytes)
+    c = chunk_size(m, v, chunk_bytes, hidden.is_cuda)
     buf = torch.empty(c * v, dtype=torch.float32, device=dev)
     logp = torch.empty(m, dtype=torch.float32, device=dev)
     lse = torch.empty(m, dtype=torch.float32, device=dev)
@@ -114,6 +147,83 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         lse[s:e] = _block_lse(logits)
         torch.sub(tgt, lse[s:e], out=logp[s:e])
     return logp, lse
+
+
+def _pick_lse(logits: torch.Tensor, rel: torch.Tensor, tgt: torch.Tensor, lse: torch.Tensor | None
+              ) -> torch.Tensor:
+    """Adds each row's target logit when it lies in this block (`rel` = target - block start)
+    to `tgt`; returns the running logsumexp merged with this block's (the block is overwritten)."""
+    cols = logits.shape[1]
+    here = (rel >= 0) & (rel < cols)
+    picked = logits.gather(1, rel.clamp(0, cols - 1).unsqueeze(1)).squeeze(1)
+    tgt.add_(picked.masked_fill_(~here, 0.0))
+    part = _block_lse(logits)
+    return part if lse is None else torch.logaddexp(lse, part, out=lse)
+
+
+def _forward_lowp(hidden, weight, targets, chunk_bytes):
+    """`forward` with 16-bit GEMMs into fp32 logits blocks (see the module doc)."""
+    m, v = hidden.shape[0], weight.shape[0]
+    tgt = torch.zeros(m, dtype=torch.float32, device=hidden.device)
+    lse = None
+    if _axis(m, v) == "vocab":
+        cv = chunk_size(v, m, chunk_bytes, hidden.is_cuda)
+        for s in range(0, v, cv):
+            lse = _pick_lse(_mm32(hidden, weight[s:s + cv].T), targets - s, tgt, lse)
+        return tgt.sub_(lse), lse
+    c = chunk_size(m, v, chunk_bytes, hidden.is_cuda)
+    lse = torch.empty(m, dtype=torch.float32, device=hidden.device)
+    for s in range(0, m, c):
+        e = min(s + c, m)
+        lse[s:e] = _pick_lse(_mm32(hidden[s:e], weight.T), targets[s:e], tgt[s:e], None)
+    return tgt.sub_(lse), lse
+
+
+def _backward_lowp(g, hidden, weight, targets, lse, need_hidden, need_weight, chunk_bytes):
+    """`backward` with 16-bit GEMMs: each softmax block is computed in fp32, then rounded
+    to the input dtype once as the operand of both gradient GEMMs (fp32 results)."""
+    m, v = hidden.shape[0], weight.shape[0]
+    dt = hidden.dtype
+    neg_lse = lse.neg().unsqueeze(1)
+    ngx = hidden.float().mul_(g.neg()) if need_weight else None  # fp32, for the onehot term
+    ngx_lp = ngx.to(dt) if need_weight else None
+    grad_h = grad_w = None
+
+    def softmax_block(x, w, shift):
+        return _mm32(x, w.T).add_(shift).exp_().to(dt)
+
+    if _axis(m, v) == "vocab":
+        cv = chunk_size(v, m, chunk_bytes, hidden.is_cuda)
+        acc = torch.zeros(m, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_hidden else None
+        if need_weight:
+            grad_w = torch.empty(weight.shape, dtype=torch.float32, device=hidden.device)
+        for s in range(0, v, cv):
+            e = min(s + cv, v)
+            wc = weight[s:e]
+            p = softmax_block(hidden, wc, neg_lse)
+            if need_hidden:
+                acc.add_(_mm32(p, wc))
+            if need_weight:
+                grad_w[s:e] = _mm32(p.T, ngx_lp)
+        if need_hidden:
+            grad_h = _finish_grad_hidden(acc, weight, targets, g)
+    else:
+        c = chunk_size(m, v, chunk_bytes, hidden.is_cuda)
+        if need_hidden:
+            grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
+        if need_weight:
+            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device)
+        for s in range(0, m, c):
+            e = min(s + c, m)
+            p = softmax_block(hidden[s:e], weight, neg_lse[s:e])
+            if need_hidden:
+                grad_h[s:e] = _mm32(p, weight)
+                _finish_grad_hidden(grad_h[s:e], weight, targets[s:e], g[s:e])
+            if need_weight:
+                grad_w.add_(_mm32(p.T, ngx_lp[s:e]))
+    if need_weight:
+        grad_w.index_add_(0, targets, ngx, alpha=-1.0)
+    return grad_h, grad_w
 
 
 def _finish_grad_hidden(acc: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -142,11 +252,14 @@ def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev)
         return grad_h, grad_w
     g = _f32(grad).unsqueeze(1)
+    if _lowp(hidden):
+        return _backward_lowp(g, hidden, weight.to(hidden.dtype), targets, lse, need_hidden, need_weight,
+                              chunk_bytes)
     neg_lse = lse.neg().unsqueeze(1)
     ngx = h * g.neg() if need_weight else None  # rows of X scaled by minus their upstream grad
 
     if _axis(m, v) == "vocab":
-        cv = chunk_size(v, m, chunk_bytes)
+        cv = chunk_size(v, m, chunk_bytes, hidden.is_cuda)
         buf = torch.empty(m * cv, dtype=torch.float32, device=dev)
         wbuf = None if weight.dtype == torch.float32 else torch.empty(
             cv * weight.shape[1], dtype=torch.float32, device=dev)
@@ -169,7 +282,7 @@ def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
         return grad_h, grad_w
 
     w = _f32(weight)
-    c = chunk_size(m, v, chunk_bytes)
+    c = chunk_size(m, v, chunk_bytes, hidden.is_cuda)
     buf = torch.empty(c * v, dtype=torch.float32, device=dev)
     if need_hidden:
         grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=dev)

@@ -226,3 +226,30 @@ def test_one_compaction_per_forward_none_in_backward(gen, monkeypatch, ignore_fr
     monkeypatch.undo()
     ref = oracle_logprobs(hidden.double(), weight.double(), targets)
     assert rel_err(out, ref) < 1e-5
+
+
+@pytest.mark.parametrize("axis", ["vocab", "tokens"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("need", [("h", "w"), ("h",), ("w",)])
+def test_16bit_gemm_rule(gen, monkeypatch, axis, dtype, need):
+    """The CUDA rule (16-bit GEMM operands, fp32 results) run on CPU, across ragged chunks."""
+    n, v = 90, 131
+    monkeypatch.setattr(chunked, "GEMM", "input")
+    monkeypatch.setattr(chunked, "AXIS", axis)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 11 * 4 * (v if axis == "tokens" else n))
+    monkeypatch.setattr(chunked, "MIN_CHUNK", 1)
+    hidden, weight, targets = make_inputs(gen, n, 16, v, dtype)
+    g = torch.randn(n, generator=gen, dtype=torch.float64)
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref = oracle_logprobs(h64, w64, targets)
+    ref_gh, ref_gw = torch.autograd.grad((ref * g).sum(), (h64, w64))
+    h = hidden.clone().requires_grad_("h" in need)
+    w = weight.clone().requires_grad_("w" in need)
+    out = linear_logprobs(h, w, targets, backend="torch")
+    out.backward(g.float())
+    assert rel_err(out, ref) < tol(dtype)
+    if "h" in need:
+        assert h.grad.dtype == dtype and rel_err(h.grad, ref_gh) < tol(dtype)
+        assert (h.grad[targets == -100] == 0).all()
+    if "w" in need:
+        assert w.grad.dtype == dtype and rel_err(w.grad, ref_gw) < tol(dtype)

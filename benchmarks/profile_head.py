@@ -1,0 +1,90 @@
+"""Forward and backward of the fused head apart, per backend, against a plain matmul (CUDA).
+
+Where bench_logprob_loss.py times a whole Cal-DPO step, this splits the policy
+head into its forward (2*N*H*V flops) and forward+backward (8*N*H*V) so that a
+slow phase shows itself. All tokens are scored; inputs are bf16.
+
+    python benchmarks/profile_head.py --tokens 8192 --hidden 1024,2048,2560
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from caldpo.kernels import linear_logprobs  # noqa: E402
+
+
+def cuda_time(fn, reps: int) -> float:
+    """Median seconds of fn() over reps, after two warm-up calls (CUDA events)."""
+    for _ in range(2):
+        fn()
+    times = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--hidden", default="1024,2048,2560")
+    ap.add_argument("--vocab", type=int, default=50304)
+    ap.add_argument("--backends", default="triton,torch")
+    ap.add_argument("--reps", type=int, default=10)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("profile_head: needs a CUDA device", file=sys.stderr)
+        return 2
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    n, v, rows = args.tokens, args.vocab, []
+    print(f"# {torch.cuda.get_device_name()} | N={n} V={v} bf16 | median of {args.reps}")
+    print(f"{'H':>5} {'backend':<8} {'phase':<8} {'ms':>8} {'TFLOP/s':>8} {'%mm':>5}")
+    for h in (int(x) for x in args.hidden.split(",")):
+        x = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, generator=gen)
+        w = (torch.randn(v, h, device="cuda", generator=gen) / h ** 0.5).to(torch.bfloat16)
+        t = torch.randint(0, v, (n,), device="cuda", generator=gen)
+        out = torch.empty(n, v, device="cuda", dtype=torch.bfloat16)
+        mm = cuda_time(lambda: torch.mm(x, w.T, out=out), args.reps)
+        del out
+        mm_rate = 2 * n * h * v / mm
+        print(f"{h:>5} {'cuBLAS':<8} {'matmul':<8} {mm * 1e3:8.2f} {mm_rate / 1e12:8.1f} {100:5.0f}")
+        for backend in args.backends.split(","):
+            xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+
+            def fwd():
+                with torch.no_grad():
+                    linear_logprobs(x, w, t, backend=backend)
+
+            def fwd_bwd():
+                xg.grad = wg.grad = None
+                linear_logprobs(xg, wg, t, backend=backend).sum().backward()
+            for phase, fn, flops in (("fwd", fwd, 2 * n * h * v), ("fwd+bwd", fwd_bwd, 8 * n * h * v)):
+                sec = cuda_time(fn, args.reps)
+                rows.append(dict(hidden=h, backend=backend, phase=phase, ms=sec * 1e3,
+                                 tflops=flops / sec / 1e12, frac_mm=flops / sec / mm_rate))
+                print(f"{h:>5} {backend:<8} {phase:<8} {sec * 1e3:8.2f} {flops / sec / 1e12:8.1f} "
+                      f"{100 * flops / sec / mm_rate:5.0f}")
+            if backend == "triton":
+                from caldpo.kernels import triton_logprobs
+                print(f"      triton backward tile: {getattr(triton_logprobs._bwd_kernel_tuned, 'best_config', None)}")
+        torch.cuda.empty_cache()
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "tokens": n, "vocab": v,
+                                               "rows": rows}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,77 @@
+"""The CUDA paths against the float64 oracle, at the sizes training uses (skipped without CUDA).
+
+Run by benchmarks/gpu_suite.sh on a GPU machine: the Triton kernels compiled
+(not interpreted, autotuned backward included) and the torch backend's 16-bit
+GEMM rule, with the Pythia vocabulary (50304, a multiple of no tile), odd
+token counts, half the tokens ignored, and bf16/fp16/fp32 inputs.
+"""
+import pytest
+import torch
+
+from caldpo.kernels import linear_logprobs, preference_loss, sequence_logprobs
+from caldpo.kernels.backends import triton_interpreting
+
+from .conftest import make_inputs, oracle_logprobs, rel_err, tol
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or triton_interpreting(),
+                                reason="needs a CUDA device (and TRITON_INTERPRET unset)")
+BACKENDS = ["triton", "torch"]
+
+
+def compare(gen, backend, n, h, v, dtype, scale=1.0):
+    """Values and both gradients on CUDA vs the float64 oracle (computed on the GPU too)."""
+    hidden, weight, targets = make_inputs(gen, n, h, v, dtype, scale=scale, ignore_frac=0.5)
+    hidden, weight, targets = hidden.cuda(), weight.cuda(), targets.cuda()
+    g = torch.randn(n, generator=gen, dtype=torch.float64).cuda()
+    h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
+    ref = oracle_logprobs(h64, w64, targets)
+    ref_gh, ref_gw = torch.autograd.grad((ref * g).sum(), (h64, w64))
+    x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
+    out = linear_logprobs(x, w, targets, backend=backend)
+    out.backward(g.float())
+    errs = {"logp": rel_err(out, ref), "grad_hidden": rel_err(x.grad, ref_gh), "grad_weight": rel_err(w.grad, ref_gw)}
+    print(f"{backend} n={n} h={h} v={v} {dtype}: " + ", ".join(f"{k} {e:.2e}" for k, e in errs.items()))
+    assert out.dtype == torch.float32 and x.grad.dtype == dtype and w.grad.dtype == dtype
+    assert all(torch.isfinite(t).all() for t in (out, x.grad, w.grad))
+    assert (out[targets == -100] == 0).all() and (x.grad[targets == -100] == 0).all()
+    assert max(errs.values()) < tol(dtype), errs
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_pythia_head(gen, backend, dtype):
+    compare(gen, backend, 777, 1024, 50304, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("shape", [(1, 64, 50304), (333, 100, 1000), (4099, 128, 3001)])
+def test_odd_shapes(gen, backend, shape):
+    compare(gen, backend, *shape, torch.bfloat16)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_large_logits(gen, backend):
+    compare(gen, backend, 257, 256, 5003, torch.float32, scale=60.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_compiled_training_step(gen, backend):
+    """sequence_logprobs + Cal-DPO under torch.compile(fullgraph) equal eager, on CUDA."""
+    b, t, h, v = 4, 65, 128, 5003
+    emb = (torch.randn(v, h, generator=gen) / h ** 0.5).cuda().to(torch.bfloat16)
+    ids = torch.randint(0, v, (b, t), generator=gen).cuda()
+    labels = ids.clone()
+    labels[:, :20] = -100
+    ref = torch.randn(b, generator=gen).cuda() * 5 - 100
+
+    def step(e):
+        lp = sequence_logprobs(torch.tanh(e[ids]), e, labels, backend=backend)
+        losses, _, _ = preference_loss(lp[:2], lp[2:], ref[:2], ref[2:], 0.1, loss="caldpo", backend="compiled")
+        return losses.mean()
+
+    e1, e2 = emb.clone().requires_grad_(), emb.clone().requires_grad_()
+    eager = step(e1)
+    eager.backward()
+    compiled = torch.compile(step, fullgraph=True)(e2)
+    compiled.backward()
+    assert rel_err(compiled, eager) < 1e-4 and rel_err(e2.grad, e1.grad) < 2e-2
