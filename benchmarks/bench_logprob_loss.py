@@ -225,23 +225,37 @@ def _version(mod_name: str, dist_name: str) -> str:
         return getattr(mod, "__version__", "unknown")
 
 
-def setup_ours(backend: str):
+# Variants of the Triton backend by the forms of its two steps for 16-bit inputs (see
+# caldpo/kernels/triton_logprobs.py): every step as cuBLAS GEMM + Triton pass, or every step fused.
+TRITON_FORMS = {"triton-gemm": ("gemm", "gemm"), "triton-fused": ("fused", "fused")}
+
+
+def setup_ours(variant: str):
+    backend = "triton" if variant in TRITON_FORMS else variant
+
     def setup(shape, device, dtype):
         try:
             from caldpo.kernels import preference_loss, resolve_backend, sequence_logprobs
         except Exception as e:  # pragma: no cover - the package is part of this repo
             raise Missing(f"caldpo.kernels import failed: {e}")
         resolved = resolve_backend(backend, device)
+        forms = None
+        if resolved == "triton":
+            from caldpo.kernels import triton_logprobs
+            forms = TRITON_FORMS.get(variant, (triton_logprobs.FORWARD, triton_logprobs.BACKWARD))
 
         def step(inp):
+            if forms is not None:  # variants share the module: set this one's forms each call
+                triton_logprobs.FORWARD, triton_logprobs.BACKWARD = forms
             pol = sequence_logprobs(inp["hidden"], inp["weight"], inp["labels"], backend=backend)
             with torch.no_grad():
                 ref = sequence_logprobs(inp["ref_hidden"], inp["ref_weight"], inp["labels"], backend=backend)
             p = pol.shape[0] // 2
             losses, _, _ = preference_loss(pol[:p], pol[p:], ref[:p], ref[p:], BETA, loss="caldpo")
-            if resolved == "triton":  # the backward tile the autotuner settled on
-                from caldpo.kernels import triton_logprobs
-                info["bwd_config"] = str(getattr(triton_logprobs._bwd_kernel_tuned, "best_config", None))
+            if forms is not None:  # what the autotuners settled on
+                info["triton"] = f"forward {forms[0]}, backward {forms[1]}; " + "; ".join(
+                    f"{k} tile {getattr(getattr(triton_logprobs, f'_{k}_kernel_tuned'), 'best_config', None)}"
+                    for k, form in (("fwd", forms[0]), ("bwd", forms[1])) if form == "fused")
             return losses.mean(), pol
         info = {"computes": "caldpo", "backend": resolved}
         return step, info
@@ -600,8 +614,8 @@ def fmt_table(results: dict) -> str:
                 f"{e['flops_per_s'] / tflop_unit:8.1f} {100 * e['frac_matmul']:5.0f} "
                 f"{f(err['loss'])} {f(err['logps'])} {f(err['grad_hidden'])} {f(err['grad_weight'])}")
         for name, e in sr["methods"].items():
-            if e.get("bwd_config"):
-                lines.append(f"  ({name}: Triton backward tile {e['bwd_config']})")
+            if e.get("triton"):
+                lines.append(f"  ({name}: Triton {e['triton']})")
     missing = results.get("missing_peers")
     if missing:
         lines.append("")
@@ -624,7 +638,8 @@ def main(argv=None) -> int:
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
                     help="default: bfloat16 on cuda, float32 on cpu")
     ap.add_argument("--ours-backends", default="auto",
-                    help="comma list of caldpo backends to run (the first is the ratio baseline)")
+                    help="comma list of caldpo backends to run (the first is the ratio baseline); "
+                         "triton-gemm / triton-fused: the Triton backend with all-GEMM or all-fused forms")
     ap.add_argument("--methods", default="naive,liger_dpo,cce,torch_lce", help="comma list of peers to run")
     ap.add_argument("--budget-s", type=float, default=0.0,
                     help="stop starting new work after this many seconds (0: no limit)")

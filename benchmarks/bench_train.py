@@ -48,9 +48,11 @@ def run(model_dir: Path, backend: str, args, run_dir: Path) -> dict:
             f"batch_size={args.batch_size}", f"n_examples={args.batch_size * args.steps}", "do_first_eval=false",
             "eval_every=100000000", "n_eval_examples=1", "eval_batch_size=1", "export_hf=false",
             f"max_length={args.max_length}", f"max_prompt_length={args.max_length // 2}", "lr=1e-6",
-            f"run_dir={run_dir}", "resume=never", "model.reference_dtype=float32"]
+            f"run_dir={run_dir}", "resume=never"]
     if args.device == "cuda":
-        over += ["trainer=FSDPTrainer", "model.fsdp_policy_mp=bfloat16"]
+        over += ["trainer=FSDPTrainer", "model.fsdp_policy_mp=bfloat16", "model.reference_dtype=bfloat16"]
+    else:
+        over += ["model.reference_dtype=float32"]
     proc = subprocess.run([sys.executable, "-m", "caldpo.train", *over], cwd=REPO, capture_output=True, text=True,
                           env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
     if proc.returncode != 0:

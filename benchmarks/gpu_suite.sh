@@ -9,7 +9,7 @@
 # Each stage is time-boxed so that one failure does not eat the budget.
 # Results: $OUT/gpu_results.json, $OUT/gpu_table.txt, $OUT/suite.log
 # ($OUT defaults to benchmarks/results/gpu_run); copies go to --dest DIR if given.
-# Knobs (env): SUITE_BUDGET_S (450), TESTS_TIMEOUT_S (130), TESTS (the two CUDA test files),
+# Knobs (env): SUITE_BUDGET_S (450), TESTS_TIMEOUT_S (150), PER_TEST_TIMEOUT_S (90), TESTS (the two CUDA test files),
 #              BENCH_ARGS (extra args), OURS_BACKENDS (auto), SHAPES (cuda), DEVICE (cuda).
 # A CPU dry run of the plumbing:
 #   DEVICE=cpu SHAPES=quick TESTS="tests/test_benchmarks.py -k parse_shape" bash benchmarks/gpu_suite.sh
@@ -70,17 +70,20 @@ export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
 # 3. kernel tests on the GPU: the CUDA cases and the Triton cases, compiled (no interpreter).
 # shellcheck disable=SC2086
-stage "kernel tests" "${TESTS_TIMEOUT_S:-130}" "$py" -m pytest ${TESTS:-tests/kernels/test_cuda.py tests/kernels/test_triton.py} \
-    -q -rs -p no:cacheprovider --durations=5
+per_test=""
+"$py" -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=${PER_TEST_TIMEOUT_S:-90}"
+# shellcheck disable=SC2086
+stage "kernel tests" "${TESTS_TIMEOUT_S:-150}" "$py" -m pytest ${TESTS:-tests/kernels/test_cuda.py tests/kernels/test_triton.py} \
+    -v -rs -p no:cacheprovider --durations=8 $per_test
 tests_rc=$?
 
 # 4. the fused head's forward and backward apart, per backend (cheap; tells which phase is slow).
-[ "${DEVICE:-cuda}" = cuda ] && stage "head profile" "${PROFILE_TIMEOUT_S:-50}" "$py" benchmarks/profile_head.py \
+[ "${DEVICE:-cuda}" = cuda ] && stage "head profile" "${PROFILE_TIMEOUT_S:-60}" "$py" benchmarks/profile_head.py \
     --json "$out/profile_head.json" | tee "$out/profile_head.txt"
 
 # 5. the micro-benchmark with its peers, leaving TRAIN_RESERVE_S for stage 6; it stops starting
 #    new work 40 s before its own timeout and writes its JSON after every shape.
-t=$(( $(left) - ${TRAIN_RESERVE_S:-75} ))
+t=$(( $(left) - ${TRAIN_RESERVE_S:-70} ))
 # shellcheck disable=SC2086
 stage "benchmark" "$t" "$py" benchmarks/bench_logprob_loss.py --device "${DEVICE:-cuda}" --shapes ${SHAPES:-cuda} \
     --ours-backends "${OURS_BACKENDS:-auto}" --budget-s $(( t - 40 > 30 ? t - 40 : 30 )) \
@@ -90,7 +93,7 @@ bench_rc=${PIPESTATUS[0]}
 awk '/^# /{buf=""} {buf=buf $0 "\n"} END{printf "%s", buf}' "$out/bench_output.txt" > "$out/gpu_table.txt"
 
 # 6. the real trainer on the GPU (Triton head, FSDP2 bf16): fused vs materialised logits.
-[ "${DEVICE:-cuda}" = cuda ] && stage "train e2e" "${TRAIN_TIMEOUT_S:-90}" "$py" benchmarks/bench_train.py --device cuda \
+[ "${DEVICE:-cuda}" = cuda ] && stage "train e2e" "${TRAIN_TIMEOUT_S:-70}" "$py" benchmarks/bench_train.py --device cuda \
     --hidden 1024 --layers 2 --heads 16 --vocab 50304 --batch-size 16 --max-length 256 --steps 6 \
     --json "$out/train_cuda.json"
 

@@ -17,7 +17,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from caldpo.kernels import linear_logprobs  # noqa: E402
+from caldpo.kernels import chunked, linear_logprobs, triton_logprobs  # noqa: E402
+
+FORMS = {"triton-gemm": ("gemm", "gemm"), "triton-fused": ("fused", "fused")}
 
 
 def cuda_time(fn, reps: int) -> float:
@@ -37,10 +39,12 @@ def cuda_time(fn, reps: int) -> float:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--tokens", type=int, default=8192)
+    ap.add_argument("--tokens", type=int, default=8166, help="an odd count, as after dropping prompt tokens")
     ap.add_argument("--hidden", default="1024,2048,2560")
     ap.add_argument("--vocab", type=int, default=50304)
-    ap.add_argument("--backends", default="triton,torch")
+    ap.add_argument("--backends", default="triton,triton-gemm,triton-fused,torch",
+                    help="caldpo backends; triton-gemm / triton-fused: the Triton backend with all-GEMM "
+                         "or all-fused forms (plain triton: its defaults)")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -48,9 +52,10 @@ def main(argv=None) -> int:
         print("profile_head: needs a CUDA device", file=sys.stderr)
         return 2
     gen = torch.Generator(device="cuda").manual_seed(0)
+    defaults = (triton_logprobs.FORWARD, triton_logprobs.BACKWARD)
     n, v, rows = args.tokens, args.vocab, []
     print(f"# {torch.cuda.get_device_name()} | N={n} V={v} bf16 | median of {args.reps}")
-    print(f"{'H':>5} {'backend':<8} {'phase':<8} {'ms':>8} {'TFLOP/s':>8} {'%mm':>5}")
+    print(f"{'H':>5} {'backend':<13} {'phase':<8} {'ms':>8} {'TFLOP/s':>8} {'%mm':>5}")
     for h in (int(x) for x in args.hidden.split(",")):
         x = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, generator=gen)
         w = (torch.randn(v, h, device="cuda", generator=gen) / h ** 0.5).to(torch.bfloat16)
@@ -59,8 +64,11 @@ def main(argv=None) -> int:
         mm = cuda_time(lambda: torch.mm(x, w.T, out=out), args.reps)
         del out
         mm_rate = 2 * n * h * v / mm
-        print(f"{h:>5} {'cuBLAS':<8} {'matmul':<8} {mm * 1e3:8.2f} {mm_rate / 1e12:8.1f} {100:5.0f}")
-        for backend in args.backends.split(","):
+        print(f"{h:>5} {'cuBLAS':<13} {'matmul':<8} {mm * 1e3:8.2f} {mm_rate / 1e12:8.1f} {100:5.0f}")
+        for variant in args.backends.split(","):
+            backend = "triton" if variant.startswith("triton") else variant
+            if backend == "triton":
+                triton_logprobs.FORWARD, triton_logprobs.BACKWARD = FORMS.get(variant, defaults)
             xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
 
             def fwd():
@@ -72,14 +80,17 @@ def main(argv=None) -> int:
                 linear_logprobs(xg, wg, t, backend=backend).sum().backward()
             for phase, fn, flops in (("fwd", fwd, 2 * n * h * v), ("fwd+bwd", fwd_bwd, 8 * n * h * v)):
                 sec = cuda_time(fn, args.reps)
-                rows.append(dict(hidden=h, backend=backend, phase=phase, ms=sec * 1e3,
+                rows.append(dict(hidden=h, backend=variant, phase=phase, ms=sec * 1e3,
                                  tflops=flops / sec / 1e12, frac_mm=flops / sec / mm_rate))
-                print(f"{h:>5} {backend:<8} {phase:<8} {sec * 1e3:8.2f} {flops / sec / 1e12:8.1f} "
+                print(f"{h:>5} {variant:<13} {phase:<8} {sec * 1e3:8.2f} {flops / sec / 1e12:8.1f} "
                       f"{100 * flops / sec / mm_rate:5.0f}")
             if backend == "triton":
-                from caldpo.kernels import triton_logprobs
-                print(f"      triton backward tile: {getattr(triton_logprobs._bwd_kernel_tuned, 'best_config', None)}")
+                print(f"      {variant}: forward {triton_logprobs.FORWARD}, backward {triton_logprobs.BACKWARD}")
+                for kind in ("fwd", "bwd"):
+                    tuned = getattr(triton_logprobs, f"_{kind}_kernel_tuned")
+                    print(f"      {variant} {kind} tile: {getattr(tuned, 'best_config', None)}")
         torch.cuda.empty_cache()
+    print(f"fp32-output GEMM forms available: {chunked._CUDA_FORMS}")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": torch.cuda.get_device_name(), "tokens": n, "vocab": v,
                                                "rows": rows}, indent=1))

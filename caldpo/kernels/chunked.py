@@ -31,6 +31,8 @@ big enough to hide the launches of the elementwise passes between them.
 """
 from __future__ import annotations
 
+import warnings
+
 import torch
 
 # Bytes of fp32 logits per chunk, and the smallest chunk edge (GEMM efficiency).
@@ -46,7 +48,8 @@ CUDA_CHUNK_BYTES = 128 << 20
 # "auto": 16-bit operands stay 16-bit on CUDA and are cast to fp32 on CPU; "fp32" or
 # "input" force one rule everywhere (tests run the CUDA rule on CPU with "input").
 GEMM = "auto"
-_OUT_DTYPE_MM = True  # cleared if this torch's CUDA mm lacks out_dtype
+# The fp32-output GEMM forms this torch's CUDA build supports (cleared on first failure).
+_CUDA_FORMS = {"mm": True, "mm_out": True, "addmm_out": True}
 # Rows per block when finishing grad_hidden / the target-row gathers (bounds temporaries).
 ROW_BLOCK = 512
 # "auto" chooses by shape; tests force each axis.
@@ -65,26 +68,41 @@ def _axis(m: int, v: int) -> str:
     return "vocab" if m <= v else "tokens"
 
 
-def _lowp(x: torch.Tensor) -> bool:
+def _lowp(x: torch.Tensor, gemm: str | None = None) -> bool:
     """Whether GEMMs on this 16-bit tensor run in its own dtype (fp32 results)."""
+    rule = gemm or GEMM
     if x.dtype == torch.float32:
         return False
-    return x.is_cuda if GEMM == "auto" else GEMM == "input"
+    return x.is_cuda if rule == "auto" else rule == "input"
 
 
-def _mm32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b as fp32 from 16-bit operands, products accumulated in fp32.
+def mm32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None,
+         accumulate: bool = False) -> torch.Tensor:
+    """a @ b in fp32 from 16-bit operands, products accumulated in fp32; written into
+    `out` when given (added to it when `accumulate`), which is returned.
 
-    On CPU (tests of the CUDA rule) the operands are upcast: a product of two
-    16-bit values is exact in fp32, so only the summation order differs.
+    On CUDA this is cuBLAS with fp32 output (`mm`/`addmm` with out_dtype; the
+    accumulation rides in the GEMM's beta). Where this torch lacks a form, the next
+    simpler one is used (with one warning). On CPU (tests of the CUDA rule) the
+    operands are upcast: a product of two 16-bit values is exact in fp32, so only
+    the summation order differs.
     """
-    global _OUT_DTYPE_MM
-    if a.is_cuda and _OUT_DTYPE_MM:
+    form = ("addmm_out" if accumulate else "mm_out") if out is not None else "mm"
+    if a.is_cuda and _CUDA_FORMS[form]:
         try:
+            if form == "addmm_out":
+                return torch.addmm(out, a, b, out_dtype=torch.float32, out=out)
+            if form == "mm_out":
+                return torch.mm(a, b, out_dtype=torch.float32, out=out)
             return torch.mm(a, b, out_dtype=torch.float32)
-        except (TypeError, RuntimeError):  # a torch without mm(out_dtype=): upcast instead
-            _OUT_DTYPE_MM = False
-    return torch.mm(a.float(), b.float())
+        except (TypeError, RuntimeError) as e:
+            _CUDA_FORMS[form] = False
+            warnings.warn(f"16-bit GEMM with fp32 output, form {form!r}, is unavailable in this torch "
+                          f"({str(e)[:200]}); using a slower form", RuntimeWarning)
+    if out is None:
+        return mm32(a, b) if a.is_cuda and _CUDA_FORMS["mm"] else torch.mm(a.float(), b.float())
+    r = mm32(a, b)
+    return out.add_(r) if accumulate else out.copy_(r)
 
 
 def _f32(x: torch.Tensor) -> torch.Tensor:
@@ -162,27 +180,51 @@ def _pick_lse(logits: torch.Tensor, rel: torch.Tensor, tgt: torch.Tensor, lse: t
 
 
 def _forward_lowp(hidden, weight, targets, chunk_bytes):
-    """`forward` with 16-bit GEMMs into fp32 logits blocks (see the module doc)."""
+    """`forward` with 16-bit GEMMs into fp32 logits blocks (see the module doc); on CUDA
+    the token count is padded to a multiple of 16 (zero rows, results dropped)."""
     m, v = hidden.shape[0], weight.shape[0]
+    if hidden.is_cuda and m % 16:
+        rows = m + 16 - m % 16
+        logp, lse = _forward_lowp(pad_rows(hidden, rows), weight, pad_rows(targets, rows), chunk_bytes)
+        return logp[:m], lse[:m]
     tgt = torch.zeros(m, dtype=torch.float32, device=hidden.device)
     lse = None
     if _axis(m, v) == "vocab":
         cv = chunk_size(v, m, chunk_bytes, hidden.is_cuda)
         for s in range(0, v, cv):
-            lse = _pick_lse(_mm32(hidden, weight[s:s + cv].T), targets - s, tgt, lse)
+            lse = _pick_lse(mm32(hidden, weight[s:s + cv].T), targets - s, tgt, lse)
         return tgt.sub_(lse), lse
     c = chunk_size(m, v, chunk_bytes, hidden.is_cuda)
     lse = torch.empty(m, dtype=torch.float32, device=hidden.device)
     for s in range(0, m, c):
         e = min(s + c, m)
-        lse[s:e] = _pick_lse(_mm32(hidden[s:e], weight.T), targets[s:e], tgt[s:e], None)
+        lse[s:e] = _pick_lse(mm32(hidden[s:e], weight.T), targets[s:e], tgt[s:e], None)
     return tgt.sub_(lse), lse
 
 
-def _backward_lowp(g, hidden, weight, targets, lse, need_hidden, need_weight, chunk_bytes):
+def _softmax_block(x, w, shift, dtype):
+    """exp(x @ w.T + shift) in fp32, rounded to `dtype` (the shift is minus the logsumexp)."""
+    return mm32(x, w.T).add_(shift).exp_().to(dtype)
+
+
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x with zero rows appended up to `rows`."""
+    return torch.cat([x, x.new_zeros((rows - x.shape[0],) + tuple(x.shape[1:]))]) if rows > x.shape[0] else x
+
+
+def _backward_lowp(g, hidden, weight, targets, lse, need_hidden, need_weight, chunk_bytes, block_fn):
     """`backward` with 16-bit GEMMs: each softmax block is computed in fp32, then rounded
-    to the input dtype once as the operand of both gradient GEMMs (fp32 results)."""
+    to the input dtype once as the operand of both gradient GEMMs (fp32 results).
+
+    On CUDA the token count is padded to a multiple of 16 with rows whose upstream
+    gradient is 0 (so they add nothing), keeping every GEMM edge aligned.
+    """
     m, v = hidden.shape[0], weight.shape[0]
+    if hidden.is_cuda and m % 16:
+        rows = m + 16 - m % 16
+        gh, gw = _backward_lowp(pad_rows(g, rows), pad_rows(hidden, rows), weight, pad_rows(targets, rows),
+                                pad_rows(lse, rows), need_hidden, need_weight, chunk_bytes, block_fn)
+        return (gh[:m] if need_hidden else None), gw
     dt = hidden.dtype
     neg_lse = lse.neg().unsqueeze(1)
     ngx = hidden.float().mul_(g.neg()) if need_weight else None  # fp32, for the onehot term
@@ -190,7 +232,7 @@ def _backward_lowp(g, hidden, weight, targets, lse, need_hidden, need_weight, ch
     grad_h = grad_w = None
 
     def softmax_block(x, w, shift):
-        return _mm32(x, w.T).add_(shift).exp_().to(dt)
+        return block_fn(x, w, shift, dt)
 
     if _axis(m, v) == "vocab":
         cv = chunk_size(v, m, chunk_bytes, hidden.is_cuda)
@@ -202,9 +244,9 @@ def _backward_lowp(g, hidden, weight, targets, lse, need_hidden, need_weight, ch
             wc = weight[s:e]
             p = softmax_block(hidden, wc, neg_lse)
             if need_hidden:
-                acc.add_(_mm32(p, wc))
+                mm32(p, wc, out=acc, accumulate=True)
             if need_weight:
-                grad_w[s:e] = _mm32(p.T, ngx_lp)
+                mm32(p.T, ngx_lp, out=grad_w[s:e])
         if need_hidden:
             grad_h = _finish_grad_hidden(acc, weight, targets, g)
     else:
@@ -217,10 +259,9 @@ def _backward_lowp(g, hidden, weight, targets, lse, need_hidden, need_weight, ch
             e = min(s + c, m)
             p = softmax_block(hidden[s:e], weight, neg_lse[s:e])
             if need_hidden:
-                grad_h[s:e] = _mm32(p, weight)
-                _finish_grad_hidden(grad_h[s:e], weight, targets[s:e], g[s:e])
+                _finish_grad_hidden(mm32(p, weight, out=grad_h[s:e]), weight, targets[s:e], g[s:e])
             if need_weight:
-                grad_w.add_(_mm32(p.T, ngx_lp[s:e]))
+                mm32(p.T, ngx_lp[s:e], out=grad_w, accumulate=True)
     if need_weight:
         grad_w.index_add_(0, targets, ngx, alpha=-1.0)
     return grad_h, grad_w
@@ -238,9 +279,15 @@ def _finish_grad_hidden(acc: torch.Tensor, weight: torch.Tensor, targets: torch.
 
 def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
              targets: torch.Tensor, lse: torch.Tensor, need_hidden: bool = True,
-             need_weight: bool = True, chunk_bytes: int | None = None
+             need_weight: bool = True, chunk_bytes: int | None = None,
+             softmax_block=None, gemm: str | None = None
              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of sum(grad * logp) w.r.t. hidden [M,H] and weight [V,H], in fp32."""
+    """Gradients of sum(grad * logp) w.r.t. hidden [M,H] and weight [V,H], in fp32.
+
+    `gemm` overrides the module's GEMM rule; `softmax_block(x, w, shift, dtype)`
+    replaces the torch ops that form exp(x @ w.T + shift) in the 16-bit rule
+    (the Triton backend passes a one-pass kernel).
+    """
     m, v = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     h = _f32(hidden)
@@ -252,9 +299,9 @@ def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev)
         return grad_h, grad_w
     g = _f32(grad).unsqueeze(1)
-    if _lowp(hidden):
+    if _lowp(hidden, gemm):
         return _backward_lowp(g, hidden, weight.to(hidden.dtype), targets, lse, need_hidden, need_weight,
-                              chunk_bytes)
+                              chunk_bytes, softmax_block or _softmax_block)
     neg_lse = lse.neg().unsqueeze(1)
     ngx = h * g.neg() if need_weight else None  # rows of X scaled by minus their upstream grad
 

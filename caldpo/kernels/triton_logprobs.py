@@ -38,7 +38,17 @@ import torch
 import triton
 import triton.language as tl
 
+from . import chunked
 from .backends import triton_interpreting
+
+# Forms for 16-bit inputs (fp32 inputs always take the fused kernels); see the module doc
+# for the measurements behind the defaults.
+# FORWARD: "fused" (one Triton kernel, online logsumexp over vocab tiles) or "gemm" (cuBLAS
+# GEMMs into fp32 vocab blocks, one Triton reduction pass each).
+# BACKWARD: "gemm" (recompute each logits block with cuBLAS, one Triton pass for the softmax,
+# two cuBLAS GEMMs for the gradients) or "fused" (one Triton kernel, atomics).
+FORWARD = "fused"
+BACKWARD = "gemm"
 
 
 @triton.jit
@@ -56,13 +66,16 @@ def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
-@triton.jit
+# M changes with every batch: specialising on it (divisibility by 16) would recompile per batch.
+@triton.jit(do_not_specialize=["M", "n_splits"])
 def _fwd_kernel(x_ptr, w_ptr, t_ptr, m_out, s_out, tgt_out,
-                M, V, H, stride_xm, stride_xk, stride_wv, stride_wk, tiles_per_split, n_splits,
+                M, V, H, stride_xm, stride_xk, stride_wv, stride_wk, n_splits,
                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
                 IEEE: tl.constexpr, UPCAST: tl.constexpr):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
+    # This split's vocab tiles; a split left without any stores (-inf, 0, 0), which the merge ignores.
+    tiles_per_split = tl.cdiv(tl.cdiv(V, BLOCK_V), n_splits)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_ok = rows < M
     rows64 = rows.to(tl.int64)
@@ -97,7 +110,7 @@ def _fwd_kernel(x_ptr, w_ptr, t_ptr, m_out, s_out, tgt_out,
     tl.store(tgt_out + out, t_i, mask=row_ok)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])
 def _bwd_kernel(x_ptr, w_ptr, t_ptr, g_ptr, lse_ptr, gx_ptr, gw_ptr,
                 M, V, H, stride_xm, stride_xk, stride_wv, stride_wk,
                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
@@ -151,32 +164,45 @@ def _bwd_kernel(x_ptr, w_ptr, t_ptr, g_ptr, lse_ptr, gx_ptr, gw_ptr,
                               mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
 
 
-def _bwd_configs() -> list:
-    """Backward tiles for the CUDA autotuner: larger BLOCK_M / BLOCK_V cut atomic traffic."""
-    shapes = [(64, 128, 64, 4), (128, 128, 64, 3), (128, 256, 64, 3), (256, 128, 64, 3)]
-    return [triton.Config(dict(BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, GROUP_M=8), num_warps=8, num_stages=st)
-            for bm, bv, bk, st in shapes]
+def _configs(shapes, **extra) -> list:
+    return [triton.Config(dict(BLOCK_M=bm, BLOCK_V=bv, BLOCK_K=bk, **extra), num_warps=w, num_stages=st)
+            for bm, bv, bk, w, st in shapes]
 
 
-def _prune_bwd(configs, named_args, **kwargs):
-    """Drop K tiles wider than the (power-of-2 padded) hidden size; M is not in the key."""
+def _prune(configs, named_args, **kwargs):
+    """Drop K tiles wider than the (power-of-2 padded) hidden size; M is not in the key.
+
+    fp32 inputs (IEEE products, no tensor cores) keep only the first, smallest tile:
+    each fp32 variant compiles slowly and none of them is the training path.
+    """
     h = named_args["H"]
-    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= max(64, triton.next_power_of_2(h))]
-    return kept or configs[:1]
+    kept = [c for c in configs if c.kwargs["BLOCK_K"] <= max(64, triton.next_power_of_2(h))] or configs[:1]
+    if named_args["x_ptr"].dtype == torch.float32:
+        kept = kept[:1]
+    return kept
 
 
-# Autotuned variant used on CUDA only (the interpreter runs the plain kernel with small tiles).
+# Tiles for the CUDA autotuner, keyed on V, H and the dtypes (Hopper: 228 KiB of shared memory
+# per SM, so a 256-wide tile with 3 stages at BLOCK_K=64 does not fit; such configs are skipped).
+_FWD_CONFIGS = _configs([(64, 128, 64, 8, 3), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (128, 128, 64, 4, 4)])
+_BWD_CONFIGS = _configs([(64, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (256, 128, 64, 8, 3)],
+                        GROUP_M=8)
+
+# Autotuned variants, used on CUDA only (the interpreter runs the plain kernels with small tiles).
+_fwd_kernel_tuned = triton.autotune(configs=_FWD_CONFIGS, key=["V", "H"],
+                                    prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
 # Both gradient buffers are accumulated atomically, so they are zeroed before each trial.
-_bwd_kernel_tuned = triton.autotune(configs=_bwd_configs(), key=["V", "H"], reset_to_zero=["gx_ptr", "gw_ptr"],
-                                    prune_configs_by={"early_config_prune": _prune_bwd})(_bwd_kernel)
+_bwd_kernel_tuned = triton.autotune(configs=_BWD_CONFIGS, key=["V", "H"], reset_to_zero=["gx_ptr", "gw_ptr"],
+                                    prune_configs_by={"early_config_prune": _prune})(_bwd_kernel)
 
 
-def _config(hidden: torch.Tensor, h: int) -> dict:
-    """Tile sizes: small under the interpreter (tl.dot needs >= 16), Hopper-sized on GPU."""
-    if triton_interpreting() or hidden.device.type != "cuda":
-        return dict(BLOCK_M=16, BLOCK_V=16, BLOCK_K=16, num_warps=1)
-    block_k = 64 if h >= 64 else max(16, triton.next_power_of_2(h))
-    return dict(BLOCK_M=64, BLOCK_V=128, BLOCK_K=block_k, num_warps=8, num_stages=3)
+def _on_gpu(hidden: torch.Tensor) -> bool:
+    return hidden.device.type == "cuda" and not triton_interpreting()
+
+
+def _small_config() -> dict:
+    """Tiles for the interpreter (tl.dot needs every edge >= 16)."""
+    return dict(BLOCK_M=16, BLOCK_V=16, BLOCK_K=16, num_warps=1)
 
 
 def _modes(dtype: torch.dtype) -> dict:
@@ -189,12 +215,13 @@ def _check(hidden: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     return weight if weight.dtype == hidden.dtype else weight.to(hidden.dtype)
 
 
-def _n_splits(hidden: torch.Tensor, m_tiles: int, v_tiles: int) -> int:
-    if hidden.device.type == "cuda":
+def _n_splits(hidden: torch.Tensor, m: int, v: int) -> int:
+    """Vocab splits so that about 4 programs per SM run when tokens are few (sized for
+    128-token tiles; the split bounds themselves follow the tuned BLOCK_V in the kernel)."""
+    if _on_gpu(hidden):
         want = 4 * torch.cuda.get_device_properties(hidden.device).multi_processor_count
-    else:
-        want = 8  # interpreter: several vocab splits, so the merge is exercised
-    return max(1, min(v_tiles, triton.cdiv(want, m_tiles)))
+        return max(1, min(triton.cdiv(v, 256), triton.cdiv(want, triton.cdiv(m, 128))))
+    return max(1, min(8, triton.cdiv(v, 16)))  # interpreter: several splits, so the merge is exercised
 
 
 def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
@@ -206,19 +233,93 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     if m == 0:
         e = hidden.new_empty(0, dtype=torch.float32)
         return e, e.clone()
-    cfg = _config(hidden, h)
-    m_tiles = triton.cdiv(m, cfg["BLOCK_M"])
-    v_tiles = triton.cdiv(v, cfg["BLOCK_V"])
-    splits = _n_splits(hidden, m_tiles, v_tiles)
-    tiles_per_split = triton.cdiv(v_tiles, splits)
-    splits = triton.cdiv(v_tiles, tiles_per_split)  # every split owns at least one vocab column
+    if FORWARD == "gemm" and hidden.dtype != torch.float32:
+        return _forward_gemm(hidden, weight, targets)
+    splits = _n_splits(hidden, m, v)
     part = torch.empty(3, m, splits, dtype=torch.float32, device=hidden.device)
-    _fwd_kernel[(m_tiles, splits)](
-        hidden, weight, targets, part[0], part[1], part[2], m, v, h,
-        hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1),
-        tiles_per_split, splits, **_modes(hidden.dtype), **cfg)
+    args = (hidden, weight, targets, part[0], part[1], part[2], m, v, h,
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), splits)
+    if _on_gpu(hidden):
+        _fwd_kernel_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), splits)](*args, **_modes(hidden.dtype))
+    else:
+        cfg = _small_config()
+        _fwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), splits)](*args, **_modes(hidden.dtype), **cfg)
+    return _merge(part)
+
+
+def _merge(part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp, lse) from per-part (max, sum-exp, target logit) [3, M, parts]; an empty part is (-inf, 0, 0)."""
     lse = torch.logsumexp(part[0] + part[1].log(), dim=1)
     return part[2].sum(dim=1) - lse, lse
+
+
+# ----------------------------------------------------------------------------- forward, GEMM form
+
+@triton.jit(do_not_specialize=["col0", "part"])
+def _lse_block_kernel(z_ptr, t_ptr, m_out, s_out, tgt_out, cols, col0, n_parts, part, BLOCK: tl.constexpr):
+    """One row of an fp32 logits block: (max, sum of exp(z - max), target logit if in the block)."""
+    row = tl.program_id(0).to(tl.int64)
+    rel = tl.load(t_ptr + row) - col0
+    m_i = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
+    s_i = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+    t_i = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+    for c0 in range(0, cols, BLOCK):
+        c = c0 + tl.arange(0, BLOCK)
+        ok = c < cols
+        z = tl.load(z_ptr + row * cols + c, mask=ok, other=float("-inf"))
+        t_i += tl.sum(tl.where(ok & (c == rel), z, 0.0), axis=0)
+        m_new = tl.maximum(m_i, tl.max(z, axis=0))
+        s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
+        m_i = m_new
+    out = row * n_parts + part
+    tl.store(m_out + out, m_i)
+    tl.store(s_out + out, s_i)
+    tl.store(tgt_out + out, t_i)
+
+
+def _forward_gemm(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Forward for 16-bit inputs as cuBLAS GEMMs into fp32 vocab blocks of the chunked
+    backend's size, each reduced by one Triton pass; on CUDA the tokens are padded to a
+    multiple of 16 (zero rows, dropped) so that every GEMM edge stays aligned."""
+    m, v = hidden.shape[0], weight.shape[0]
+    if _on_gpu(hidden) and m % 16:
+        rows = m + 16 - m % 16
+        logp, lse = _forward_gemm(chunked.pad_rows(hidden, rows), weight, chunked.pad_rows(targets, rows))
+        return logp[:m], lse[:m]
+    cv = chunked.chunk_size(v, m, cuda=hidden.is_cuda)
+    n = triton.cdiv(v, cv)
+    part = torch.empty(3, m, n, dtype=torch.float32, device=hidden.device)
+    block = 1024 if _on_gpu(hidden) else 32
+    for i, s in enumerate(range(0, v, cv)):
+        z = chunked.mm32(hidden, weight[s:s + cv].T)
+        _lse_block_kernel[(m,)](z, targets, part[0], part[1], part[2], z.shape[1], s, n, i, BLOCK=block)
+    return _merge(part)
+
+
+# ----------------------------------------------------------------------------- backward, GEMM form
+
+@triton.jit
+def _softmax_block_kernel(z_ptr, shift_ptr, out_ptr, cols, BLOCK: tl.constexpr):
+    """out[r, c] = exp(z[r, c] + shift[r]) in out's dtype: one pass over an fp32 logits block."""
+    row = tl.program_id(0).to(tl.int64)
+    c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    ok = c < cols
+    z = tl.load(z_ptr + row * cols + c, mask=ok, other=0.0)
+    sh = tl.load(shift_ptr + row)
+    tl.store(out_ptr + row * cols + c, tl.exp(z + sh).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _softmax_block(x: torch.Tensor, w: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """exp(x @ w.T + shift) rounded to `dtype`: the GEMM by cuBLAS into fp32, then one Triton pass."""
+    z = chunked.mm32(x, w.T)
+    out = torch.empty(z.shape, dtype=dtype, device=z.device)
+    block = 1024 if _on_gpu(x) else 64
+    _softmax_block_kernel[(z.shape[0], triton.cdiv(z.shape[1], block))](
+        z, shift.reshape(-1).contiguous(), out, z.shape[1], BLOCK=block)
+    return out
+
+
 
 
 def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
@@ -228,6 +329,9 @@ def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
     w_in = _check(hidden, weight)
     m, h = hidden.shape
     v = weight.shape[0]
+    if BACKWARD == "gemm" and hidden.dtype != torch.float32 and m > 0:
+        return chunked.backward(grad, hidden, w_in, targets, lse, need_hidden, need_weight,
+                                softmax_block=_softmax_block, gemm="input")
     gx = torch.zeros(m, h, dtype=torch.float32, device=hidden.device) if need_hidden else None
     gw = torch.zeros(v, h, dtype=torch.float32, device=hidden.device) if need_weight else None
     if m == 0 or not (need_hidden or need_weight):
@@ -241,9 +345,8 @@ def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(v, meta["BLOCK_V"]),)
-    if hidden.device.type == "cuda" and not triton_interpreting():
+    if _on_gpu(hidden):
         _bwd_kernel_tuned[grid](*args, **flags)
     else:
-        cfg = _config(hidden, h)
-        _bwd_kernel[grid](*args, **flags, GROUP_M=2, **cfg)
+        _bwd_kernel[grid](*args, **flags, GROUP_M=2, **_small_config())
     return gx, gw

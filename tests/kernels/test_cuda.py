@@ -15,7 +15,22 @@ from .conftest import make_inputs, oracle_logprobs, rel_err, tol
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or triton_interpreting(),
                                 reason="needs a CUDA device (and TRITON_INTERPRET unset)")
-BACKENDS = ["triton", "torch"]
+BACKENDS = ["triton", "triton-gemm", "triton-fused", "torch"]
+# Triton variants: the defaults, every 16-bit step as GEMM + Triton pass, every step one fused kernel.
+FORMS = {"triton-gemm": ("gemm", "gemm"), "triton-fused": ("fused", "fused")}
+
+
+@pytest.fixture(autouse=True)
+def _forms(request, monkeypatch):
+    backend = getattr(request.node, "callspec", None) and request.node.callspec.params.get("backend")
+    if backend in FORMS:
+        from caldpo.kernels import triton_logprobs
+        monkeypatch.setattr(triton_logprobs, "FORWARD", FORMS[backend][0])
+        monkeypatch.setattr(triton_logprobs, "BACKWARD", FORMS[backend][1])
+
+
+def _name(backend):
+    return "triton" if backend.startswith("triton") else backend
 
 
 def compare(gen, backend, n, h, v, dtype, scale=1.0):
@@ -27,7 +42,7 @@ def compare(gen, backend, n, h, v, dtype, scale=1.0):
     ref = oracle_logprobs(h64, w64, targets)
     ref_gh, ref_gw = torch.autograd.grad((ref * g).sum(), (h64, w64))
     x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    out = linear_logprobs(x, w, targets, backend=backend)
+    out = linear_logprobs(x, w, targets, backend=_name(backend))
     out.backward(g.float())
     errs = {"logp": rel_err(out, ref), "grad_hidden": rel_err(x.grad, ref_gh), "grad_weight": rel_err(w.grad, ref_gw)}
     print(f"{backend} n={n} h={h} v={v} {dtype}: " + ", ".join(f"{k} {e:.2e}" for k, e in errs.items()))
@@ -37,8 +52,10 @@ def compare(gen, backend, n, h, v, dtype, scale=1.0):
     assert max(errs.values()) < tol(dtype), errs
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("backend,dtype", [("triton", torch.bfloat16), ("triton", torch.float16),
+                                           ("triton", torch.float32), ("triton-gemm", torch.bfloat16),
+                                           ("triton-fused", torch.bfloat16), ("torch", torch.bfloat16),
+                                           ("torch", torch.float16)])
 def test_pythia_head(gen, backend, dtype):
     compare(gen, backend, 777, 1024, 50304, dtype)
 
@@ -49,7 +66,7 @@ def test_odd_shapes(gen, backend, shape):
     compare(gen, backend, *shape, torch.bfloat16)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", ["triton", "torch"])  # fp32: both Triton forms are the fused kernels
 def test_large_logits(gen, backend):
     compare(gen, backend, 257, 256, 5003, torch.float32, scale=60.0)
 
@@ -65,7 +82,7 @@ def test_compiled_training_step(gen, backend):
     ref = torch.randn(b, generator=gen).cuda() * 5 - 100
 
     def step(e):
-        lp = sequence_logprobs(torch.tanh(e[ids]), e, labels, backend=backend)
+        lp = sequence_logprobs(torch.tanh(e[ids]), e, labels, backend=_name(backend))
         losses, _, _ = preference_loss(lp[:2], lp[2:], ref[:2], ref[2:], 0.1, loss="caldpo", backend="compiled")
         return losses.mean()
 

@@ -59,10 +59,19 @@ def run_case(gen, hidden, weight, targets, grad=None, need=("h", "w")):
         assert rel_err(w.grad.cpu(), ref_gw) < limit
 
 
+@pytest.fixture(params=[("fused", "gemm"), ("gemm", "gemm"), ("fused", "fused")], ids=lambda f: "fwd_%s-bwd_%s" % f)
+def backward_form(request, monkeypatch):
+    """The forms for 16-bit inputs: the fused kernels, or GEMMs into fp32 blocks with one Triton pass."""
+    from caldpo.kernels import triton_logprobs
+    monkeypatch.setattr(triton_logprobs, "FORWARD", request.param[0])
+    monkeypatch.setattr(triton_logprobs, "BACKWARD", request.param[1])
+    return request.param
+
+
 @cases
 @pytest.mark.parametrize("shape", [(37, 20, 131), (5, 16, 37), (40, 33, 17)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_matches_oracle(gen, shape, dtype):
+def test_matches_oracle(gen, shape, dtype, backward_form):
     run_case(gen, *make_inputs(gen, *shape, dtype))
 
 
@@ -83,8 +92,9 @@ def test_zero_grad_tiles_are_skipped_exactly(gen):
 
 @cases
 @pytest.mark.parametrize("need", [("h",), ("w",)])
-def test_one_side_frozen(gen, need):
-    run_case(gen, *make_inputs(gen, 19, 16, 37, torch.float32), need=need)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_one_side_frozen(gen, need, dtype, backward_form):
+    run_case(gen, *make_inputs(gen, 19, 16, 37, dtype), need=need)
 
 
 @cases
@@ -111,7 +121,7 @@ def test_all_ignored():
 
 
 @cases
-def test_sequence_tied_bf16(gen):
+def test_sequence_tied_bf16(gen, backward_form):
     """sequence_logprobs through Triton with a weight tied to the input embedding, bf16."""
     v, d, b, t = 37, 16, 3, 11
     emb64 = (torch.randn(v, d, generator=gen, dtype=torch.float64) / 2).requires_grad_()
@@ -129,3 +139,16 @@ def test_sequence_tied_bf16(gen):
     out.sum().backward()
     assert out[-1].item() == 0.0
     assert rel_err(out.cpu(), ref) < 1e-2 and rel_err(emb.grad.cpu(), ref_g) < 1e-2
+
+
+@cases
+def test_gemm_forms_across_vocab_blocks(gen, monkeypatch):
+    """The GEMM forms with 16-column vocab blocks (9 of them, the last ragged): the merge and the
+    per-block softmax shifts are exercised, not only a single block."""
+    from caldpo.kernels import chunked, triton_logprobs
+    monkeypatch.setattr(triton_logprobs, "FORWARD", "gemm")
+    monkeypatch.setattr(triton_logprobs, "BACKWARD", "gemm")
+    monkeypatch.setattr(chunked, "MIN_CHUNK", 1)
+    monkeypatch.setattr(chunked, "CHUNK_BYTES", 4 * 16 * 40)
+    assert chunked.chunk_size(131, 40) == 16
+    run_case(gen, *make_inputs(gen, 40, 16, 131, torch.bfloat16, ignore_frac=0.0))
