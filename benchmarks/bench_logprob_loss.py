@@ -242,7 +242,7 @@ def setup_ours(variant: str):
         forms = None
         if resolved == "triton":
             from caldpo.kernels import triton_logprobs
-            forms = TRITON_FORMS.get(variant, (triton_logprobs.FORWARD, triton_logprobs.BACKWARD))
+            forms = TRITON_FORMS.get(variant, triton_logprobs.DEFAULT_FORMS)
 
         def step(inp):
             if forms is not None:  # variants share the module: set this one's forms each call

@@ -52,7 +52,6 @@ def main(argv=None) -> int:
         print("profile_head: needs a CUDA device", file=sys.stderr)
         return 2
     gen = torch.Generator(device="cuda").manual_seed(0)
-    defaults = (triton_logprobs.FORWARD, triton_logprobs.BACKWARD)
     n, v, rows = args.tokens, args.vocab, []
     print(f"# {torch.cuda.get_device_name()} | N={n} V={v} bf16 | median of {args.reps}")
     print(f"{'H':>5} {'backend':<13} {'phase':<8} {'ms':>8} {'TFLOP/s':>8} {'%mm':>5}")
@@ -68,7 +67,7 @@ def main(argv=None) -> int:
         for variant in args.backends.split(","):
             backend = "triton" if variant.startswith("triton") else variant
             if backend == "triton":
-                triton_logprobs.FORWARD, triton_logprobs.BACKWARD = FORMS.get(variant, defaults)
+                triton_logprobs.FORWARD, triton_logprobs.BACKWARD = FORMS.get(variant, triton_logprobs.DEFAULT_FORMS)
             xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
 
             def fwd():

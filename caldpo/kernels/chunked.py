@@ -45,6 +45,7 @@ CHUNK_BYTES = 1 << 20
 MIN_CHUNK = 256
 # On CUDA: [M, Cv] fp32 chunks of 128 MiB (Cv = 4096 columns at 8192 tokens).
 CUDA_CHUNK_BYTES = 128 << 20
+CUDA_ALIGN = 128
 # "auto": 16-bit operands stay 16-bit on CUDA and are cast to fp32 on CPU; "fp32" or
 # "input" force one rule everywhere (tests run the CUDA rule on CPU with "input").
 GEMM = "auto"
@@ -57,9 +58,18 @@ AXIS = "auto"
 
 
 def chunk_size(rows: int, width: int, chunk_bytes: int | None = None, cuda: bool = False) -> int:
-    """How many of `rows` fit one chunk when each is `width` fp32 values wide."""
+    """How many of `rows` fit one chunk when each is `width` fp32 values wide.
+
+    On CUDA the count is a multiple of CUDA_ALIGN: a chunk's row count becomes the
+    leading dimension of the next GEMM's operand, and cuBLAS's tensor-core kernels
+    need 16-byte aligned rows (on an H100, widths that were not a multiple of 8
+    ran 2.6-2.9x slower; benchmarks/results/h100_20261128/NOTES.md).
+    """
     budget = chunk_bytes if chunk_bytes is not None else (CUDA_CHUNK_BYTES if cuda else CHUNK_BYTES)
-    return max(1, min(rows, max(MIN_CHUNK, budget // (4 * max(width, 1)))))
+    size = max(MIN_CHUNK, budget // (4 * max(width, 1)))
+    if cuda and size >= CUDA_ALIGN:
+        size -= size % CUDA_ALIGN
+    return max(1, min(rows, size))
 
 
 def _axis(m: int, v: int) -> str:

@@ -116,6 +116,13 @@ def _backward(ctx, grad_logp, grad_lse, grad_idx):
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
 
 
+@torch.compiler.assume_constant_result
+def _resolve(backend: str, device: str) -> str:
+    """resolve_backend, run once when traced: its availability checks (imports, a build
+    lock) are host work that torch.compile should not trace into the graph."""
+    return resolve_backend(backend, torch.device(device))
+
+
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                     ignore_index: int = -100, backend: str = "auto") -> torch.Tensor:
     """log_softmax(hidden @ weight.T)[targets] per token -> [N] float32.
@@ -128,7 +135,7 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
         raise ValueError(f"expected hidden [N,H] and weight [V,H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets {tuple(targets.shape)} must be [N] with N={hidden.shape[0]}")
-    name = resolve_backend(backend, hidden.device)
+    name = _resolve(backend, str(hidden.device))
     if name == "reference":
         return reference_linear_logprobs(hidden, weight, targets, ignore_index)
     return _fwd_op(hidden.contiguous(), weight, targets.long().contiguous(), int(ignore_index), name)[0]

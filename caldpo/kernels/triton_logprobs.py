@@ -1,36 +1,42 @@
-"""Triton backend: fused head matmul + log-softmax + target gather, forward and backward.
+"""Triton backend: the output head's log-softmax at the targets, forward and backward.
 
-Both entry points take *compacted* inputs (ignored tokens already removed).
+Both entry points take *compacted* inputs (ignored tokens already removed). Each
+step has two forms; `FORWARD` / `BACKWARD` pick them for 16-bit inputs (fp32
+inputs always take the fused kernels, with IEEE fp32 products, no TF32).
 
-Forward (`_fwd_kernel`, grid = token tiles x vocab splits): each program
-multiplies a [BLOCK_M, H] hidden tile by [BLOCK_V, H] weight tiles of its
-vocab split, keeps an online (max, sum-exp) per row and picks the target logit
-in the same pass. Splitting the vocab gives enough programs when there are few
-tokens; the per-split (max, sum) pairs are merged with one tiny torch
-logsumexp. Only the logsumexp per token [M] is saved for backward.
+Forward, "fused" (default; `_fwd_kernel`, grid = token tiles x vocab splits):
+each program multiplies a [BLOCK_M, H] hidden tile by [BLOCK_V, H] weight tiles
+of its vocab split, keeps an online (max, sum-exp) per row and picks the target
+logit in the same pass. Splitting the vocab gives enough programs when tokens
+are few; the per-split (max, sum) pairs are merged with one small torch
+logsumexp. Only the logsumexp per token [M] is saved for backward. Tiles are
+autotuned on CUDA (keyed on V, H and dtypes; an H100 picked 128 x 256 x 64).
+Forward, "gemm": cuBLAS GEMMs into fp32 [M, Cv] vocab blocks, each reduced by
+one Triton pass (`_lse_block_kernel`).
 
-Backward (`_bwd_kernel`, one program per (token tile, vocab tile)): each
-program recomputes its logit tile, forms d = g * (onehot - softmax), then for
-each H-chunk atomically adds d @ W into grad_hidden and d^T @ X into
-grad_weight, both fp32 buffers. Why atomics: without them, grad_hidden needs
-either a [BLOCK_M, H] accumulator (too large for H in the thousands) or a
-second full recomputation of the logits; with them the whole op costs the
-8NHV floor (2 forward + 2 recompute + 4 for the two gradients). The price is
-atomic traffic: (N/BLOCK_M) * V * H adds into grad_weight and
-(V/BLOCK_V) * N * H into grad_hidden, so on CUDA the tile shape is autotuned
-(keyed on V, H and dtypes) over four configs with BLOCK_M and BLOCK_V up to 256
-(4x fewer grad_weight atomics than the former fixed 64 x 128 tile at
-BLOCK_M=256), and programs are ordered in groups of GROUP_M token tiles so
-that the programs running at once spread over several token tiles *and*
-several vocab tiles instead of all hitting one grad_weight row block.
-Summation order is run-to-run non-deterministic in fp32 (differences of
-order 1e-7 relative); the torch backend is deterministic. Tiles whose d is
-exactly zero everywhere (padding rows, softmax underflow) skip the gradient
-matmuls: this filter is exact, unlike a threshold on small probabilities.
+Backward, "gemm" (default): per vocab block of Cv columns (the chunked backend's
+`_backward_lowp`), recompute the logits with a cuBLAS GEMM into fp32, form
+p = exp(logits - lse) rounded to the input dtype in one Triton pass
+(`_softmax_block_kernel`), then grad_hidden += p @ W_block and
+grad_weight[block] = p^T @ (-g * X) as cuBLAS GEMMs with fp32 outputs (the
+accumulation rides in the GEMM's beta); the onehot term is a row gather/scatter.
+No atomics, and the tensor-core work is cuBLAS's. The price is one fp32 block of
+`chunked.CUDA_CHUNK_BYTES` (128 MiB) and a bf16 copy of it, never [N, V].
+Backward, "fused" (`_bwd_kernel`, one program per (token tile, vocab tile)):
+recompute the logit tile, form d = g * (onehot - softmax), then for each H-chunk
+atomically add d @ W into grad_hidden and d^T @ X into grad_weight (fp32
+buffers). It avoids the fp32 block, but its (N/BLOCK_M)*V*H + (V/BLOCK_V)*N*H
+atomic adds cost: on an H100 (benchmarks/results/h100_20261128/) forward +
+backward ran at 34-36% of the bf16 matmul rate fused against 57-63% with the
+GEMM backward, so "gemm" is the default. Tiles whose d is exactly zero skip
+their gradient matmuls (exact, unlike a threshold on small probabilities).
 
-fp32 inputs use IEEE fp32 dot products (no TF32) so results meet fp32
-tolerances; bf16/fp16 inputs use the tensor cores, with d rounded to the input
-dtype for the gradient products and all sums kept in fp32.
+Numerics: logits, logsumexp and all sums are fp32; in 16-bit the softmax block
+(or d) is rounded to the input dtype only as a gradient GEMM operand. Summation
+order is not fixed run to run on CUDA (differences of order 1e-7 relative); the
+torch backend on CPU is deterministic. Integers that change with every batch
+(token counts, split counts) are not specialised on, and the per-part buffers are
+separate allocations, so a new batch size does not recompile the kernels.
 """
 from __future__ import annotations
 
@@ -47,8 +53,8 @@ from .backends import triton_interpreting
 # GEMMs into fp32 vocab blocks, one Triton reduction pass each).
 # BACKWARD: "gemm" (recompute each logits block with cuBLAS, one Triton pass for the softmax,
 # two cuBLAS GEMMs for the gradients) or "fused" (one Triton kernel, atomics).
-FORWARD = "fused"
-BACKWARD = "gemm"
+DEFAULT_FORMS = ("fused", "gemm")
+FORWARD, BACKWARD = DEFAULT_FORMS
 
 
 @triton.jit
@@ -236,8 +242,8 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     if FORWARD == "gemm" and hidden.dtype != torch.float32:
         return _forward_gemm(hidden, weight, targets)
     splits = _n_splits(hidden, m, v)
-    part = torch.empty(3, m, splits, dtype=torch.float32, device=hidden.device)
-    args = (hidden, weight, targets, part[0], part[1], part[2], m, v, h,
+    part = _parts(m, splits, hidden.device)
+    args = (hidden, weight, targets, *part, m, v, h,
             hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), splits)
     if _on_gpu(hidden):
         _fwd_kernel_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), splits)](*args, **_modes(hidden.dtype))
@@ -247,15 +253,21 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
     return _merge(part)
 
 
-def _merge(part: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(logp, lse) from per-part (max, sum-exp, target logit) [3, M, parts]; an empty part is (-inf, 0, 0)."""
+def _parts(m: int, n: int, device) -> list[torch.Tensor]:
+    """Per-part (max, sum-exp, target logit) buffers [M, parts]: three allocations, not views of
+    one, so their alignment (which Triton specialises on) does not change with the batch."""
+    return [torch.empty(m, n, dtype=torch.float32, device=device) for _ in range(3)]
+
+
+def _merge(part: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(logp, lse) from per-part (max, sum-exp, target logit); an empty part is (-inf, 0, 0)."""
     lse = torch.logsumexp(part[0] + part[1].log(), dim=1)
     return part[2].sum(dim=1) - lse, lse
 
 
 # ----------------------------------------------------------------------------- forward, GEMM form
 
-@triton.jit(do_not_specialize=["col0", "part"])
+@triton.jit(do_not_specialize=["cols", "col0", "n_parts", "part"])
 def _lse_block_kernel(z_ptr, t_ptr, m_out, s_out, tgt_out, cols, col0, n_parts, part, BLOCK: tl.constexpr):
     """One row of an fp32 logits block: (max, sum of exp(z - max), target logit if in the block)."""
     row = tl.program_id(0).to(tl.int64)
@@ -289,17 +301,17 @@ def _forward_gemm(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
         return logp[:m], lse[:m]
     cv = chunked.chunk_size(v, m, cuda=hidden.is_cuda)
     n = triton.cdiv(v, cv)
-    part = torch.empty(3, m, n, dtype=torch.float32, device=hidden.device)
+    part = _parts(m, n, hidden.device)
     block = 1024 if _on_gpu(hidden) else 32
     for i, s in enumerate(range(0, v, cv)):
         z = chunked.mm32(hidden, weight[s:s + cv].T)
-        _lse_block_kernel[(m,)](z, targets, part[0], part[1], part[2], z.shape[1], s, n, i, BLOCK=block)
+        _lse_block_kernel[(m,)](z, targets, *part, z.shape[1], s, n, i, BLOCK=block)
     return _merge(part)
 
 
 # ----------------------------------------------------------------------------- backward, GEMM form
 
-@triton.jit
+@triton.jit(do_not_specialize=["cols"])
 def _softmax_block_kernel(z_ptr, shift_ptr, out_ptr, cols, BLOCK: tl.constexpr):
     """out[r, c] = exp(z[r, c] + shift[r]) in out's dtype: one pass over an fp32 logits block."""
     row = tl.program_id(0).to(tl.int64)

@@ -253,3 +253,13 @@ def test_16bit_gemm_rule(gen, monkeypatch, axis, dtype, need):
         assert (h.grad[targets == -100] == 0).all()
     if "w" in need:
         assert w.grad.dtype == dtype and rel_err(w.grad, ref_gw) < tol(dtype)
+
+
+@pytest.mark.parametrize("rows", [8088, 8352, 8768, 1000, 300, 77])
+def test_cuda_chunk_widths_are_aligned(rows):
+    """On CUDA a vocab chunk's width is a multiple of 128 columns (or the whole, smaller vocab),
+    so every GEMM operand built from it has 16-byte aligned rows."""
+    for v in (50304, 32000, 200):
+        w = chunked.chunk_size(v, rows, cuda=True)
+        assert 1 <= w <= v and (w % chunked.CUDA_ALIGN == 0 or w == v)
+    assert chunked.chunk_size(50304, 8352, cuda=False) == chunked.chunk_size(50304, 8352)

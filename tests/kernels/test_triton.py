@@ -152,3 +152,36 @@ def test_gemm_forms_across_vocab_blocks(gen, monkeypatch):
     monkeypatch.setattr(chunked, "CHUNK_BYTES", 4 * 16 * 40)
     assert chunked.chunk_size(131, 40) == 16
     run_case(gen, *make_inputs(gen, 40, 16, 131, torch.bfloat16, ignore_frac=0.0))
+
+
+@cases
+def test_compiles_fullgraph(gen, monkeypatch):
+    """torch.compile(fullgraph=True) through sequence_logprobs(backend="triton"): resolving the
+    backend must not break the graph, and the compiled step equals eager. The availability
+    check is made to hold a lock, host work that dynamo cannot trace (as a first import or
+    an extension build is)."""
+    import threading
+
+    from caldpo.kernels import backends
+    lock, real = threading.Lock(), backends.available_backends
+
+    def guarded(device=None):
+        with lock:
+            return real(device)
+    monkeypatch.setattr(backends, "available_backends", guarded)
+    torch._dynamo.reset()
+    v, d, b, t = 37, 16, 4, 9
+    emb = (torch.randn(v, d, generator=gen) / 2).to(DEVICE, torch.bfloat16)
+    ids = torch.randint(0, v, (b, t), generator=gen).to(DEVICE)
+    labels = ids.clone()
+    labels[:, :3] = -100
+
+    def step(e):
+        return sequence_logprobs(torch.tanh(e[ids]), e, labels, backend="triton").square().sum()
+
+    e1, e2 = emb.clone().requires_grad_(), emb.clone().requires_grad_()
+    eager = step(e1)
+    eager.backward()
+    compiled = torch.compile(step, fullgraph=True)(e2)
+    compiled.backward()
+    assert rel_err(compiled, eager) < 1e-5 and rel_err(e2.grad, e1.grad) < 1e-5
