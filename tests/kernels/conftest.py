@@ -47,3 +47,14 @@ def make_inputs(gen, n, h, v, dtype, scale=1.0, ignore_frac=0.3):
     drop = torch.rand(n, generator=gen) < ignore_frac
     targets[drop] = -100
     return hidden.to(dtype), weight.to(dtype), targets
+
+
+def eager_and_compiled(step, x):
+    """step(x) and its gradient, eager and under torch.compile(fullgraph=True), on two copies of x:
+    ((value, grad) eager, (value, grad) compiled)."""
+    x1, x2 = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
+    eager = step(x1)
+    eager.backward()
+    compiled = torch.compile(step, fullgraph=True)(x2)
+    compiled.backward()
+    return (eager, x1.grad), (compiled, x2.grad)

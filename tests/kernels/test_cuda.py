@@ -11,7 +11,7 @@ import torch
 from caldpo.kernels import linear_logprobs, preference_loss, sequence_logprobs
 from caldpo.kernels.backends import triton_interpreting
 
-from .conftest import make_inputs, oracle_logprobs, rel_err, tol
+from .conftest import eager_and_compiled, make_inputs, oracle_logprobs, rel_err, tol
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available() or triton_interpreting(),
                                 reason="needs a CUDA device (and TRITON_INTERPRET unset)")
@@ -86,9 +86,5 @@ def test_compiled_training_step(gen, backend):
         losses, _, _ = preference_loss(lp[:2], lp[2:], ref[:2], ref[2:], 0.1, loss="caldpo", backend="compiled")
         return losses.mean()
 
-    e1, e2 = emb.clone().requires_grad_(), emb.clone().requires_grad_()
-    eager = step(e1)
-    eager.backward()
-    compiled = torch.compile(step, fullgraph=True)(e2)
-    compiled.backward()
-    assert rel_err(compiled, eager) < 1e-4 and rel_err(e2.grad, e1.grad) < 2e-2
+    (e, ge), (c, gc) = eager_and_compiled(step, emb)
+    assert rel_err(c, e) < 1e-4 and rel_err(gc, ge) < 2e-2

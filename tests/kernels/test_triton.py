@@ -17,7 +17,7 @@ import torch
 from caldpo.kernels import available_backends, linear_logprobs, sequence_logprobs
 from caldpo.kernels.backends import triton_interpreting
 
-from .conftest import make_inputs, oracle_logprobs, rel_err, tol
+from .conftest import eager_and_compiled, make_inputs, oracle_logprobs, rel_err, tol
 
 ON_GPU = torch.cuda.is_available() and not triton_interpreting()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -179,9 +179,5 @@ def test_compiles_fullgraph(gen, monkeypatch):
     def step(e):
         return sequence_logprobs(torch.tanh(e[ids]), e, labels, backend="triton").square().sum()
 
-    e1, e2 = emb.clone().requires_grad_(), emb.clone().requires_grad_()
-    eager = step(e1)
-    eager.backward()
-    compiled = torch.compile(step, fullgraph=True)(e2)
-    compiled.backward()
-    assert rel_err(compiled, eager) < 1e-5 and rel_err(e2.grad, e1.grad) < 1e-5
+    (e, ge), (c, gc) = eager_and_compiled(step, emb)
+    assert rel_err(c, e) < 1e-5 and rel_err(gc, ge) < 1e-5
