@@ -94,7 +94,7 @@ awk '/^# /{buf=""} {buf=buf $0 "\n"} END{printf "%s", buf}' "$out/bench_output.t
 
 # 6. the real trainer on the GPU (Triton head, FSDP2 bf16): fused vs materialised logits.
 [ "${DEVICE:-cuda}" = cuda ] && stage "train e2e" "${TRAIN_TIMEOUT_S:-70}" "$py" benchmarks/bench_train.py --device cuda \
-    --hidden 1024 --layers 2 --heads 16 --vocab 50304 --batch-size 16 --max-length 256 --steps 6 \
+    --hidden 1024 --layers 2 --heads 16 --vocab 50304 --batch-size 16 --max-length 256 --steps 10 --warmup 3 \
     --json "$out/train_cuda.json"
 
 if [ -n "$dest" ]; then

@@ -5,6 +5,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -60,7 +61,9 @@ def write_tldr_sample(path: Path, n_train: int = 32, n_valid: int = 8) -> Path:
 def sbatch(script: str, overrides: list[str], *, sbatch_opts: list[str] = (), env: dict | None = None,
            cwd: Path = REPO) -> int:
     """Submit ``slurm/<script>`` with sbatch; returns the job id."""
-    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    # The job runs this interpreter (the scripts' PYTHON), not whatever python3 the PATH finds.
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHON": sys.executable, **(env or {})}
     cmd = ["sbatch", "--parsable", *sbatch_opts, str(REPO / "slurm" / script), *overrides]
     out = subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=cwd, timeout=60)
     assert out.returncode == 0, f"{' '.join(cmd)} failed: {out.stderr}"

@@ -88,3 +88,32 @@ def test_compiled_training_step(gen, backend):
 
     (e, ge), (c, gc) = eager_and_compiled(step, emb)
     assert rel_err(c, e) < 1e-4 and rel_err(gc, ge) < 2e-2
+
+
+def _compiled_variants(fn) -> int:
+    """How many compiled variants a Triton JIT function holds (0 when this Triton hides it)."""
+    caches = getattr(fn, "device_caches", None)
+    if caches is None:
+        pytest.skip("this Triton keeps no device_caches on its JIT functions")
+    return sum(len(c[0]) for c in caches.values() if isinstance(c, tuple) and isinstance(c[0], dict))
+
+
+def test_no_recompile_across_batch_sizes(gen):
+    """A new token count must not compile the kernels again (each compile costs about a second
+    per training step): after the first sizes, the number of compiled variants stays put."""
+    from caldpo.kernels import triton_logprobs
+    w = (torch.randn(5003, 128, generator=gen) / 12).cuda().to(torch.bfloat16).requires_grad_()
+
+    def run(m):
+        x = torch.randn(m, 128, generator=gen).cuda().to(torch.bfloat16).requires_grad_()
+        t = torch.randint(0, 5003, (m,), generator=gen).cuda()
+        linear_logprobs(x, w, t, backend="triton").sum().backward()
+    names = ("_fwd_kernel", "_softmax_block_kernel")
+    run(1000)
+    run(1001)
+    before = {n: _compiled_variants(getattr(triton_logprobs, n)) for n in names}
+    for m in (1002, 1003, 1013, 1024, 1031, 2047, 4093):
+        run(m)
+    after = {n: _compiled_variants(getattr(triton_logprobs, n)) for n in names}
+    assert all(v > 0 for v in before.values()), before
+    assert after == before
