@@ -1,6 +1,7 @@
 """Helpers for the tests that submit real jobs to a Slurm cluster (.ci/slurm_up.sh)."""
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import shutil
@@ -85,11 +86,21 @@ FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEM
          "PREEMPTED"}
 
 
+def _begin_passed(stamp: str) -> bool:
+    """Whether scontrol's StartTime (a pending job's begin time, local time) is past."""
+    try:
+        return datetime.datetime.now() >= datetime.datetime.fromisoformat(stamp) + datetime.timedelta(seconds=1)
+    except ValueError:
+        return False
+
+
 def wait_job(job_id: int, timeout: float = 300, poll=None) -> dict[str, str]:
     """Poll until the job reaches a final state; returns its last scontrol record.
 
-    A requeued job waits out Slurm's requeue delay (BeginTime); it is released at
-    once so that the tests do not idle. ``poll(info)`` runs at every poll.
+    A requeued job waits out Slurm's requeue delay (BeginTime, cred_expire + 1 s: a job
+    started sooner is killed with "Job credential revoked"); once that has passed it is
+    released at once rather than at the scheduler's next periodic pass, so that the tests
+    do not idle. ``poll(info)`` runs at every poll.
     """
     deadline = time.time() + timeout
     info: dict[str, str] = {}
@@ -100,7 +111,8 @@ def wait_job(job_id: int, timeout: float = 300, poll=None) -> dict[str, str]:
         state = info.get("JobState", "")
         if state in FINAL:
             return info
-        if state == "PENDING" and info.get("Reason") == "BeginTime" and info.get("Restarts", "0") != "0":
+        if (state == "PENDING" and info.get("Reason") == "BeginTime" and info.get("Restarts", "0") != "0"
+                and _begin_passed(info.get("StartTime", ""))):
             subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now"], capture_output=True)
         time.sleep(1)
     subprocess.run(["scancel", str(job_id)], capture_output=True)
