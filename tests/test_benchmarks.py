@@ -139,3 +139,12 @@ def test_quick_methods_compute_the_same_thing(quick_run):
             assert e["err"]["logps"] < 1e-5, (name, e["err"])
             assert e["err"]["loss"] < 1e-3, (name, e["err"])
             assert e["err"]["grad_hidden"] < 1e-3 and e["err"]["grad_weight"] < 1e-3, (name, e["err"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only refusal")
+def test_profile_head_imports_and_refuses_cpu():
+    """The CUDA-only head profile loads (imports, argument parsing) and says why it cannot run here."""
+    pytest.importorskip("triton")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "profile_head.py"), "--reps", "1"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr, proc.stderr[-2000:]
