@@ -58,8 +58,10 @@ def run(model_dir: Path, backend: str, args, run_dir: Path) -> dict:
     if proc.returncode != 0:
         return {"error": proc.stderr[-2000:]}
     recs = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps = [r for r in recs if r.get("split") == "train" and "tokens_per_second" in r][args.warmup:]
+    all_steps = [r for r in recs if r.get("split") == "train" and "tokens_per_second" in r]
+    steps = all_steps[args.warmup:]
     return {
+        "step_times_all": [r["step_time"] for r in all_steps],  # warm-up included: outliers show compiles
         "tokens_per_second": statistics.median(r["tokens_per_second"] for r in steps),
         "step_time": statistics.median(r["step_time"] for r in steps),
         "peak_memory_gb": max(r.get("peak_memory_gb", 0.0) for r in steps),
