@@ -252,7 +252,7 @@ def setup_ours(variant: str):
                 ref = sequence_logprobs(inp["ref_hidden"], inp["ref_weight"], inp["labels"], backend=backend)
             p = pol.shape[0] // 2
             losses, _, _ = preference_loss(pol[:p], pol[p:], ref[:p], ref[p:], BETA, loss="caldpo")
-            if forms is not None:  # what the autotuners settled on
+            if forms is not None and "triton" not in info:  # what the autotuners settled on (first call)
                 info["triton"] = f"forward {forms[0]}, backward {forms[1]}; " + "; ".join(
                     f"{k} tile {getattr(getattr(triton_logprobs, f'_{k}_kernel_tuned'), 'best_config', None)}"
                     for k, form in (("fwd", forms[0]), ("bwd", forms[1])) if form == "fused")

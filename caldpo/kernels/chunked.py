@@ -46,6 +46,8 @@ MIN_CHUNK = 256
 # On CUDA: [M, Cv] fp32 chunks of 128 MiB (Cv = 4096 columns at 8192 tokens).
 CUDA_CHUNK_BYTES = 128 << 20
 CUDA_ALIGN = 128
+# On CUDA the 16-bit GEMM forms pad the token count to a multiple of this (zero rows).
+ROW_ALIGN = 16
 # "auto": 16-bit operands stay 16-bit on CUDA and are cast to fp32 on CPU; "fp32" or
 # "input" force one rule everywhere (tests run the CUDA rule on CPU with "input").
 GEMM = "auto"
@@ -191,10 +193,10 @@ def _pick_lse(logits: torch.Tensor, rel: torch.Tensor, tgt: torch.Tensor, lse: t
 
 def _forward_lowp(hidden, weight, targets, chunk_bytes):
     """`forward` with 16-bit GEMMs into fp32 logits blocks (see the module doc); on CUDA
-    the token count is padded to a multiple of 16 (zero rows, results dropped)."""
+    the token count is padded to a multiple of ROW_ALIGN (zero rows, results dropped)."""
     m, v = hidden.shape[0], weight.shape[0]
-    if hidden.is_cuda and m % 16:
-        rows = m + 16 - m % 16
+    rows = aligned_rows(m)
+    if hidden.is_cuda and rows != m:
         logp, lse = _forward_lowp(pad_rows(hidden, rows), weight, pad_rows(targets, rows), chunk_bytes)
         return logp[:m], lse[:m]
     tgt = torch.zeros(m, dtype=torch.float32, device=hidden.device)
@@ -217,6 +219,11 @@ def _softmax_block(x, w, shift, dtype):
     return mm32(x, w.T).add_(shift).exp_().to(dtype)
 
 
+def aligned_rows(m: int) -> int:
+    """m rounded up to a multiple of ROW_ALIGN."""
+    return m + (-m) % ROW_ALIGN
+
+
 def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     """x with zero rows appended up to `rows`."""
     return torch.cat([x, x.new_zeros((rows - x.shape[0],) + tuple(x.shape[1:]))]) if rows > x.shape[0] else x
@@ -226,12 +233,12 @@ def _backward_lowp(g, hidden, weight, targets, lse, need_hidden, need_weight, ch
     """`backward` with 16-bit GEMMs: each softmax block is computed in fp32, then rounded
     to the input dtype once as the operand of both gradient GEMMs (fp32 results).
 
-    On CUDA the token count is padded to a multiple of 16 with rows whose upstream
+    On CUDA the token count is padded to a multiple of ROW_ALIGN with rows whose upstream
     gradient is 0 (so they add nothing), keeping every GEMM edge aligned.
     """
     m, v = hidden.shape[0], weight.shape[0]
-    if hidden.is_cuda and m % 16:
-        rows = m + 16 - m % 16
+    rows = aligned_rows(m)
+    if hidden.is_cuda and rows != m:
         gh, gw = _backward_lowp(pad_rows(g, rows), pad_rows(hidden, rows), weight, pad_rows(targets, rows),
                                 pad_rows(lse, rows), need_hidden, need_weight, chunk_bytes, block_fn)
         return (gh[:m] if need_hidden else None), gw

@@ -293,10 +293,10 @@ def _forward_gemm(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward for 16-bit inputs as cuBLAS GEMMs into fp32 vocab blocks of the chunked
     backend's size, each reduced by one Triton pass; on CUDA the tokens are padded to a
-    multiple of 16 (zero rows, dropped) so that every GEMM edge stays aligned."""
+    multiple of chunked.ROW_ALIGN (zero rows, dropped) so that every GEMM edge stays aligned."""
     m, v = hidden.shape[0], weight.shape[0]
-    if _on_gpu(hidden) and m % 16:
-        rows = m + 16 - m % 16
+    rows = chunked.aligned_rows(m)
+    if _on_gpu(hidden) and rows != m:
         logp, lse = _forward_gemm(chunked.pad_rows(hidden, rows), weight, chunked.pad_rows(targets, rows))
         return logp[:m], lse[:m]
     cv = chunked.chunk_size(v, m, cuda=hidden.is_cuda)
@@ -330,8 +330,6 @@ def _softmax_block(x: torch.Tensor, w: torch.Tensor, shift: torch.Tensor, dtype:
     _softmax_block_kernel[(z.shape[0], triton.cdiv(z.shape[1], block))](
         z, shift.reshape(-1).contiguous(), out, z.shape[1], BLOCK=block)
     return out
-
-
 
 
 def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,

@@ -263,3 +263,4 @@ def test_cuda_chunk_widths_are_aligned(rows):
         w = chunked.chunk_size(v, rows, cuda=True)
         assert 1 <= w <= v and (w % chunked.CUDA_ALIGN == 0 or w == v)
     assert chunked.chunk_size(50304, 8352, cuda=False) == chunked.chunk_size(50304, 8352)
+    assert [chunked.aligned_rows(m) for m in (1, 16, 17, 8166)] == [16, 16, 32, 8176]
