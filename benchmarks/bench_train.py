@@ -81,23 +81,31 @@ def main(argv=None) -> dict:
     p.add_argument("--max-length", type=int, default=96)
     p.add_argument("--steps", type=int, default=8)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--backends", default="auto,reference",
+                   help="kernels.backend values to run, each in its own process; auto and reference "
+                        "are the two the speed-up compares")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     results = {"device": args.device, "machine": platform.processor() or platform.machine(), "args": vars(args)}
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = build_model(Path(tmp) / "model", args.hidden, args.layers, args.heads, args.vocab,
                                 max(256, args.max_length))
-        for backend in ("auto", "reference"):
+        backends = list(dict.fromkeys(["auto", *args.backends.split(","), "reference"]))
+        for backend in backends:
             results[backend] = run(model_dir, backend, args, Path(tmp) / f"run_{backend}")
     ours, ref = results["auto"], results["reference"]
     print(f"\n# end-to-end Cal-DPO training, {args.device}: H={args.hidden} L={args.layers} V={args.vocab} "
           f"batch={args.batch_size} max_length={args.max_length}, median of {ours.get('steps_timed')} steps")
-    print(f"{'head':<24}{'tokens/s':>12}{'step s':>10}{'peak GiB':>10}")
-    for name, r in (("fused (backend=auto)", ours), ("materialised logits", ref)):
+    print(f"{'head':<24}{'tokens/s':>12}{'step s':>10}{'peak GiB':>10}  step times s (warm-up included)")
+    names = {"auto": "fused (backend=auto)", "reference": "materialised logits"}
+    for backend in backends:
+        name, r = names.get(backend, f"fused (backend={backend})"), results[backend]
         if "error" in r:
             print(f"{name:<24} failed: {r['error'][-300:]}")
         else:
-            print(f"{name:<24}{r['tokens_per_second']:>12.1f}{r['step_time']:>10.3f}{r['peak_memory_gb']:>10.2f}")
+            times = " ".join(f"{t:.3f}" for t in r["step_times_all"])
+            print(f"{name:<24}{r['tokens_per_second']:>12.1f}{r['step_time']:>10.3f}{r['peak_memory_gb']:>10.2f}  "
+                  f"{times}")
     if "error" not in ours and "error" not in ref:
         results["speedup"] = ours["tokens_per_second"] / ref["tokens_per_second"]
         print(f"fused / materialised throughput: {results['speedup']:.2f}x")

@@ -9,10 +9,11 @@
 # Each stage is time-boxed so that one failure does not eat the budget.
 # Results: $OUT/gpu_results.json, $OUT/gpu_table.txt, $OUT/suite.log
 # ($OUT defaults to benchmarks/results/gpu_run); copies go to --dest DIR if given.
-# Knobs (env): SUITE_BUDGET_S (480), TESTS_TIMEOUT_S (200), PER_TEST_TIMEOUT_S (90), TESTS (the two CUDA test files),
+# Knobs (env): SUITE_BUDGET_S (480), TESTS_TIMEOUT_S (200, shared by the test files), PER_TEST_TIMEOUT_S (90),
+#              TESTS (the two CUDA test files, run one stage each), TEST_ARGS (extra pytest args),
 #              BENCH_ARGS (extra args), OURS_BACKENDS (auto), SHAPES (cuda), DEVICE (cuda).
 # A CPU dry run of the plumbing:
-#   DEVICE=cpu SHAPES=quick TESTS="tests/test_benchmarks.py -k parse_shape" bash benchmarks/gpu_suite.sh
+#   DEVICE=cpu SHAPES=quick TESTS=tests/test_benchmarks.py TEST_ARGS="-k parse_shape" bash benchmarks/gpu_suite.sh
 # (stages 4 and 6 run on CUDA only).
 set -uo pipefail
 
@@ -51,8 +52,8 @@ stage() {
     return "$rc"
 }
 
-stage "environment" 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv; \
-    $py -c 'import sys, torch, triton; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.get_device_name())'"
+stage "environment" 30 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>/dev/null; \
+    $py -c 'import sys, torch, triton; print(sys.version.split()[0], torch.__version__, torch.version.cuda, triton.__version__, torch.cuda.is_available() and torch.cuda.get_device_name())'"
 
 # 1. peers: pure-Python wheels, no dependencies fetched (torch and triton are there).
 site=/tmp/caldpo_bench_site
@@ -68,14 +69,23 @@ fi
 # 2. caldpo itself, from this checkout (nothing is written into the machine's Python).
 export PYTHONPATH="$repo${PYTHONPATH:+:$PYTHONPATH}"
 
-# 3. kernel tests on the GPU: the CUDA cases and the Triton cases, compiled (no interpreter).
-# shellcheck disable=SC2086
+# 3. kernel tests on the GPU: the CUDA cases, then the Triton cases compiled (no interpreter),
+#    as two stages so that a slow second file cannot hide the first one's failure report;
+#    -s prints each case's errors as it runs (kept in the log even if the stage is cut off).
 per_test=""
 "$py" -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=${PER_TEST_TIMEOUT_S:-90}"
-# shellcheck disable=SC2086
-stage "kernel tests" "${TESTS_TIMEOUT_S:-200}" "$py" -m pytest ${TESTS:-tests/kernels/test_cuda.py tests/kernels/test_triton.py} \
-    -v -rs -p no:cacheprovider --durations=8 $per_test
-tests_rc=$?
+tests_rc=0
+tests_cap="${TESTS_TIMEOUT_S:-200}"
+for f in ${TESTS:-tests/kernels/test_cuda.py tests/kernels/test_triton.py}; do
+    # the first file gets up to 60% of the cap, the rest what is left of it
+    cap=$(( tests_cap * 6 / 10 )); [ "$f" != "${TESTS:-tests/kernels/test_cuda.py}" ] && cap=$tests_cap
+    t0=$SECONDS
+    # shellcheck disable=SC2086
+    stage "kernel tests $f" "$cap" "$py" -m pytest "$f" -v -s -rfEs -p no:cacheprovider --durations=5 $per_test \
+        ${TEST_ARGS:-} \
+        || tests_rc=$?
+    tests_cap=$(( tests_cap - (SECONDS - t0) ))
+done
 
 # 4. the fused head's forward and backward apart, per backend (cheap; tells which phase is slow).
 [ "${DEVICE:-cuda}" = cuda ] && stage "head profile" "${PROFILE_TIMEOUT_S:-60}" "$py" benchmarks/profile_head.py \
@@ -83,7 +93,7 @@ tests_rc=$?
 
 # 5. the micro-benchmark with its peers, leaving TRAIN_RESERVE_S for stage 6; it stops starting
 #    new work 40 s before its own timeout and writes its JSON after every shape.
-t=$(( $(left) - ${TRAIN_RESERVE_S:-70} ))
+t=$(( $(left) - ${TRAIN_RESERVE_S:-90} ))
 # shellcheck disable=SC2086
 stage "benchmark" "$t" "$py" benchmarks/bench_logprob_loss.py --device "${DEVICE:-cuda}" --shapes ${SHAPES:-cuda} \
     --ours-backends "${OURS_BACKENDS:-auto}" --budget-s $(( t - 40 > 30 ? t - 40 : 30 )) \
@@ -93,7 +103,7 @@ bench_rc=${PIPESTATUS[0]}
 awk '/^# /{buf=""} {buf=buf $0 "\n"} END{printf "%s", buf}' "$out/bench_output.txt" > "$out/gpu_table.txt"
 
 # 6. the real trainer on the GPU (Triton head, FSDP2 bf16): fused vs materialised logits.
-[ "${DEVICE:-cuda}" = cuda ] && stage "train e2e" "${TRAIN_TIMEOUT_S:-70}" "$py" benchmarks/bench_train.py --device cuda \
+[ "${DEVICE:-cuda}" = cuda ] && stage "train e2e" "${TRAIN_TIMEOUT_S:-90}" "$py" benchmarks/bench_train.py --device cuda --backends auto,torch,reference \
     --hidden 1024 --layers 2 --heads 16 --vocab 50304 --batch-size 16 --max-length 256 --steps 10 --warmup 3 \
     --json "$out/train_cuda.json"
 

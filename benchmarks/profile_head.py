@@ -20,6 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from caldpo.kernels import chunked, linear_logprobs, triton_logprobs  # noqa: E402
 
 FORMS = {"triton-gemm": ("gemm", "gemm"), "triton-fused": ("fused", "fused")}
+DEFAULT_CHUNK_BYTES = chunked.CUDA_CHUNK_BYTES
 
 
 def cuda_time(fn, reps: int) -> float:
@@ -37,6 +38,18 @@ def cuda_time(fn, reps: int) -> float:
     return statistics.median(times)
 
 
+def peak_extra(fn, clear) -> float:
+    """MiB that one call of fn allocates above what was live before it (peak, CUDA allocator),
+    after clear() has dropped what an earlier call left; the gradients it makes count."""
+    clear()
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--tokens", type=int, default=8166, help="an odd count, as after dropping prompt tokens")
@@ -45,6 +58,9 @@ def main(argv=None) -> int:
     ap.add_argument("--backends", default="triton,triton-gemm,triton-fused,torch",
                     help="caldpo backends; triton-gemm / triton-fused: the Triton backend with all-GEMM "
                          "or all-fused forms (plain triton: its defaults)")
+    ap.add_argument("--chunk-mib", default="32,64",
+                    help="also time the default Triton forms with these chunked.CUDA_CHUNK_BYTES (MiB): "
+                         "the fp32 logits block of the GEMM forms, a speed-for-memory trade")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--json", default=None)
     args = ap.parse_args(argv)
@@ -54,7 +70,7 @@ def main(argv=None) -> int:
     gen = torch.Generator(device="cuda").manual_seed(0)
     n, v, rows = args.tokens, args.vocab, []
     print(f"# {torch.cuda.get_device_name()} | N={n} V={v} bf16 | median of {args.reps}")
-    print(f"{'H':>5} {'backend':<13} {'phase':<8} {'ms':>8} {'TFLOP/s':>8} {'%mm':>5}")
+    print(f"{'H':>5} {'backend':<13} {'phase':<8} {'ms':>8} {'TFLOP/s':>8} {'%mm':>5} {'+MiB':>7}")
     for h in (int(x) for x in args.hidden.split(",")):
         x = torch.randn(n, h, device="cuda", dtype=torch.bfloat16, generator=gen)
         w = (torch.randn(v, h, device="cuda", generator=gen) / h ** 0.5).to(torch.bfloat16)
@@ -64,8 +80,11 @@ def main(argv=None) -> int:
         del out
         mm_rate = 2 * n * h * v / mm
         print(f"{h:>5} {'cuBLAS':<13} {'matmul':<8} {mm * 1e3:8.2f} {mm_rate / 1e12:8.1f} {100:5.0f}")
-        for variant in args.backends.split(","):
+        chunks = [f"triton@{c}MiB" for c in args.chunk_mib.split(",") if c]
+        for variant in args.backends.split(",") + chunks:
             backend = "triton" if variant.startswith("triton") else variant
+            chunked.CUDA_CHUNK_BYTES = (int(variant.split("@")[1][:-3]) << 20 if "@" in variant
+                                        else DEFAULT_CHUNK_BYTES)
             if backend == "triton":
                 triton_logprobs.FORWARD, triton_logprobs.BACKWARD = FORMS.get(variant, triton_logprobs.DEFAULT_FORMS)
             xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
@@ -74,15 +93,19 @@ def main(argv=None) -> int:
                 with torch.no_grad():
                     linear_logprobs(x, w, t, backend=backend)
 
-            def fwd_bwd():
+            def clear():
                 xg.grad = wg.grad = None
+
+            def fwd_bwd():
+                clear()
                 linear_logprobs(xg, wg, t, backend=backend).sum().backward()
             for phase, fn, flops in (("fwd", fwd, 2 * n * h * v), ("fwd+bwd", fwd_bwd, 8 * n * h * v)):
                 sec = cuda_time(fn, args.reps)
-                rows.append(dict(hidden=h, backend=variant, phase=phase, ms=sec * 1e3,
+                extra = peak_extra(fn, clear)
+                rows.append(dict(hidden=h, backend=variant, phase=phase, ms=sec * 1e3, extra_mib=extra,
                                  tflops=flops / sec / 1e12, frac_mm=flops / sec / mm_rate))
                 print(f"{h:>5} {variant:<13} {phase:<8} {sec * 1e3:8.2f} {flops / sec / 1e12:8.1f} "
-                      f"{100 * flops / sec / mm_rate:5.0f}")
+                      f"{100 * flops / sec / mm_rate:5.0f} {extra:7.1f}")
             if backend == "triton":
                 print(f"      {variant}: forward {triton_logprobs.FORWARD}, backward {triton_logprobs.BACKWARD}")
                 for kind in ("fwd", "bwd"):

@@ -35,6 +35,25 @@ def test_shell_scripts_parse(script):
     subprocess.run(["bash", "-n", os.path.join(ROOT, "benchmarks", script)], check=True)
 
 
+def test_gpu_suite_cpu_dry_run(tmp_path):
+    """The GPU suite's plumbing on CPU: its stages run in order within the budget, the test
+    stage runs pytest, and the benchmark leaves its JSON and the table printed last."""
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, DEVICE="cpu", SHAPES="tiny",
+               TESTS="tests/test_benchmarks.py", TEST_ARGS="-k parse_shape", SUITE_BUDGET_S="150",
+               BENCH_ARGS="--reps 2")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_suite.sh")], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    log = (out / "suite.log").read_text()
+    assert "== kernel tests tests/test_benchmarks.py: rc=0" in log and "1 passed" in log
+    result = json.loads((out / "gpu_results.json").read_text())
+    assert [s["shape"]["name"] for s in result["shapes"]] == ["tiny"]
+    table = (out / "gpu_table.txt").read_text()
+    assert table.startswith("# ") and "\nours " in table
+    assert proc.stdout.rstrip().endswith(table.rstrip())
+
+
 def test_parse_shape(bench):
     assert [s.name for s in bench.parse_shape("cpu")] == ["cpu-s", "cpu-m"]
     s = bench.parse_shape("2x64x32x512")[0]

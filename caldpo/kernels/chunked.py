@@ -24,9 +24,11 @@ fp32 one chunk at a time (its 16-bit GEMMs are slow) and all chunk buffers are
 allocated once per call and reused (ragged last chunks use a contiguous prefix
 of the same storage). On CUDA the GEMMs run in the input dtype on the tensor
 cores with fp32 results (`torch.mm(..., out_dtype=torch.float32)`): logits and
-their logsumexp stay fp32, and the softmax block is rounded to the input dtype
-only as an operand of the two gradient GEMMs, the same numerics as the Triton
-kernel. Chunks are larger on CUDA (`CUDA_CHUNK_BYTES`) so that each GEMM is
+their logsumexp stay fp32, and the backward forms each block of
+d = g * (onehot - softmax) in fp32 and rounds it to the input dtype once, as the
+operand of the two gradient GEMMs (d @ W, d^T @ X), the same numerics as the
+fused Triton kernel. Over the vocabulary a grad_weight block is final after its
+GEMM and is stored in the weight's dtype, so no [V, H] fp32 buffer exists. Chunks are larger on CUDA (`CUDA_CHUNK_BYTES`) so that each GEMM is
 big enough to hide the launches of the elementwise passes between them.
 """
 from __future__ import annotations
@@ -214,9 +216,16 @@ def _forward_lowp(hidden, weight, targets, chunk_bytes):
     return tgt.sub_(lse), lse
 
 
-def _softmax_block(x, w, shift, dtype):
-    """exp(x @ w.T + shift) in fp32, rounded to `dtype` (the shift is minus the logsumexp)."""
-    return mm32(x, w.T).add_(shift).exp_().to(dtype)
+def _dlogits_block(x, w, shift, g, targets, col0, dtype):
+    """d = g * (onehot - exp(x @ w.T + shift)) for the vocab block that starts at column
+    `col0`, formed in fp32 and rounded to `dtype` once (shift: minus the logsumexp; a target
+    outside the block adds no onehot)."""
+    z = mm32(x, w.T).add_(shift).exp_().neg_()
+    cols = z.shape[1]
+    rel = targets - col0
+    here = ((rel >= 0) & (rel < cols)).to(z.dtype).unsqueeze(1)
+    z.scatter_add_(1, rel.clamp(0, cols - 1).unsqueeze(1), here)
+    return z.mul_(g).to(dtype)
 
 
 def aligned_rows(m: int) -> int:
@@ -229,58 +238,59 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros((rows - x.shape[0],) + tuple(x.shape[1:]))]) if rows > x.shape[0] else x
 
 
-def _backward_lowp(g, hidden, weight, targets, lse, need_hidden, need_weight, chunk_bytes, block_fn):
-    """`backward` with 16-bit GEMMs: each softmax block is computed in fp32, then rounded
-    to the input dtype once as the operand of both gradient GEMMs (fp32 results).
+def _backward_lowp(g, hidden, weight, targets, lse, need_hidden, need_weight, chunk_bytes, block_fn,
+                   grad_weight_dtype):
+    """`backward` with 16-bit GEMMs. Each block of d = g * (onehot - softmax) is formed in
+    fp32 and rounded to the input dtype once; then grad_hidden += d @ W_block and
+    grad_weight[block] = d^T @ X, both GEMMs with fp32 results.
 
-    On CUDA the token count is padded to a multiple of ROW_ALIGN with rows whose upstream
-    gradient is 0 (so they add nothing), keeping every GEMM edge aligned.
+    Over the vocabulary each block of grad_weight is final after one GEMM, so it is written
+    in `grad_weight_dtype` (through a block-sized fp32 buffer when that is 16-bit): no
+    [V, H] fp32 buffer. On CUDA the token count is padded to a multiple of ROW_ALIGN with
+    rows whose upstream gradient is 0 (so d is 0 there), keeping every GEMM edge aligned.
     """
     m, v = hidden.shape[0], weight.shape[0]
     rows = aligned_rows(m)
     if hidden.is_cuda and rows != m:
         gh, gw = _backward_lowp(pad_rows(g, rows), pad_rows(hidden, rows), weight, pad_rows(targets, rows),
-                                pad_rows(lse, rows), need_hidden, need_weight, chunk_bytes, block_fn)
+                                pad_rows(lse, rows), need_hidden, need_weight, chunk_bytes, block_fn,
+                                grad_weight_dtype)
         return (gh[:m] if need_hidden else None), gw
-    dt = hidden.dtype
-    neg_lse = lse.neg().unsqueeze(1)
-    ngx = hidden.float().mul_(g.neg()) if need_weight else None  # fp32, for the onehot term
-    ngx_lp = ngx.to(dt) if need_weight else None
+    dt, h = hidden.dtype, hidden.shape[1]
+    shift = lse.neg().unsqueeze(1)
+    f32 = dict(dtype=torch.float32, device=hidden.device)
     grad_h = grad_w = None
-
-    def softmax_block(x, w, shift):
-        return block_fn(x, w, shift, dt)
-
     if _axis(m, v) == "vocab":
         cv = chunk_size(v, m, chunk_bytes, hidden.is_cuda)
-        acc = torch.zeros(m, hidden.shape[1], dtype=torch.float32, device=hidden.device) if need_hidden else None
+        if need_hidden:
+            grad_h = torch.zeros(m, h, **f32)
         if need_weight:
-            grad_w = torch.empty(weight.shape, dtype=torch.float32, device=hidden.device)
+            grad_w = torch.empty(weight.shape, dtype=grad_weight_dtype, device=hidden.device)
+            wbuf = None if grad_weight_dtype == torch.float32 else torch.empty(cv * h, **f32)
         for s in range(0, v, cv):
             e = min(s + cv, v)
             wc = weight[s:e]
-            p = softmax_block(hidden, wc, neg_lse)
+            d = block_fn(hidden, wc, shift, g, targets, s, dt)
             if need_hidden:
-                mm32(p, wc, out=acc, accumulate=True)
+                mm32(d, wc, out=grad_h, accumulate=True)
             if need_weight:
-                mm32(p.T, ngx_lp, out=grad_w[s:e])
-        if need_hidden:
-            grad_h = _finish_grad_hidden(acc, weight, targets, g)
-    else:
-        c = chunk_size(m, v, chunk_bytes, hidden.is_cuda)
-        if need_hidden:
-            grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device)
-        if need_weight:
-            grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=hidden.device)
-        for s in range(0, m, c):
-            e = min(s + c, m)
-            p = softmax_block(hidden[s:e], weight, neg_lse[s:e])
-            if need_hidden:
-                _finish_grad_hidden(mm32(p, weight, out=grad_h[s:e]), weight, targets[s:e], g[s:e])
-            if need_weight:
-                mm32(p.T, ngx_lp[s:e], out=grad_w, accumulate=True)
+                if wbuf is None:
+                    mm32(d.T, hidden, out=grad_w[s:e])
+                else:
+                    grad_w[s:e].copy_(mm32(d.T, hidden, out=_view(wbuf, e - s, h)))
+        return grad_h, grad_w
+    c = chunk_size(m, v, chunk_bytes, hidden.is_cuda)
+    if need_hidden:
+        grad_h = torch.empty(m, h, **f32)
     if need_weight:
-        grad_w.index_add_(0, targets, ngx, alpha=-1.0)
+        grad_w = torch.zeros(weight.shape, **f32)
+    for s in range(0, m, c):
+        e = min(s + c, m)
+        d = block_fn(hidden[s:e], weight, shift[s:e], g[s:e], targets[s:e], 0, dt)
+        if need_hidden:
+            mm32(d, weight, out=grad_h[s:e])
+        if need_weight:
+            mm32(d.T, hidden[s:e], out=grad_w, accumulate=True)
     return grad_h, grad_w
 
 
@@ -297,13 +307,14 @@ def _finish_grad_hidden(acc: torch.Tensor, weight: torch.Tensor, targets: torch.
 def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
              targets: torch.Tensor, lse: torch.Tensor, need_hidden: bool = True,
              need_weight: bool = True, chunk_bytes: int | None = None,
-             softmax_block=None, gemm: str | None = None
+             dlogits_block=None, gemm: str | None = None
              ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of sum(grad * logp) w.r.t. hidden [M,H] and weight [V,H], in fp32.
+    """Gradients of sum(grad * logp) w.r.t. hidden [M,H] and weight [V,H], in fp32 (in the
+    16-bit GEMM rule, grad_weight may come in the weight's dtype; callers cast to it anyway).
 
-    `gemm` overrides the module's GEMM rule; `softmax_block(x, w, shift, dtype)`
-    replaces the torch ops that form exp(x @ w.T + shift) in the 16-bit rule
-    (the Triton backend passes a one-pass kernel).
+    `gemm` overrides the module's GEMM rule; `dlogits_block(x, w, shift, g, targets, col0, dtype)`
+    replaces the torch ops that form g * (onehot - exp(x @ w.T + shift)) in the 16-bit
+    rule (the Triton backend passes a one-pass kernel).
     """
     m, v = hidden.shape[0], weight.shape[0]
     dev = hidden.device
@@ -318,7 +329,7 @@ def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
     g = _f32(grad).unsqueeze(1)
     if _lowp(hidden, gemm):
         return _backward_lowp(g, hidden, weight.to(hidden.dtype), targets, lse, need_hidden, need_weight,
-                              chunk_bytes, softmax_block or _softmax_block)
+                              chunk_bytes, dlogits_block or _dlogits_block, weight.dtype)
     neg_lse = lse.neg().unsqueeze(1)
     ngx = h * g.neg() if need_weight else None  # rows of X scaled by minus their upstream grad
 

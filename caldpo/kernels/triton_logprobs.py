@@ -16,12 +16,13 @@ one Triton pass (`_lse_block_kernel`).
 
 Backward, "gemm" (default): per vocab block of Cv columns (the chunked backend's
 `_backward_lowp`), recompute the logits with a cuBLAS GEMM into fp32, form
-p = exp(logits - lse) rounded to the input dtype in one Triton pass
-(`_softmax_block_kernel`), then grad_hidden += p @ W_block and
-grad_weight[block] = p^T @ (-g * X) as cuBLAS GEMMs with fp32 outputs (the
-accumulation rides in the GEMM's beta); the onehot term is a row gather/scatter.
-No atomics, and the tensor-core work is cuBLAS's. The price is one fp32 block of
-`chunked.CUDA_CHUNK_BYTES` (128 MiB) and a bf16 copy of it, never [N, V].
+d = g * (onehot - exp(logits - lse)) rounded to the input dtype in one Triton
+pass (`_dlogits_block_kernel`), then grad_hidden += d @ W_block and
+grad_weight[block] = d^T @ X as cuBLAS GEMMs with fp32 outputs (the
+accumulation rides in the GEMM's beta; each grad_weight block is final at once
+and stored in the weight's dtype). No atomics, and the tensor-core work is
+cuBLAS's. The price is one fp32 block of `chunked.CUDA_CHUNK_BYTES` (128 MiB)
+and a bf16 copy of it, never [N, V].
 Backward, "fused" (`_bwd_kernel`, one program per (token tile, vocab tile)):
 recompute the logit tile, form d = g * (onehot - softmax), then for each H-chunk
 atomically add d @ W into grad_hidden and d^T @ X into grad_weight (fp32
@@ -31,8 +32,9 @@ backward ran at 34-36% of the bf16 matmul rate fused against 57-63% with the
 GEMM backward, so "gemm" is the default. Tiles whose d is exactly zero skip
 their gradient matmuls (exact, unlike a threshold on small probabilities).
 
-Numerics: logits, logsumexp and all sums are fp32; in 16-bit the softmax block
-(or d) is rounded to the input dtype only as a gradient GEMM operand. Summation
+Numerics: logits, logsumexp and all sums are fp32; in 16-bit, d = g * (onehot -
+softmax) is formed in fp32 and rounded to the input dtype once, only as a
+gradient GEMM operand (both forms). Summation
 order is not fixed run to run on CUDA (differences of order 1e-7 relative); the
 torch backend on CPU is deterministic. Integers that change with every batch
 (token counts, split counts) are not specialised on, and the per-part buffers are
@@ -51,8 +53,8 @@ from .backends import triton_interpreting
 # for the measurements behind the defaults.
 # FORWARD: "fused" (one Triton kernel, online logsumexp over vocab tiles) or "gemm" (cuBLAS
 # GEMMs into fp32 vocab blocks, one Triton reduction pass each).
-# BACKWARD: "gemm" (recompute each logits block with cuBLAS, one Triton pass for the softmax,
-# two cuBLAS GEMMs for the gradients) or "fused" (one Triton kernel, atomics).
+# BACKWARD: "gemm" (recompute each logits block with cuBLAS, one Triton pass for
+# d = g * (onehot - p), two cuBLAS GEMMs for the gradients) or "fused" (one Triton kernel, atomics).
 DEFAULT_FORMS = ("fused", "gemm")
 FORWARD, BACKWARD = DEFAULT_FORMS
 
@@ -311,37 +313,45 @@ def _forward_gemm(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
 
 # ----------------------------------------------------------------------------- backward, GEMM form
 
-@triton.jit(do_not_specialize=["cols"])
-def _softmax_block_kernel(z_ptr, shift_ptr, out_ptr, cols, BLOCK: tl.constexpr):
-    """out[r, c] = exp(z[r, c] + shift[r]) in out's dtype: one pass over an fp32 logits block."""
+@triton.jit(do_not_specialize=["cols", "col0"])
+def _dlogits_block_kernel(z_ptr, shift_ptr, g_ptr, t_ptr, out_ptr, cols, col0, BLOCK: tl.constexpr):
+    """out[r, c] = g[r] * (onehot - exp(z[r, c] + shift[r])) in out's dtype: one pass over an
+    fp32 logits block whose first column is vocab entry col0."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = c < cols
     z = tl.load(z_ptr + row * cols + c, mask=ok, other=0.0)
     sh = tl.load(shift_ptr + row)
-    tl.store(out_ptr + row * cols + c, tl.exp(z + sh).to(out_ptr.dtype.element_ty), mask=ok)
+    g = tl.load(g_ptr + row)
+    rel = tl.load(t_ptr + row) - col0
+    d = g * (tl.where(c == rel, 1.0, 0.0) - tl.exp(z + sh))
+    tl.store(out_ptr + row * cols + c, d.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-def _softmax_block(x: torch.Tensor, w: torch.Tensor, shift: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """exp(x @ w.T + shift) rounded to `dtype`: the GEMM by cuBLAS into fp32, then one Triton pass."""
+def _dlogits_block(x: torch.Tensor, w: torch.Tensor, shift: torch.Tensor, g: torch.Tensor,
+                   targets: torch.Tensor, col0: int, dtype: torch.dtype) -> torch.Tensor:
+    """g * (onehot - exp(x @ w.T + shift)) rounded to `dtype`, for the vocab block starting at
+    col0: the GEMM by cuBLAS into fp32, then one Triton pass."""
     z = chunked.mm32(x, w.T)
     out = torch.empty(z.shape, dtype=dtype, device=z.device)
     block = 1024 if _on_gpu(x) else 64
-    _softmax_block_kernel[(z.shape[0], triton.cdiv(z.shape[1], block))](
-        z, shift.reshape(-1).contiguous(), out, z.shape[1], BLOCK=block)
+    _dlogits_block_kernel[(z.shape[0], triton.cdiv(z.shape[1], block))](
+        z, shift.reshape(-1).contiguous(), g.reshape(-1).contiguous(), targets, out, z.shape[1], col0,
+        BLOCK=block)
     return out
 
 
 def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
              targets: torch.Tensor, lse: torch.Tensor, need_hidden: bool = True,
              need_weight: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of sum(grad * logp) w.r.t. hidden [M,H] and weight [V,H], in fp32."""
+    """Gradients of sum(grad * logp) w.r.t. hidden [M,H] and weight [V,H], in fp32 (the GEMM
+    form gives grad_weight in the weight's dtype: see chunked.backward)."""
     w_in = _check(hidden, weight)
     m, h = hidden.shape
     v = weight.shape[0]
     if BACKWARD == "gemm" and hidden.dtype != torch.float32 and m > 0:
-        return chunked.backward(grad, hidden, w_in, targets, lse, need_hidden, need_weight,
-                                softmax_block=_softmax_block, gemm="input")
+        return chunked.backward(grad, hidden, weight, targets, lse, need_hidden, need_weight,
+                                dlogits_block=_dlogits_block, gemm="input")
     gx = torch.zeros(m, h, dtype=torch.float32, device=hidden.device) if need_hidden else None
     gw = torch.zeros(v, h, dtype=torch.float32, device=hidden.device) if need_weight else None
     if m == 0 or not (need_hidden or need_weight):

@@ -231,14 +231,18 @@ def test_one_compaction_per_forward_none_in_backward(gen, monkeypatch, ignore_fr
 @pytest.mark.parametrize("axis", ["vocab", "tokens"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("need", [("h", "w"), ("h",), ("w",)])
-def test_16bit_gemm_rule(gen, monkeypatch, axis, dtype, need):
-    """The CUDA rule (16-bit GEMM operands, fp32 results) run on CPU, across ragged chunks."""
+@pytest.mark.parametrize("fp32_weight", [False, True], ids=["same", "fp32weight"])
+def test_16bit_gemm_rule(gen, monkeypatch, axis, dtype, need, fp32_weight):
+    """The CUDA rule (16-bit GEMM operands, fp32 results) run on CPU, across ragged chunks;
+    an fp32 weight with 16-bit hidden states gets its gradient in fp32."""
     n, v = 90, 131
     monkeypatch.setattr(chunked, "GEMM", "input")
     monkeypatch.setattr(chunked, "AXIS", axis)
     monkeypatch.setattr(chunked, "CHUNK_BYTES", 11 * 4 * (v if axis == "tokens" else n))
     monkeypatch.setattr(chunked, "MIN_CHUNK", 1)
     hidden, weight, targets = make_inputs(gen, n, 16, v, dtype)
+    if fp32_weight:
+        weight = weight.float()
     g = torch.randn(n, generator=gen, dtype=torch.float64)
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
     ref = oracle_logprobs(h64, w64, targets)
@@ -252,7 +256,7 @@ def test_16bit_gemm_rule(gen, monkeypatch, axis, dtype, need):
         assert h.grad.dtype == dtype and rel_err(h.grad, ref_gh) < tol(dtype)
         assert (h.grad[targets == -100] == 0).all()
     if "w" in need:
-        assert w.grad.dtype == dtype and rel_err(w.grad, ref_gw) < tol(dtype)
+        assert w.grad.dtype == weight.dtype and rel_err(w.grad, ref_gw) < tol(dtype)
 
 
 @pytest.mark.parametrize("rows", [8088, 8352, 8768, 1000, 300, 77])
