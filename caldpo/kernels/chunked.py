@@ -2,11 +2,12 @@
 
 Both functions work on *compacted* inputs (no ignored targets). Forward keeps
 only the per-token logsumexp; backward recomputes each chunk's softmax and
-applies d = g * (onehot - softmax) to W and X without forming d: the onehot
-part becomes a row gather/scatter, the softmax part one GEMM per gradient, and
-the only pass over a chunk buffer besides the GEMMs is an in-place exp (the
--lse shift rides in the GEMM's beta term, and X is pre-scaled by -g so that
-the weight-gradient block needs no negation pass).
+applies d = g * (onehot - softmax) to W and X. In fp32 (the CPU rule) d is not
+formed: the onehot part becomes a row gather/scatter, the softmax part one GEMM
+per gradient, and the only pass over a chunk buffer besides the GEMMs is an
+in-place exp (the -lse shift rides in the GEMM's beta term, and X is pre-scaled
+by -g so that the weight-gradient block needs no negation pass). The 16-bit
+rule forms d, rounded once (below).
 
 Two chunking axes, picked by which gradient must be accumulated across chunks:
 - over the vocabulary (when tokens <= vocab, the usual case): chunks are

@@ -180,4 +180,7 @@ def test_compiles_fullgraph(gen, monkeypatch):
         return sequence_logprobs(torch.tanh(e[ids]), e, labels, backend="triton").square().sum()
 
     (e, ge), (c, gc) = eager_and_compiled(step, emb)
-    assert rel_err(c, e) < 1e-5 and rel_err(gc, ge) < 1e-5
+    # On CPU the compiled graph rounds like eager. On CUDA inductor fuses tanh's backward and
+    # the embedding's scatter-add in fp32 where eager rounds each to bf16 (an H100 showed
+    # 2.1e-3), so the gradient bound there is the bf16 one that test_cuda.py uses.
+    assert rel_err(c, e) < 1e-5 and rel_err(gc, ge) < (2e-2 if ON_GPU else 1e-5)
