@@ -76,10 +76,13 @@ per_test=""
 "$py" -c "import pytest_timeout" 2>/dev/null && per_test="--timeout=${PER_TEST_TIMEOUT_S:-90}"
 tests_rc=0
 tests_cap="${TESTS_TIMEOUT_S:-280}"
-for f in ${TESTS:-tests/kernels/test_cuda.py tests/kernels/test_triton.py}; do
-    # the first file gets up to 4/5 of the cap (on an H100 it needs about 210 s, 46 s of them
-    # autotuning), the rest what is left of it
-    cap=$(( tests_cap * 4 / 5 )); [ "$f" != "${TESTS:-tests/kernels/test_cuda.py}" ] && cap=$tests_cap
+# shellcheck disable=SC2206
+test_files=(${TESTS:-tests/kernels/test_cuda.py tests/kernels/test_triton.py})
+for i in "${!test_files[@]}"; do
+    f="${test_files[$i]}"
+    # a file with others after it gets up to 4/5 of what is left (on an H100 test_cuda.py needs
+    # about 210 s, 46 s of them autotuning); the last file gets all of it
+    cap=$tests_cap; [ "$i" -lt $(( ${#test_files[@]} - 1 )) ] && cap=$(( tests_cap * 4 / 5 ))
     t0=$SECONDS
     # shellcheck disable=SC2086
     stage "kernel tests $f" "$cap" "$py" -m pytest "$f" -v -s -rfEs -p no:cacheprovider --durations=5 $per_test \
