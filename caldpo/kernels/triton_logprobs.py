@@ -346,12 +346,13 @@ def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
              need_weight: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
     """Gradients of sum(grad * logp) w.r.t. hidden [M,H] and weight [V,H], in fp32 (the GEMM
     form gives grad_weight in the weight's dtype: see chunked.backward)."""
-    w_in = _check(hidden, weight)
     m, h = hidden.shape
     v = weight.shape[0]
-    if BACKWARD == "gemm" and hidden.dtype != torch.float32 and m > 0:
+    if BACKWARD == "gemm" and hidden.dtype in (torch.bfloat16, torch.float16) and m > 0:
+        # chunked.backward casts the weight to the hidden dtype itself, once.
         return chunked.backward(grad, hidden, weight, targets, lse, need_hidden, need_weight,
                                 dlogits_block=_dlogits_block, gemm="input")
+    w_in = _check(hidden, weight)
     gx = torch.zeros(m, h, dtype=torch.float32, device=hidden.device) if need_hidden else None
     gw = torch.zeros(v, h, dtype=torch.float32, device=hidden.device) if need_weight else None
     if m == 0 or not (need_hidden or need_weight):
