@@ -29,8 +29,9 @@ their logsumexp stay fp32, and the backward forms each block of
 d = g * (onehot - softmax) in fp32 and rounds it to the input dtype once, as the
 operand of the two gradient GEMMs (d @ W, d^T @ X), the same numerics as the
 fused Triton kernel. Over the vocabulary a grad_weight block is final after its
-GEMM and is stored in the weight's dtype, so no [V, H] fp32 buffer exists. Chunks are larger on CUDA (`CUDA_CHUNK_BYTES`) so that each GEMM is
-big enough to hide the launches of the elementwise passes between them.
+GEMM and is stored in the weight's dtype, so no [V, H] fp32 buffer exists.
+Chunks are larger on CUDA (`CUDA_CHUNK_BYTES`) so that each GEMM is big enough
+to hide the launches of the elementwise passes between them.
 """
 from __future__ import annotations
 

@@ -27,16 +27,16 @@ Backward, "fused" (`_bwd_kernel`, one program per (token tile, vocab tile)):
 recompute the logit tile, form d = g * (onehot - softmax), then for each H-chunk
 atomically add d @ W into grad_hidden and d^T @ X into grad_weight (fp32
 buffers). It avoids the fp32 block, but its (N/BLOCK_M)*V*H + (V/BLOCK_V)*N*H
-atomic adds cost: on an H100 (benchmarks/results/h100_20261128/) forward +
-backward ran at 34-36% of the bf16 matmul rate fused against 57-63% with the
-GEMM backward, so "gemm" is the default. Tiles whose d is exactly zero skip
+atomic adds cost: on an H100 (benchmarks/results/h100_20261128/, runs 2 and 3)
+forward + backward ran at 34-36% of the bf16 matmul rate fused against 57-72%
+with the GEMM backward, so "gemm" is the default. Tiles whose d is exactly zero skip
 their gradient matmuls (exact, unlike a threshold on small probabilities).
 
 Numerics: logits, logsumexp and all sums are fp32; in 16-bit, d = g * (onehot -
 softmax) is formed in fp32 and rounded to the input dtype once, only as a
-gradient GEMM operand (both forms). Summation
-order is not fixed run to run on CUDA (differences of order 1e-7 relative); the
-torch backend on CPU is deterministic. Integers that change with every batch
+gradient GEMM operand (both forms). Summation order is not fixed run to run on
+CUDA (differences of order 1e-7 relative); the torch backend on CPU is
+deterministic. Integers that change with every batch
 (token counts, split counts) are not specialised on, and the per-part buffers are
 separate allocations, so a new batch size does not recompile the kernels.
 """
