@@ -30,6 +30,7 @@ def test_hh_prompt_is_chosen_up_to_last_assistant(tmp_path):
         prompt="\n\nHuman: Hi there\n\nAssistant: Hello.\n\nHuman: How are you?\n\nAssistant:",
         responses=[" Fine, thanks.", " Go away."], pairs=[(0, 1)], sft_target=" Fine, thanks.",
         truncation_mode="keep_end")
+    assert (g.pair_sources, g.sft_source) == ([f"{f}:1"], f"{f}:1")
     assert (report.rows_read, report.prompts, report.pairs) == (1, 1, 1)
     assert report.anomalies == {} and report.skipped == {}
 
@@ -43,6 +44,26 @@ def test_hh_grouping_by_prompt(tmp_path):
     assert groups[H1].sft_target == " A"  # chosen of the prompt's first row
     assert (report.prompts, report.pairs) == (2, 4)
     assert report.anomalies == {"repeated_pair_kept": 1}
+
+
+def test_provenance_of_pairs_and_sft_targets(tmp_path, fake_hub):
+    """Each pair and SFT target names the row it came from: file:line, array item, hub split:row."""
+    rows = [hh(H1, " A", " B"), b"", hh(H1, " S", " S"), hh(H2, " X", " Y"), hh(H1, " C", " A")]
+    f = write_jsonl(tmp_path / "t.jsonl", rows)
+    groups, _ = load_dataset("hh", "train", path=str(f))
+    assert groups[H1].pair_sources == [f"{f}:1", f"{f}:5"] and groups[H1].sft_source == f"{f}:1"
+    assert groups[H2].pair_sources == [f"{f}:4"]
+    assert all(len(g.pair_sources) == len(g.pairs) for g in groups.values())
+    only_same = write_jsonl(tmp_path / "s.jsonl", [hh(H2, " X", " Y"), hh(H1, " S", " S")])
+    groups, _ = load_dataset("hh", "train", path=str(only_same), sft=True)
+    assert groups[H1].sft_source == f"{only_same}:2" and groups[H1].pair_sources == []
+    arr = tmp_path / "test.json"
+    arr.write_text(json.dumps([comparison(split="valid1"), comparison(split="valid2", texts=(" c", " d"))]))
+    (g,) = load_dataset("tldr", "test", path=str(arr))[0].values()
+    assert g.pair_sources == [f"{arr} item 1", f"{arr} item 2"]
+    fake_hub.rows = [hh(H2, " X", " Y"), hh(H1, " a", " b")]
+    groups, _ = load_dataset("hh", "test")
+    assert groups[H1].pair_sources == ["Anthropic/hh-rlhf/test:1"] and groups[H2].sft_source == "Anthropic/hh-rlhf/test:0"
 
 
 def test_hh_prompt_not_shared_split_at_longest_shared_prefix(tmp_path):

@@ -70,6 +70,9 @@ class PromptGroup:
     pairs: list[tuple[int, int]]  # (preferred idx, dispreferred idx) into responses
     sft_target: str
     truncation_mode: str  # "keep_end" (HH, sample) or "keep_start" (TL;DR)
+    # provenance, not content (groups from different files compare equal):
+    pair_sources: list[str] = field(default_factory=list, compare=False)  # parallel to pairs: Record.where of each pair's row
+    sft_source: str = field(default="", compare=False)  # Record.where of the row that gave sft_target
 
 
 @dataclass
@@ -132,6 +135,15 @@ class Record:
     line: int
     row: Any
     unit: str = "line"
+    ref: str = ""  # provenance when not source + line (hub rows)
+
+    @property
+    def where(self) -> str:
+        """Where the row came from: ``"path:line"`` (JSON lines), ``"path item N"`` (a JSON
+        array's 1-based item), ``"path row N"`` (parquet), ``"hub-name/split:row"`` (hub, 0-based)."""
+        if self.ref:
+            return self.ref
+        return f"{self.source}:{self.line}" if self.unit == "line" else f"{self.source} {self.unit} {self.line}"
 
 
 def _open_bytes(path: Path):
@@ -218,8 +230,9 @@ def iter_hub(name: str, config: str | None, split: str, cache_dir: str | None) -
     args = (name, config) if config else (name,)
     ds = hf_datasets.load_dataset(*args, split=split, cache_dir=cache_dir)
     src = f"hub:{name}{'/' + config if config else ''}[{split}]"
+    ref = f"{name}{'/' + config if config else ''}/{split}"
     for i, row in enumerate(ds):
-        yield Record(src, i, row, unit="row")
+        yield Record(src, i, row, unit="row", ref=f"{ref}:{i}")
 
 
 # ----------------------------------------------------------------------------- row parsers
@@ -359,10 +372,10 @@ class _Groups:
         self.index: dict[str, dict[str, int]] = {}
         self.seen: dict[str, set[tuple[int, int]]] = {}
 
-    def _group(self, prompt: str, target: str) -> PromptGroup:
+    def _group(self, prompt: str, target: str, where: str) -> PromptGroup:
         g = self.groups.get(prompt)
         if g is None:
-            g = self.groups[prompt] = PromptGroup(prompt, [], [], target, self.mode)
+            g = self.groups[prompt] = PromptGroup(prompt, [], [], target, self.mode, [], where)
             self.index[prompt], self.seen[prompt] = {}, set()
         return g
 
@@ -373,13 +386,13 @@ class _Groups:
             self.groups[prompt].responses.append(text)
         return idx[text]
 
-    def add_pair(self, prompt: str, chosen: str, rejected: str) -> None:
+    def add_pair(self, prompt: str, chosen: str, rejected: str, where: str = "") -> None:
         if chosen == rejected:
             self.report.count("identical_pair_dropped")
             if self.sft:
-                self._response(prompt, self._group(prompt, chosen).sft_target)
+                self._response(prompt, self._group(prompt, chosen, where).sft_target)
             return
-        g = self._group(prompt, chosen)
+        g = self._group(prompt, chosen, where)
         pair = (self._response(prompt, chosen), self._response(prompt, rejected))
         seen = self.seen[prompt]
         if pair in seen:
@@ -388,12 +401,13 @@ class _Groups:
             self.report.count("reversed_pair_kept")
         seen.add(pair)
         g.pairs.append(pair)
+        g.pair_sources.append(where)
 
-    def add_target(self, prompt: str, target: str) -> None:
+    def add_target(self, prompt: str, target: str, where: str = "") -> None:
         if prompt in self.groups:
             self.report.count("repeated_sft_prompt_first_kept")
             return
-        self._response(prompt, self._group(prompt, target).sft_target)
+        self._response(prompt, self._group(prompt, target, where).sft_target)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -472,9 +486,9 @@ def load_dataset(name: str, split: str, *, sft: bool = False, path: str | None =
     groups = _Groups(TRUNCATION_MODE[name], report, sft)
     keep_splits = TLDR_SPLITS[split]
 
-    def add(row: Any) -> None:
+    def add(row: Any, where: str) -> None:
         if name != "tldr":
-            groups.add_pair(*parse_hh(row, report))
+            groups.add_pair(*parse_hh(row, report), where)
             return
         if by_split and isinstance(row, dict) and "summaries" in row:
             if _field(row, "split", str) not in keep_splits:
@@ -482,14 +496,14 @@ def load_dataset(name: str, split: str, *, sft: bool = False, path: str | None =
                 return
         out = parse_tldr_any(row, report)
         if out[0] == "pair":
-            groups.add_pair(*out[1:])
+            groups.add_pair(*out[1:], where)
         elif out[0] == "sft":
             if not sft:
                 raise RowError("sft_row", "an SFT row (prompt + target) in a preference load; pass sft=True")
-            groups.add_target(*out[1:])
+            groups.add_target(*out[1:], where)
 
     for rec in records:
-        apply_row(rec, report, on_error, add)
+        apply_row(rec, report, on_error, lambda row, where=rec.where: add(row, where))
     report.prompts = len(groups.groups)
     report.pairs = sum(len(g.pairs) for g in groups.groups.values())
     return groups.groups, report
