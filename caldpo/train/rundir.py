@@ -1,0 +1,127 @@
+"""The run directory's process protocol: one writer (a lock), stop requests, and workers tied to their launcher.
+
+- ``RunLock``: ``fcntl.flock`` on ``<run_dir>/.lock``, taken by rank 0 before anything in the
+  run directory is written and held for the life of the process; the file records the holder's
+  PID, host and start time, so a second run on the same directory stops with a one-line
+  ``RunError`` naming it. The kernel releases the lock when the holder dies, even by SIGKILL,
+  so a stale ``.lock`` file never blocks a rerun.
+- ``StopSignals``: SIGTERM / SIGUSR1 (Slurm preemption, submitit) and the first SIGINT (Ctrl-C) ask
+  the trainer to checkpoint at the next step boundary and exit; a second SIGINT exits at once
+  (status 130). The resume checkpoint protocol (checkpoint.py) makes both safe.
+- ``exit_with_launcher``: a torchrun worker whose launcher dies (``kill -9`` of torchrun, a lost
+  node agent) exits within a second instead of training on alone.
+
+The ``STOP`` file (``<run_dir>/STOP``, see Trainer) and ``DONE`` (the run's summary, written last)
+complete the protocol.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+
+
+class RunError(RuntimeError):
+    """A run that cannot start or continue safely; the message names the file or process and what to do.
+
+    ``exit_code`` is the process exit status ``python -m caldpo.train`` returns for it.
+    """
+
+    def __init__(self, message: str, exit_code: int = 2):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class RunLock:
+    """An exclusive lock on ``run_dir`` held until ``release`` or the end of the process."""
+
+    def __init__(self, run_dir: Path):
+        import fcntl
+        run_dir.mkdir(parents=True, exist_ok=True)
+        self.path = run_dir / ".lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = self._holder()
+            os.close(self.fd)
+            self.fd = None
+            who = (f"pid {holder.get('pid')} on {holder.get('host')} (started {holder.get('started')})"
+                   if holder else "another process")
+            raise RunError(f"run_dir {run_dir} is in use by {who}: one run writes a run directory at a time; "
+                           "wait for it to finish (or stop it), or choose another run_dir") from None
+        info = {"pid": os.getpid(), "host": socket.gethostname(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "argv": sys.argv}
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, (json.dumps(info) + "\n").encode(), 0)
+
+    def _holder(self) -> dict:
+        try:
+            return json.loads(os.pread(self.fd, 65536, 0).decode() or "{}")
+        except (OSError, ValueError):
+            return {}
+
+    def release(self) -> None:
+        if self.fd is not None:
+            import fcntl
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+def exit_with_launcher(poll_s: float = 1.0) -> None:
+    """Under torchrun, exit this worker (status 1) as soon as its launcher is gone.
+
+    The parent's death is detected by the parent PID changing (the worker is re-parented), polled by a
+    daemon thread; ``os._exit`` because a worker without its launcher cannot finish a collective anyway.
+    No-op outside torchrun (``TORCHELASTIC_RUN_ID`` unset).
+    """
+    if "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    parent = os.getppid()
+
+    def watch():
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                sys.stderr.write(f"caldpo: rank {os.environ.get('RANK', '?')}: the launcher (pid {parent}) "
+                                 "is gone; exiting\n")
+                sys.stderr.flush()
+                os._exit(1)
+
+    threading.Thread(target=watch, name="caldpo-launcher-watch", daemon=True).start()
+
+
+class StopSignals:
+    """Turns SIGTERM, SIGUSR1 and a first SIGINT into a stop request; a second SIGINT exits at once."""
+
+    def __init__(self, announce: bool):
+        self.requested = False
+        self.interrupts = 0
+        self.announce = announce
+
+    def install(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+            try:
+                signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (submitit's worker thread): STOP file only
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        if signum == signal.SIGINT:
+            self.interrupts += 1
+            if self.interrupts > 1:
+                sys.stderr.write("caldpo: second interrupt: exiting now (the last complete checkpoint is kept)\n")
+                sys.stderr.flush()
+                os._exit(130)
+        self.requested = True
+        if self.announce:
+            extra = " (Ctrl-C again to exit at once)" if signum == signal.SIGINT else ""
+            sys.stderr.write(f"caldpo: {signal.Signals(signum).name}: checkpointing at the next step "
+                             f"boundary, then exiting{extra}\n")
+            sys.stderr.flush()
