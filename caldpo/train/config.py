@@ -1,110 +1,694 @@
-"""Configuration: Hydra composition of conf/ plus checks that fail before any work.
+"""Configuration: typed schema (dataclasses), Hydra composition of conf/, one preflight.
+
+The schema is one dataclass per group, registered in Hydra's ConfigStore; the yaml files in
+conf/ extend it and hold the defaults users read (``config.yaml`` for the top level,
+``conf/model/*.yaml`` presets, ``conf/loss/*.yaml`` one file per loss, each extending its
+own loss dataclass). A key in a yaml file that the schema lacks fails every composition
+(tests/test_config.py composes every group), and so does a command-line key the schema
+lacks, with or without ``+``: :func:`load_config` names it and the closest known key.
 
 Hydra's compose API gives the seed's override grammar (``model=pythia28``,
 ``datasets=[hh]``, ``loss.beta=0.1``) without Hydra changing the working directory
 or writing its own output folders.
+
+:func:`validate` is the one preflight: every check of options and environment (CUDA,
+flash-attn, TensorBoard/W&B packages, archive and data paths, hub reachability, world size
+divisibility, visible GPUs) runs there, before any data or model loads.
+
+Run identity: :func:`run_identity` lists the options that change what trains (field metadata
+``identity=False`` marks the rest: logging, locations, resume, device niceties, generation,
+checkpoint cadence). The default run directory is ``<local_run_root>/<exp_name>_<hash8>``
+of those options, so the identical command resumes (crash, Slurm requeue) and a changed
+option gets a directory of its own; :func:`check_run_dir` stops a run whose explicit
+``run_dir`` holds a run with other training options.
 """
 from __future__ import annotations
 
+import dataclasses
+import difflib
+import hashlib
+import importlib.util
+import json
 import os
+import shlex
+import socket
+import threading
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional
+from urllib.parse import urlparse
 
 from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 TRAINERS = {"BasicTrainer": "basic", "FSDPTrainer": "fsdp", "fsdp2": "fsdp", "basic": "basic", "fsdp": "fsdp"}
-LOSSES = ("sft", "dpo", "ipo", "caldpo")
+LOSSES = ("sft", "dpo", "ipo", "caldpo", "cal_dpo")
 OPTIMIZERS = ("RMSprop", "AdamW", "Adam", "SGD")
 DATASETS = ("hh", "tldr", "sample")
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 class ConfigError(ValueError):
     """A configuration that cannot run; the message names the option."""
 
 
-def load_config(overrides: list[str] | None = None) -> DictConfig:
-    """Compose conf/config.yaml with command-line overrides (Hydra grammar)."""
-    overrides = list(overrides or [])
+def opt(help: str, *, default: Any = MISSING, choices: tuple | None = None, identity: bool = True) -> Any:
+    """A schema field. Defaults live in the yaml files (MISSING here: a key the yaml lacks is an error).
+
+    ``choices``: the allowed values, checked by :func:`validate`. ``identity=False``: the option
+    does not change what trains (it is left out of the run identity).
+    """
+    return field(default=default, metadata={"help": help, "choices": choices, "identity": identity})
+
+
+# ----------------------------------------------------------------------------- schema
+
+@dataclass
+class ModelConfig:
+    """``model=<preset>`` (conf/model/*.yaml): the causal LM trained as policy (and used as reference)."""
+    preset: str = opt("preset name (tiny, pythia70m ... pythia12b, hf)")
+    name_or_path: Optional[str] = opt("hub name or local Hugging Face model directory (tiny: null, built locally)")
+    tokenizer_name_or_path: Optional[str] = opt("tokenizer hub name or directory; null: name_or_path")
+    archive: Optional[str] = opt("<run>/LATEST/policy.pt whose state is loaded into policy and reference")
+    block_name: Optional[str] = opt("transformer block class sharded by FSDP2 / checkpointed; "
+                                    "null: the model's _no_split_modules[0]")
+    policy_dtype: str = opt("policy parameter dtype", choices=("float32", "bfloat16", "float16"))
+    reference_dtype: str = opt("reference model dtype (float16 runs as float32 on CPU)",
+                               choices=("float32", "bfloat16", "float16"))
+    fsdp_policy_mp: Optional[str] = opt("FSDP2 MixedPrecisionPolicy param dtype (reduce in fp32); null: none",
+                                        choices=(None, "bfloat16", "float16", "float32"))
+    attn_implementation: str = opt("auto: flash_attention_2 if flash-attn is installed on CUDA, else sdpa",
+                                   choices=("auto", "sdpa", "flash_attention_2", "eager"))
+    trust_remote_code: bool = opt("let transformers run the model repository's code")
+
+
+@dataclass
+class SFTLoss:
+    """``loss=sft``: -log pi(y_w|x), summed over response tokens, batch mean."""
+    name: str = opt("loss name", choices=LOSSES)
+
+
+@dataclass
+class DPOLoss:
+    """``loss=dpo``: -log sigmoid(beta (h_w - h_l)), h = log pi - log pi_ref (summed log-probs)."""
+    name: str = opt("loss name", choices=LOSSES)
+    beta: float = opt("inverse temperature; rewards are beta * h")
+    label_smoothing: float = opt("conservative DPO when > 0")
+    reference_free: bool = opt("treat pi_ref as uniform (h = log pi)")
+
+
+@dataclass
+class IPOLoss:
+    """``loss=ipo``: (h_w - h_l - 1/(2 beta))^2."""
+    name: str = opt("loss name", choices=LOSSES)
+    beta: float = opt("sets the margin target 1/(2 beta); rewards are beta * h")
+    reference_free: bool = opt("treat pi_ref as uniform (h = log pi)")
+
+
+@dataclass
+class CalDPOLoss:
+    """``loss=caldpo``: -log sigmoid(h_w - h_l) + w ((h_w - 1/(2 beta))^2 + (h_l + 1/(2 beta))^2)."""
+    name: str = opt("loss name", choices=LOSSES)
+    beta: float = opt("sets the calibration targets +-1/(2 beta) (no beta inside the sigmoid)")
+    calibration_weight: float = opt("w: 1.0 in the reference Pythia code, 0.5 in the authors' later code")
+    reference_free: bool = opt("treat pi_ref as uniform (h = log pi)")
+
+
+@dataclass
+class AuthorsCalDPOLoss:
+    """``loss=cal_dpo``: the authors' loss with their ``shift`` s.
+
+    s != 0: -log sigmoid(h_w - h_l) + (h_w - (1-s)/beta)^2 + (h_l + s/beta)^2;
+    s = 0: their plain DPO, -log sigmoid(beta (h_w - h_l)).
+    """
+    name: str = opt("loss name", choices=LOSSES)
+    beta: float = opt("sets the calibration targets (1-s)/beta and -s/beta; the DPO beta when s = 0")
+    shift: float = opt("s: 0.5 is Cal-DPO (= loss=caldpo), 0 is plain DPO")
+    reference_free: bool = opt("treat pi_ref as uniform (h = log pi)")
+
+
+LOSS_SCHEMAS = {"sft": SFTLoss, "dpo": DPOLoss, "ipo": IPOLoss, "caldpo": CalDPOLoss, "cal_dpo": AuthorsCalDPOLoss}
+
+
+@dataclass
+class DataPaths:
+    """``data.paths.<dataset>``: local copies instead of the hub (null: the hub)."""
+    hh: Optional[str] = opt("hh-rlhf checkout (<subset>/{train,test}.jsonl[.gz]) or one .jsonl[.gz]")
+    tldr: Optional[str] = opt("a preproc output dir, or a raw comparisons / filtered-SFT file")
+    sample: Optional[str] = opt("another HH-format sample instead of the shipped one")
+
+
+@dataclass
+class DataConfig:
+    """``data.*``: where the datasets come from and what a broken row does."""
+    paths: DataPaths = field(default_factory=DataPaths, metadata={"help": "local dataset paths"})
+    on_error: str = opt("raise: stop at a broken row (file:line) | skip: skip and count it",
+                        choices=("raise", "skip"))
+    cache_dir: Optional[str] = opt("datasets library cache for hub downloads", identity=False)
+
+
+@dataclass
+class KernelsConfig:
+    """``kernels.*``: the fused log-prob kernels."""
+    backend: str = opt("auto (triton on CUDA, torch on CPU) | torch | native (C++, CPU) | triton | reference",
+                       choices=("auto", "torch", "native", "triton", "reference"))
+
+
+@dataclass
+class ReferenceConfig:
+    """``reference.*``: how the reference log-probs are obtained."""
+    mode: str = opt("model: run the reference model each step | cache: precompute its log-probs once",
+                    choices=("model", "cache"))
+    cache_dir: Optional[str] = opt("reference cache folder; null: <run_dir>/ref_cache", identity=False)
+
+
+@dataclass
+class WandbConfig:
+    """``wandb.*``: Weights & Biases mirror of metrics.jsonl."""
+    enabled: bool = opt("log to W&B (pip install wandb)")
+    project: str = opt("W&B project")
+    entity: Optional[str] = opt("W&B entity (team or user)")
+
+
+@dataclass
+class GenerateConfig:
+    """``generate.*``: ``python -m caldpo.train.generate``."""
+    split: str = opt("dataset split whose prompts are used", choices=("train", "test"))
+    n_prompts: int = opt("number of prompts")
+    batch_size: int = opt("prompts per generate call")
+    temperature: float = opt("sampling temperature")
+    top_p: float = opt("nucleus sampling mass")
+    output: Optional[str] = opt("output JSON; null: <run_dir>/samples.json")
+
+
+@dataclass
+class Config:
+    """``python -m caldpo.train key=value ...``: the top level (conf/config.yaml)."""
+    model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model preset group"})
+    loss: Any = field(default=MISSING, metadata={"help": "loss group: one dataclass per loss"})
+    seed: int = opt("seed of model init, data order and sampling")
+    exp_name: str = opt("experiment name; the default run_dir is <local_run_root>/<exp_name>_<hash8>", identity=False)
+    run_dir: Optional[str] = opt("run directory; null: <local_run_root>/<exp_name>_<hash8 of the training "
+                                 "options>, so the same command resumes and a changed option starts anew",
+                                 identity=False)
+    local_run_root: str = opt("parent of default run directories", identity=False)
+    resume: str = opt("auto: resume from <run_dir>/checkpoints if present | never", choices=("auto", "never"),
+                      identity=False)
+    debug: bool = opt("no checkpoints or exports", identity=False)
+    datasets: list[str] = opt("any of hh, tldr, sample (datasets=hh means [hh])")
+    data: DataConfig = field(default_factory=DataConfig, metadata={"help": "data sources"})
+    device: str = opt("auto | cpu | cuda", choices=("auto", "cpu", "cuda"), identity=False)
+    trainer: str = opt("BasicTrainer (one process) | FSDPTrainer (alias fsdp2; torchrun for many processes)",
+                       choices=tuple(TRAINERS), identity=False)
+    allow_one_gpu: bool = opt("FSDPTrainer outside torchrun on a machine with several GPUs: train on one "
+                              "anyway (default: stop and print the torchrun line)", identity=False)
+    batch_size: int = opt("global batch: examples per optimizer step")
+    eval_batch_size: int = opt("examples per evaluation batch (global)")
+    gradient_accumulation_steps: int = opt("micro-batches per step; micro-batch = batch_size / (this x world)")
+    optimizer: str = opt("torch.optim class", choices=OPTIMIZERS)
+    lr: float = opt("learning rate after warm-up")
+    weight_decay: float = opt("optimizer weight decay")
+    warmup_steps: int = opt("linear warm-up steps, then constant")
+    max_grad_norm: float = opt("gradient clipping norm")
+    max_length: int = opt("max tokens of prompt + response")
+    max_prompt_length: int = opt("max prompt tokens when prompt + response is too long")
+    n_epochs: int = opt("epochs over the training data")
+    n_examples: Optional[int] = opt("stop after this many training examples (overrides n_epochs when set)")
+    n_eval_examples: int = opt("evaluation examples", identity=False)
+    eval_every: int = opt("examples between evaluations", identity=False)
+    do_first_eval: bool = opt("evaluate before the first step", identity=False)
+    save_every: Optional[int] = opt("optimizer steps between resume checkpoints; null: only at the end and on stop",
+                                    identity=False)
+    keep_checkpoints: int = opt("resume checkpoints kept", identity=False)
+    minimum_log_interval_secs: float = opt("progress bar / log line interval", identity=False)
+    activation_checkpointing: bool = opt("recompute block activations in backward (less memory)", identity=False)
+    compile: bool = opt("torch.compile the backbone", identity=False)
+    sample_during_eval: bool = opt("generate samples from the policy at each evaluation", identity=False)
+    n_eval_model_samples: int = opt("prompts sampled at each evaluation", identity=False)
+    max_new_tokens: int = opt("tokens generated per response", identity=False)
+    kernels: KernelsConfig = field(default_factory=KernelsConfig, metadata={"help": "kernel choices"})
+    reference: ReferenceConfig = field(default_factory=ReferenceConfig, metadata={"help": "reference log-probs"})
+    export_hf: bool = opt("also write a save_pretrained export to <run_dir>/LATEST/hf", identity=False)
+    wandb: WandbConfig = field(default_factory=WandbConfig,
+                               metadata={"help": "Weights & Biases", "identity": False})
+    tensorboard: bool = opt("mirror metrics to TensorBoard in <run_dir>/tb (pip install tensorboard)",
+                            identity=False)
+    generate: GenerateConfig = field(default_factory=GenerateConfig,
+                                     metadata={"help": "python -m caldpo.train.generate", "identity": False})
+
+
+def _register() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="config_schema", node=Config)
+    for name, schema in LOSS_SCHEMAS.items():
+        cs.store(group="loss", name=f"schema_{name}", node=schema)
+
+
+_register()
+
+
+# ----------------------------------------------------------------------------- composition
+
+def _key(override: str) -> str:
+    return override.split("=", 1)[0].lstrip("~+")
+
+
+def group_options(group: str) -> list[str]:
+    """The yaml presets of a config group (conf/<group>/*.yaml)."""
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+def _compose(overrides: list[str]) -> DictConfig:
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(config_module="caldpo.train.conf", version_base=None):
-            cfg = compose(config_name="config", overrides=overrides)
-    except (HydraException, OmegaConfBaseException) as e:
-        raise ConfigError(f"bad override: {e}") from None
+            return compose(config_name="config", overrides=overrides)
     finally:
         GlobalHydra.instance().clear()
+
+
+def _paths(node: Any, prefix: str = "") -> set[str]:
+    """Every dotted key of a composed config, intermediate nodes included."""
+    out: set[str] = set()
+    if isinstance(node, DictConfig):
+        for k in node.keys():
+            path = f"{prefix}{k}"
+            out.add(path)
+            out |= _paths(node._get_node(k), path + ".")
+    return out
+
+
+def _unknown(key: str, known: set[str], loss: str, plus: bool) -> ConfigError:
+    given = ("+" if plus else "") + key
+    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.5)
+    hint = f"did you mean {close[0]}?" if close else "no known option is close"
+    if key.startswith("loss."):
+        owners = [n for n, s in LOSS_SCHEMAS.items() if key[5:] in {f.name for f in dataclasses.fields(s)}]
+        if owners:
+            hint = f"{key} is an option of {' / '.join(f'loss={o}' for o in owners)}, not loss={loss}"
+    return ConfigError(f"{given}: unknown option; {hint} (python -m caldpo.train --help lists every option)")
+
+
+def normalize_overrides(overrides: list[str]) -> list[str]:
+    """``datasets=hh`` -> ``datasets=[hh]`` (and ``datasets=hh,tldr`` -> ``[hh,tldr]``)."""
+    out = []
+    for o in overrides:
+        if "=" in o and _key(o) == "datasets" and not o.startswith("~"):
+            k, v = o.split("=", 1)
+            if v.strip() and not v.strip().startswith("[") and v.strip() != "null":
+                o = f"{k}=[{v.strip()}]"
+        out.append(o)
+    return out
+
+
+def load_config(overrides: list[str] | None = None) -> DictConfig:
+    """Compose conf/config.yaml with command-line overrides (Hydra grammar) against the schema.
+
+    Raises ConfigError for an unknown key (with or without ``+``; the message names the
+    closest known key), an unknown group option, a value of the wrong type, or a yaml key
+    that the schema lacks.
+    """
+    overrides = normalize_overrides(list(overrides or []))
+    groups = {"model": group_options("model"), "loss": group_options("loss")}
+    selected = {}
+    for o in overrides:
+        k = _key(o)
+        if k in groups and "=" in o:
+            v = o.split("=", 1)[1]
+            if v not in groups[k]:
+                close = difflib.get_close_matches(v, groups[k], n=1)
+                hint = f"did you mean {k}={close[0]}? " if close else ""
+                raise ConfigError(f"{k}={v}: unknown {k}; {hint}choose one of {groups[k]}")
+            selected[k] = o
+    try:
+        base = _compose(list(selected.values()))
+        known = _paths(base)
+        loss = base.loss.name
+        for o in overrides:
+            k = _key(o)
+            if k in selected or k.startswith("hydra."):
+                continue
+            if k not in known:
+                raise _unknown(k, known, loss, plus=o.startswith("+"))
+        cfg = _compose(overrides)
+    except (HydraException, OmegaConfBaseException) as e:
+        msg = " ".join(str(e).split())
+        if e.__cause__ is not None:
+            msg += ": " + " ".join(str(e.__cause__).split())
+        if "not in '" in msg and "full_key" in msg:
+            msg += " (a key in caldpo/train/conf/*.yaml that the schema in caldpo/train/config.py lacks: add a field)"
+        raise ConfigError(f"bad configuration: {msg}") from None
     return cfg
 
+
+# ----------------------------------------------------------------------------- preflight
 
 def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def validate(cfg: DictConfig, world_size: int | None = None) -> None:
-    """Reject configurations that cannot run, before loading models or data."""
+def _schema_fields(node: DictConfig) -> list[dataclasses.Field]:
+    t = OmegaConf.get_type(node)
+    return list(dataclasses.fields(t)) if t is not None and dataclasses.is_dataclass(t) else []
+
+
+def _check_choices(node: DictConfig, prefix: str = "") -> None:
+    for f in _schema_fields(node):
+        value = node._get_node(f.name)
+        if isinstance(value, DictConfig):
+            _check_choices(value, f"{prefix}{f.name}.")
+            continue
+        choices = f.metadata.get("choices")
+        if choices is not None and node[f.name] not in choices:
+            shown = ", ".join("null" if c is None else str(c) for c in choices)
+            raise ConfigError(f"{prefix}{f.name}={node[f.name]}: choose one of {shown}")
+
+
+def _is_local(name: str | None) -> bool:
+    return name is None or Path(name).expanduser().exists()
+
+
+def _hub_names(cfg: DictConfig) -> list[tuple[str, str, str]]:
+    """(option, hub name, repo type) of every source the run would fetch from the hub."""
+    from .data import HH_HUB, TLDR_PREF_HUB, TLDR_SFT_HUB
+    out = []
+    m = cfg.model
+    if not (m.preset == "tiny" and m.name_or_path is None):
+        for key in ("name_or_path", "tokenizer_name_or_path"):
+            if not _is_local(m[key]):
+                out.append((f"model.{key}", m[key], "model"))
+    for name in cfg.datasets:
+        if name == "sample" or (cfg.data.paths or {}).get(name):
+            continue
+        repo = HH_HUB if name == "hh" else (TLDR_SFT_HUB if cfg.loss.name == "sft" else TLDR_PREF_HUB[0])
+        out.append((f"datasets={name} (data.paths.{name})", repo, "dataset"))
+    return out
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _in_cache(repo: str, kind: str, cache_dir: str | None) -> bool:
+    """Whether a hub repo has a local copy the libraries can use offline."""
+    try:
+        from huggingface_hub.constants import HF_HUB_CACHE
+    except ImportError:  # pragma: no cover
+        return False
+    folder = f"{kind}s--{repo.replace('/', '--')}"
+    roots = [Path(HF_HUB_CACHE)] + ([Path(cache_dir)] if cache_dir else [])
+    if kind == "dataset":
+        from datasets import config as ds_config
+        roots.append(Path(cache_dir or ds_config.HF_DATASETS_CACHE))
+        if any((r / repo.replace("/", "___")).exists() for r in roots):
+            return True
+    return any((r / folder / "snapshots").is_dir() for r in roots)
+
+
+_PROBE: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """A TCP connection to the hub endpoint (HF_ENDPOINT) within ``timeout`` seconds (DNS included)."""
+    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
+    host, port = url.hostname or "huggingface.co", url.port or (80 if url.scheme == "http" else 443)
+    key = f"{host}:{port}"
+    if key not in _PROBE:
+        box = {"ok": False}
+
+        def probe():
+            try:
+                socket.create_connection((host, port), timeout=timeout).close()
+                box["ok"] = True
+            except OSError:
+                pass
+
+        t = threading.Thread(target=probe, daemon=True)
+        t.start()
+        t.join(timeout)
+        _PROBE[key] = box["ok"]
+    return _PROBE[key]
+
+
+def _check_hub(cfg: DictConfig) -> None:
+    names = [n for n in _hub_names(cfg) if not _in_cache(n[1], n[2], cfg.data.cache_dir)]
+    if not names:
+        return
+    if _offline():
+        why = "HF_HUB_OFFLINE is set"
+    elif not hub_reachable():
+        why = f"the hub ({os.environ.get('HF_ENDPOINT', 'https://huggingface.co')}) is unreachable"
+    else:
+        return
+    option, repo, kind = names[0]
+    fix = ("model=hf model.name_or_path=/path/to/model (a local Hugging Face directory)" if kind == "model"
+           else f"data.paths.{repo and option.split('=')[1].split()[0]}=/path/to/local/copy")
+    raise ConfigError(f"{option}: {repo!r} is not a local path and {why} (nothing cached either); "
+                      f"use a local copy: {fix}")
+
+
+def _check_packages(cfg: DictConfig) -> None:
+    if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError("tensorboard=true but TensorBoard is not installed: pip install tensorboard "
+                          "(or tensorboard=false)")
+    if cfg.wandb.enabled and importlib.util.find_spec("wandb") is None:
+        raise ConfigError("wandb.enabled=true but wandb is not installed: pip install wandb (or wandb.enabled=false)")
+
+
+def _check_devices(cfg: DictConfig, world_size: int, argv: list[str] | None, training: bool) -> None:
+    import torch
+    cuda = torch.cuda.is_available()
+    if cfg.device == "cuda" and not cuda:
+        raise ConfigError("device=cuda but no CUDA device is available (device=cpu or device=auto)")
+    use_cuda = cfg.device == "cuda" or (cfg.device == "auto" and cuda)
+    impl = cfg.model.attn_implementation
+    if impl == "flash_attention_2":
+        if not use_cuda:
+            raise ConfigError("model.attn_implementation=flash_attention_2 needs a CUDA device; "
+                              "use model.attn_implementation=sdpa on CPU")
+        if importlib.util.find_spec("flash_attn") is None:
+            raise ConfigError("model.attn_implementation=flash_attention_2 but flash-attn is not installed: "
+                              "pip install 'caldpo[flash]' or use model.attn_implementation=sdpa")
+    if not training:
+        return
+    n_gpus = torch.cuda.device_count() if use_cuda else 0
+    under_launcher = "WORLD_SIZE" in os.environ
+    if TRAINERS[cfg.trainer] == "fsdp" and not under_launcher and n_gpus > 1 and not cfg.allow_one_gpu:
+        args = shlex.join(argv) if argv else f"trainer={cfg.trainer} ..."
+        raise ConfigError(f"trainer={cfg.trainer} in one process would train on 1 of the {n_gpus} visible GPUs. "
+                          f"Use them all:\n    torchrun --nproc_per_node={n_gpus} -m caldpo.train {args}\n"
+                          "or add allow_one_gpu=true to train on one")
+
+
+def validate(cfg: DictConfig, world_size: int | None = None, *, argv: list[str] | None = None,
+             training: bool = True) -> None:
+    """The preflight: reject configurations and environments that cannot run, before any data or model loads.
+
+    ``argv``: the command-line overrides (for the torchrun line of the many-GPU check).
+    ``training=False`` (generation) skips the trainer-only checks. Raises ConfigError.
+    """
     world_size = world_size or world_size_from_env()
     try:
         OmegaConf.resolve(cfg)
     except OmegaConfBaseException as e:
         raise ConfigError(f"config: {e}") from None
-    if cfg.trainer not in TRAINERS:
-        raise ConfigError(f"trainer={cfg.trainer!r}: choose one of {sorted(TRAINERS)}")
+    _check_choices(cfg)
     if TRAINERS[cfg.trainer] == "basic" and world_size > 1:
         raise ConfigError(f"trainer={cfg.trainer} runs in one process; use trainer=FSDPTrainer under torchrun "
                           f"(WORLD_SIZE={world_size})")
-    if cfg.loss.name not in LOSSES:
-        raise ConfigError(f"loss={cfg.loss.name!r}: choose one of {list(LOSSES)}")
     if cfg.loss.name != "sft" and not cfg.loss.beta > 0:
         raise ConfigError(f"loss.beta={cfg.loss.beta}: must be > 0")
-    if cfg.optimizer not in OPTIMIZERS:
-        raise ConfigError(f"optimizer={cfg.optimizer!r}: choose one of {list(OPTIMIZERS)}")
-    names = list(cfg.datasets) if not isinstance(cfg.datasets, str) else [cfg.datasets]
-    if not names:
+    if cfg.loss.name == "cal_dpo" and not 0.0 <= cfg.loss.shift <= 1.0:
+        raise ConfigError(f"loss.shift={cfg.loss.shift}: must be in [0, 1] (0.5 is Cal-DPO, 0 plain DPO)")
+    if not cfg.datasets:
         raise ConfigError("datasets=[]: name at least one dataset")
-    for name in names:
+    for name in cfg.datasets:
         if name not in DATASETS:
-            raise ConfigError(f"datasets: unknown dataset {name!r}; choose from {list(DATASETS)}")
-    for name, path in (cfg.data.paths or {}).items():
-        if name not in DATASETS:
-            raise ConfigError(f"data.paths.{name}: unknown dataset; choose from {list(DATASETS)}")
-        if path is not None and not Path(path).exists():
+            close = difflib.get_close_matches(str(name), DATASETS, n=1)
+            raise ConfigError(f"datasets: unknown dataset {name!r}; "
+                              f"{f'did you mean {close[0]}? ' if close else ''}choose from {list(DATASETS)}")
+    for name, path in cfg.data.paths.items():
+        if path is not None and not Path(path).expanduser().exists():
             raise ConfigError(f"data.paths.{name}={path}: no such file or directory")
-    if cfg.data.on_error not in ("raise", "skip"):
-        raise ConfigError(f"data.on_error={cfg.data.on_error!r}: choose raise or skip")
     for key in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length"):
-        if int(cfg[key]) < 1:
+        if cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]}: must be a positive integer")
-    per_step = cfg.gradient_accumulation_steps * world_size
-    if cfg.batch_size % per_step:
-        raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by gradient_accumulation_steps "
-                          f"({cfg.gradient_accumulation_steps}) x world size ({world_size})")
-    if cfg.eval_batch_size % world_size:
-        raise ConfigError(f"eval_batch_size={cfg.eval_batch_size} is not divisible by the world size ({world_size})")
+    if training:
+        per_step = cfg.gradient_accumulation_steps * world_size
+        if cfg.batch_size % per_step:
+            raise ConfigError(f"batch_size={cfg.batch_size} is not divisible by gradient_accumulation_steps "
+                              f"({cfg.gradient_accumulation_steps}) x world size ({world_size})")
+        if cfg.eval_batch_size % world_size:
+            raise ConfigError(f"eval_batch_size={cfg.eval_batch_size} is not divisible by the world size "
+                              f"({world_size})")
     if cfg.max_prompt_length >= cfg.max_length:
         raise ConfigError(f"max_prompt_length={cfg.max_prompt_length} must be < max_length={cfg.max_length}")
     if cfg.model.archive is not None and not Path(cfg.model.archive).is_file():
         raise ConfigError(f"model.archive={cfg.model.archive}: no such file")
     if cfg.model.preset != "tiny" and cfg.model.name_or_path is None:
         raise ConfigError("model.name_or_path: required for this model preset")
-    if cfg.model.fsdp_policy_mp not in (None, "bfloat16", "float16", "float32"):
-        raise ConfigError(f"model.fsdp_policy_mp={cfg.model.fsdp_policy_mp!r}: choose bfloat16, float16, float32 or null")
-    if cfg.model.attn_implementation not in ("auto", "sdpa", "flash_attention_2", "eager"):
-        raise ConfigError(f"model.attn_implementation={cfg.model.attn_implementation!r}: "
-                          "choose auto, sdpa, flash_attention_2 or eager")
-    if cfg.device not in ("auto", "cpu", "cuda"):
-        raise ConfigError(f"device={cfg.device!r}: choose auto, cpu or cuda")
-    if cfg.reference.mode not in ("model", "cache"):
-        raise ConfigError(f"reference.mode={cfg.reference.mode!r}: choose model or cache")
-    if cfg.kernels.backend not in ("auto", "torch", "native", "triton", "reference"):
-        raise ConfigError(f"kernels.backend={cfg.kernels.backend!r}: choose auto, torch, native, triton or reference")
-    if cfg.resume not in ("auto", "never"):
-        raise ConfigError(f"resume={cfg.resume!r}: choose auto or never")
-    if cfg.save_every is not None and int(cfg.save_every) < 1:
+    if cfg.save_every is not None and cfg.save_every < 1:
         raise ConfigError(f"save_every={cfg.save_every}: must be >= 1 or null")
+    _check_packages(cfg)
+    _check_devices(cfg, world_size, argv, training)
+    _check_hub(cfg)
+
+
+# ----------------------------------------------------------------------------- run identity
+
+def _archive_identity(path: str | None) -> Any:
+    if path is None:
+        return None
+    p = Path(path).expanduser().resolve()
+    try:
+        st = p.stat()
+        return f"{p} ({st.st_size} bytes, mtime {st.st_mtime_ns})"
+    except OSError:
+        return str(p)
+
+
+def _local_identity(value: Any) -> Any:
+    """A local path as an absolute path (so the cwd does not change the identity); hub names as given."""
+    if isinstance(value, str) and Path(value).expanduser().exists():
+        return str(Path(value).expanduser().resolve())
+    return value
+
+
+def _flat_identity(node: DictConfig, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for f in _schema_fields(node):
+        if not f.metadata.get("identity", True):
+            continue
+        child = node._get_node(f.name)
+        if isinstance(child, DictConfig):
+            out.update(_flat_identity(child, f"{prefix}{f.name}."))
+        elif isinstance(child, ListConfig):
+            out[prefix + f.name] = OmegaConf.to_container(child)
+        else:
+            out[prefix + f.name] = node[f.name]
+    return out
+
+
+def run_identity(cfg: DictConfig) -> dict[str, Any]:
+    """The options that change what trains, flattened ({"lr": 5e-7, "loss.beta": 0.1, ...}).
+
+    ``model.archive`` stands for the file (absolute path, size, mtime); local model and data
+    paths are absolute. Everything with schema metadata ``identity=False`` is left out.
+    """
+    out = _flat_identity(cfg)
+    out["model.archive"] = _archive_identity(cfg.model.archive)
+    for k in ("model.name_or_path", "model.tokenizer_name_or_path") + tuple(
+            f"data.paths.{n}" for n in cfg.data.paths):
+        if k in out:
+            out[k] = _local_identity(out[k])
+    return out
+
+
+def identity_hash(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:8]
 
 
 def run_dir(cfg: DictConfig) -> Path:
-    return Path(cfg.run_dir) if cfg.run_dir else Path(cfg.local_run_root) / cfg.exp_name
+    """``run_dir`` if set, else ``<local_run_root>/<exp_name>_<hash8 of run_identity>``."""
+    if cfg.run_dir:
+        return Path(cfg.run_dir)
+    return Path(cfg.local_run_root) / f"{cfg.exp_name}_{identity_hash(run_identity(cfg))}"
+
+
+IDENTITY_FILE = "identity.json"
+
+
+def check_run_dir(cfg: DictConfig, path: Path) -> dict[str, tuple[Any, Any]]:
+    """Compare the run stored in ``path`` (if any) with ``cfg`` before any work.
+
+    Raises ConfigError listing the training options that differ (old -> new). Returns the
+    other options that differ (non-identity ones, e.g. save_every), {} for a new run.
+    """
+    stored = path / IDENTITY_FILE
+    if stored.exists():
+        old = json.loads(stored.read_text())["options"]
+    elif (path / "config.yaml").exists():  # a run written before identity.json existed
+        old_cfg = OmegaConf.load(path / "config.yaml")
+        old = {k: OmegaConf.select(old_cfg, k, default="<absent>") for k in run_identity(cfg)}
+        old["model.archive"] = _archive_identity(old["model.archive"]) if old["model.archive"] != "<absent>" else None
+        new_arch = run_identity(cfg)["model.archive"]
+        if old["model.archive"] and new_arch and old["model.archive"].split(" (")[0] == new_arch.split(" (")[0]:
+            old["model.archive"] = new_arch
+    else:
+        return {}
+    new = json.loads(json.dumps(run_identity(cfg), default=str))
+    diff = {k: (old.get(k, "<absent>"), new.get(k, "<absent>")) for k in sorted(set(old) | set(new))
+            if old.get(k, "<absent>") != new.get(k, "<absent>")}
+    if diff:
+        lines = "\n".join(f"    {k}: {a} -> {b}" for k, (a, b) in diff.items())
+        raise ConfigError(f"run_dir={path} holds a run with other training options:\n{lines}\n"
+                          "Rerun with the stored options to resume it, or choose another run_dir "
+                          "(or drop run_dir= to get <local_run_root>/<exp_name>_<hash> of these options)")
+    others: dict[str, tuple[Any, Any]] = {}
+    if (path / "config.yaml").exists():
+        old_all = _flat_all(OmegaConf.load(path / "config.yaml"))
+        new_all = _flat_all(cfg)
+        others = {k: (old_all.get(k), new_all.get(k)) for k in sorted(set(old_all) | set(new_all))
+                  if k not in new and old_all.get(k) != new_all.get(k)}
+    return others
+
+
+def _flat_all(node: Any, prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    container = OmegaConf.to_container(node, resolve=True) if isinstance(node, DictConfig) else node
+    for k, v in container.items():
+        if isinstance(v, dict):
+            out.update(_flat_all(v, f"{prefix}{k}."))
+        else:
+            out[prefix + k] = v
+    return out
+
+
+def write_run_config(cfg: DictConfig, path: Path) -> None:
+    """Write ``config.yaml`` and ``identity.json`` once, when the run starts fresh; never rewrite them."""
+    path.mkdir(parents=True, exist_ok=True)
+    if not (path / "config.yaml").exists():
+        OmegaConf.save(cfg, path / "config.yaml", resolve=True)
+    if not (path / IDENTITY_FILE).exists():
+        ident = run_identity(cfg)
+        (path / IDENTITY_FILE).write_text(json.dumps({"hash": identity_hash(ident), "options": ident},
+                                                     indent=1, default=str))
+
+
+# ----------------------------------------------------------------------------- help
+
+def describe_options() -> str:
+    """Every option with its default and help text, from the schema and the composed yaml defaults."""
+    cfg = _compose([])
+    lines = ["Options (key=value; defaults from caldpo/train/conf/config.yaml):"]
+
+    def walk(node: DictConfig, schema: type, prefix: str) -> None:
+        for f in dataclasses.fields(schema):
+            if f.name in ("model", "loss") and not prefix:
+                continue
+            child = node._get_node(f.name)
+            if isinstance(child, DictConfig) and dataclasses.is_dataclass(OmegaConf.get_type(child)):
+                walk(child, OmegaConf.get_type(child), f"{prefix}{f.name}.")
+                continue
+            value = OmegaConf.to_container(child) if isinstance(child, ListConfig) else node[f.name]
+            shown = json.dumps(value).replace('"', "") if isinstance(value, (bool, list, type(None))) else value
+            lines.append(f"  {prefix}{f.name}={shown}".ljust(40) + f"  {f.metadata.get('help', '')}")
+
+    walk(cfg, Config, "")
+    lines.append(f"\nmodel=<preset>: {', '.join(group_options('model'))} (conf/model/); default tiny")
+    walk(cfg.model, ModelConfig, "model.")
+    lines.append(f"\nloss=<name>: {', '.join(group_options('loss'))} (conf/loss/); default sft")
+    for name in group_options("loss"):
+        lc = _compose([f"loss={name}"]).loss
+        schema = OmegaConf.get_type(lc)
+        lines.append(f" {(schema.__doc__ or '').strip().splitlines()[0].replace('``', '')}")
+        for f in dataclasses.fields(schema):
+            if f.name != "name":
+                shown = json.dumps(lc[f.name]) if isinstance(lc[f.name], bool) else lc[f.name]
+                lines.append(f"  loss.{f.name}={shown}".ljust(40) + f"  {f.metadata.get('help', '')}")
+    return "\n".join(lines)
