@@ -218,7 +218,7 @@ def test_time_limit_signal_requeues(baseline, tmp_path, tldr_file):
                                    capture_output=True))
     assert_resumed_like(baseline, info, run_dir, log)
     text = S.log_text(log)
-    assert "SIGUSR1: asking the trainer" in text and f"requeueing job" in text, text[-4000:]
+    assert "SIGUSR1: asking the trainer" in text and "requeueing job" in text, text[-4000:]
     assert not (run_dir / "STOP").exists()
 
 

@@ -33,12 +33,12 @@ def main(argv: list[str] | None = None) -> dict:
     archive = root / "sft" / "LATEST" / "policy.pt"
     print(f"\n[2/3] Cal-DPO from {archive} -> {root / 'caldpo'}", flush=True)
     cal = train([*COMMON, *CALDPO, f"model.archive={archive}", f"run_dir={root / 'caldpo'}"])
-    print(f"\n[3/3] Sampling test-prompt completions from the Cal-DPO policy", flush=True)
+    print("\n[3/3] Sampling test-prompt completions from the Cal-DPO policy", flush=True)
     samples = generate.main([*COMMON, *GENERATE, f"model.archive={root / 'caldpo' / 'LATEST' / 'policy.pt'}"])
     first, last = cal["eval_first"], cal["eval_last"]
     print(f"\n== caldpo demo finished in {time.time() - t0:.0f} s; runs in {root}")
     print(f"   SFT eval NLL of chosen responses: {sft['eval_first']['loss']:.2f} -> {sft['eval_last']['loss']:.2f}")
-    print(f"   Cal-DPO eval metrics (before -> after):")
+    print("   Cal-DPO eval metrics (before -> after):")
     for k in ("rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
         print(f"     {k:<20} {first[k]:+.4f} -> {last[k]:+.4f}")
     example = json.loads(Path(samples).read_text())[0]
