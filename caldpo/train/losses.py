@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from caldpo.kernels import preference_loss
+from caldpo.kernels.losses import calibrated_terms
 
 
 def concatenated(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
@@ -30,10 +31,13 @@ def concatenated(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
 
 
 def loss_options(cfg: DictConfig) -> dict:
+    """The options ``preference_loss`` takes for ``cfg.loss`` (the typed loss group holds exactly these)."""
     if cfg.loss.name == "dpo":
-        return {"label_smoothing": float(cfg.loss.get("label_smoothing", 0.0))}
+        return {"label_smoothing": cfg.loss.label_smoothing}
     if cfg.loss.name == "caldpo":
-        return {"calibration_weight": float(cfg.loss.get("calibration_weight", 1.0))}
+        return {"calibration_weight": cfg.loss.calibration_weight}
+    if cfg.loss.name == "cal_dpo":
+        return {"shift": cfg.loss.shift}
     return {}
 
 
@@ -75,10 +79,12 @@ def batch_loss(cfg: DictConfig, policy, reference_logps, batch: dict,
         "logps/rejected": policy_rejected.detach().float(),
         "loss": losses.detach().float(),
     }
-    if name == "caldpo":
+    if name == "caldpo" or (name == "cal_dpo" and cfg.loss.shift != 0):
         h_w = (policy_chosen - ref_chosen).detach().float()
         h_l = (policy_rejected - ref_rejected).detach().float()
-        target = 1.0 / (2.0 * beta)
-        metrics["loss/preference"] = -F.logsigmoid(h_w - h_l)
-        metrics["loss/calibration"] = float(cfg.loss.calibration_weight) * ((h_w - target) ** 2 + (h_l + target) ** 2)
+        shift = cfg.loss.shift if name == "cal_dpo" else 0.5
+        weight = cfg.loss.calibration_weight if name == "caldpo" else 1.0
+        preference, calibration = calibrated_terms(h_w, h_l, beta, shift)
+        metrics["loss/preference"] = preference
+        metrics["loss/calibration"] = weight * calibration
     return losses.mean(), metrics

@@ -41,7 +41,7 @@ def test_dpo_ipo_sft_by_hand():
     assert abs(c.item() - 0.25) < 1e-6 and abs(r.item() + 0.5) < 1e-6
 
 
-def formula64(pc, pr, rc, rr, beta, loss, ls=0.0, cw=1.0):
+def formula64(pc, pr, rc, rr, beta, loss, ls=0.0, cw=1.0, shift=0.5):
     """Independent float64 formulas, written without torch.nn.functional."""
     h_w, h_l = pc - rc, pr - rr
     lsg = lambda x: -torch.log1p(torch.exp(-x.abs())) + torch.clamp(x, max=0)
@@ -52,11 +52,16 @@ def formula64(pc, pr, rc, rr, beta, loss, ls=0.0, cw=1.0):
         return -(1 - ls) * lsg(z) - ls * lsg(-z)
     if loss == "ipo":
         return (h_w - h_l - 1 / (2 * beta)) ** 2
+    if loss == "cal_dpo":  # the authors' code: plain DPO at shift 0, else shifted calibration targets
+        if shift == 0:
+            return -lsg(beta * (h_w - h_l))
+        return -lsg(h_w - h_l) + (h_w - (1 - shift) / beta) ** 2 + (h_l + shift / beta) ** 2
     return -lsg(h_w - h_l) + cw * ((h_w - 1 / (2 * beta)) ** 2 + (h_l + 1 / (2 * beta)) ** 2)
 
 
 CASES = [("sft", {}), ("dpo", {}), ("dpo", {"label_smoothing": 0.1}), ("ipo", {}),
-         ("caldpo", {}), ("caldpo", {"calibration_weight": 0.5})]
+         ("caldpo", {}), ("caldpo", {"calibration_weight": 0.5}),
+         ("cal_dpo", {}), ("cal_dpo", {"shift": 0.0}), ("cal_dpo", {"shift": 0.3}), ("cal_dpo", {"shift": 1.0})]
 
 
 @pytest.mark.parametrize("backend", ["torch", "reference"])
@@ -67,7 +72,8 @@ def test_random_against_formula(gen, backend, loss, opts):
     beta = float(torch.rand(1, generator=gen)) * 0.5 + 0.01
     g = torch.randn(p, generator=gen, dtype=torch.float64)
     x64 = [b.clone().requires_grad_() for b in base]
-    ref = formula64(*x64, beta, loss, opts.get("label_smoothing", 0.0), opts.get("calibration_weight", 1.0))
+    ref = formula64(*x64, beta, loss, opts.get("label_smoothing", 0.0), opts.get("calibration_weight", 1.0),
+                    opts.get("shift", 0.5))
     ref_grads = torch.autograd.grad((ref * g).sum(), x64, allow_unused=True)
 
     x = [b.float().requires_grad_() for b in base]
@@ -83,6 +89,33 @@ def test_random_against_formula(gen, backend, loss, opts):
             assert got.grad is None or torch.count_nonzero(got.grad) == 0
         else:
             assert torch.isfinite(got.grad).all() and rel_err(got.grad, want) < 1e-5
+
+
+@pytest.mark.parametrize("beta", [0.001, 0.1, 2.0])
+@pytest.mark.parametrize("shift", [0.0, 0.1, 0.5, 0.9])
+def test_cal_dpo_shift_by_hand(beta, shift):
+    """loss=cal_dpo for several shifts and betas, one pair computed with floats by hand."""
+    t = lambda x: torch.tensor([x], dtype=torch.float64)
+    h_w, h_l = 0.7, -0.4
+    if shift == 0:
+        want = -logsig(beta * (h_w - h_l))
+    else:
+        want = -logsig(h_w - h_l) + (h_w - (1 - shift) / beta) ** 2 + (h_l + shift / beta) ** 2
+    got, c, r = preference_loss(t(h_w - 5.0), t(h_l - 7.0), t(-5.0), t(-7.0), beta, loss="cal_dpo", shift=shift,
+                                backend="reference")
+    assert abs(got.item() - want) <= 1e-9 * max(1.0, abs(want))
+    assert abs(c.item() - beta * h_w) < 1e-12 and abs(r.item() - beta * h_l) < 1e-12
+
+
+def test_cal_dpo_half_shift_is_caldpo(gen):
+    x = [torch.randn(8, generator=gen) for _ in range(4)]
+    a, _, _ = preference_loss(*x, 0.25, loss="cal_dpo", shift=0.5)
+    b, _, _ = preference_loss(*x, 0.25, loss="caldpo")
+    assert rel_err(a, b) < 1e-6
+    with pytest.raises(ValueError):
+        preference_loss(*x, 0.25, loss="cal_dpo", shift=1.5)
+    with pytest.raises(ValueError):
+        preference_loss(*x, 0.25, loss="caldpo", shift=0.3)
 
 
 def test_caldpo_gradient_closed_form(gen):
