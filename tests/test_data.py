@@ -87,8 +87,8 @@ def test_hh_empty_final_reply_kept_and_identical_dropped(tmp_path):
     assert report.pairs == 2
     # sft=True keeps the identical row's prompt as an SFT target.
     only_same = write_jsonl(tmp_path / "s.jsonl", [hh(H1, " Same.", " Same.")])
-    groups, _ = load_dataset("hh", "test", path=str(only_same))
-    assert groups == {}
+    with pytest.raises(DataError, match=r"no test examples \(1 rows read; rules applied: identical_pair_dropped=1"):
+        load_dataset("hh", "test", path=str(only_same))
     groups, _ = load_dataset("hh", "test", path=str(only_same), sft=True)
     assert groups[H1].sft_target == " Same." and groups[H1].pairs == []
 
@@ -104,9 +104,9 @@ def test_hh_local_directory_of_gz_subsets(tmp_path):
     groups, _ = load_dataset("hh", "train", path=str(tmp_path))
     assert list(groups) == [H2]
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no test.jsonl.*helpful-online"):
+    with pytest.raises(DataError, match=r"^data.paths.hh: .*/empty: no data files \(.jsonl, .jsonl.gz, .json"):
         load_dataset("hh", "test", path=str(tmp_path / "empty"))
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(DataError, match="no such file or directory"):
         load_dataset("hh", "test", path=str(tmp_path / "nowhere"))
 
 
@@ -131,10 +131,10 @@ def test_hh_broken_rows(tmp_path, line, reason, message):
     f = write_jsonl(tmp_path / "broken.jsonl", [good, b"", good, line, good])
     with pytest.raises(DataError) as e:
         load_dataset("hh", "train", path=str(f))
-    assert str(e.value).startswith(f"{f}:4: ")  # 1-based line, the blank line counted
-    assert message in str(e.value)
-    assert (e.value.source, e.value.line) == (str(f), 4)
-    groups, report = load_dataset("hh", "train", path=str(f), on_error="skip")
+    assert str(e.value).startswith(f"data.paths.hh: {f}:4: ")  # 1-based line, the blank line counted
+    assert message in e.value.what and str(e.value).endswith("or set data.on_error=skip to skip broken rows and count them")
+    assert (e.value.source, e.value.line, e.value.reason) == (str(f), 4, reason)
+    _, report = load_dataset("hh", "train", path=str(f), on_error="skip")
     assert report.skipped == {reason: 1} and report.rows_read == 4 and report.pairs == 3
 
 
@@ -146,8 +146,8 @@ def test_hh_truncated_gz(tmp_path):
     f.write_bytes(blob[: len(blob) // 2])
     with pytest.raises(DataError, match=r"harmless-base/test\.jsonl\.gz:\d+: file ends or is corrupt") as e:
         load_dataset("hh", "test", path=str(tmp_path))
-    assert 1 < e.value.line <= 2000
-    groups, report = load_dataset("hh", "test", path=str(tmp_path), on_error="skip")
+    assert 1 < e.value.line <= 2000 and str(e.value).endswith("; the file is cut short or corrupt: fetch it again")
+    _, report = load_dataset("hh", "test", path=str(tmp_path), on_error="skip")
     assert report.skipped == {"corrupt_file": 1}
     assert report.pairs == e.value.line - 1  # every complete line before the cut was read
 
@@ -195,7 +195,7 @@ def test_tldr_broken_rows(tmp_path, row, message):
     f = write_jsonl(tmp_path / "batch3.json", [comparison(), row])
     with pytest.raises(DataError) as e:
         load_dataset("tldr", "train", path=str(f))
-    assert str(e.value) == f"{f}:2: {message}"
+    assert str(e.value).startswith(f"data.paths.tldr: {f}:2: {message}; ")
     _, report = load_dataset("tldr", "train", path=str(f), on_error="skip")
     assert report.rows_skipped == 1 and report.pairs == 1
 
@@ -245,7 +245,7 @@ def fake_hub(monkeypatch):
 
 def test_hub_hh_rows_go_through_the_row_parser(fake_hub):
     fake_hub.rows = [hh(H1, " a", " b"), {"chosen": H1 + " c"}]
-    with pytest.raises(DataError, match=r"^hub:Anthropic/hh-rlhf\[test\] row 1: missing field 'rejected'$"):
+    with pytest.raises(DataError, match=r"^datasets=\[hh\] \(hub\): hub:Anthropic/hh-rlhf\[test\] row 1: missing field 'rejected'; "):
         load_dataset("hh", "test", cache_dir="/tmp/c")
     assert fake_hub.calls == [(("Anthropic/hh-rlhf",), "test", "/tmp/c")]
     groups, report = load_dataset("hh", "test", on_error="skip")
@@ -258,7 +258,8 @@ def test_hub_tldr_names_and_splits(fake_hub):
     groups, report = load_dataset("tldr", "test")
     assert fake_hub.calls[-1] == (("openai/summarize_from_feedback", "comparisons"), "validation", None)
     assert report.pairs == 2
-    load_dataset("tldr", "train")
+    with pytest.raises(DataError, match=r"no train examples \(2 rows read; rules applied: other_split=2"):
+        load_dataset("tldr", "train")
     assert fake_hub.calls[-1] == (("openai/summarize_from_feedback", "comparisons"), "train", None)
     fake_hub.rows = [{"id": "x", "subreddit": "tifu", "title": "T", "post": "P", "summary": " S"}]
     groups, _ = load_dataset("tldr", "train", sft=True)
@@ -275,3 +276,109 @@ def test_shipped_sample_loads():
         groups, report = load_dataset("sample", split)
         assert report.skipped == {} and report.pairs > 0
         assert all(g.truncation_mode == "keep_end" and g.prompt.endswith("\n\nAssistant:") for g in groups.values())
+
+
+# ----------------------------------------------------------------------------- splits never leak
+
+
+def _pairs(groups) -> set[tuple[str, str, str]]:
+    return {(g.prompt, g.responses[i], g.responses[j]) for g in groups.values() for i, j in g.pairs}
+
+
+def test_split_files_in_a_folder_are_never_shared(tmp_path):
+    """The authors' preprocessed TL;DR folder (train.json / test.json JSON arrays) and a
+    filtered-SFT folder (train/valid/test): each split reads its own file only."""
+    pref = tmp_path / "tldr_pref"
+    pref.mkdir()
+    train_rows = [{"prompt": f"SUBREDDIT: r/a\nTITLE: T{i}\nPOST: P\nTL;DR:", "chosen": " c", "rejected": " r"} for i in range(3)]
+    test_rows = [comparison(split="valid1", title="Held"), comparison(split="valid2", title="Out", texts=(" x", " y"))]
+    (pref / "train.json").write_text(json.dumps(train_rows))
+    (pref / "test.json").write_text(json.dumps(test_rows))
+    train, train_report = load_dataset("tldr", "train", path=str(pref), held_out=0.5)
+    test, test_report = load_dataset("tldr", "test", path=str(pref), held_out=0.5)
+    assert [g.prompt for g in train.values()] == [r["prompt"] for r in train_rows]
+    assert [g.prompt.split("\n")[1] for g in test.values()] == ["TITLE: Held", "TITLE: Out"]
+    assert train_report.rows_read == 3 and test_report.rows_read == 2
+    assert str(train_report).endswith("; split: own files train.json")
+    assert str(test_report).endswith("; split: own files test.json")
+    assert train[train_rows[0]["prompt"]].pair_sources == [f"{pref / 'train.json'} item 1"]
+    sft = tmp_path / "tldr_sft"
+    for i, split in enumerate(("train", "valid", "test")):
+        write_jsonl(sft / f"{split}.jsonl", [{"subreddit": "s", "title": split, "post": "p", "summary": f" {i}"}])
+    for split, title in (("train", "train"), ("test", "test")):  # test.* before valid.*
+        groups, _ = load_dataset("tldr", split, path=str(sft), sft=True)
+        assert [g.prompt for g in groups.values()] == [f"SUBREDDIT: r/s\nTITLE: {title}\nPOST: p\nTL;DR:"]
+    (sft / "test.jsonl").unlink()
+    groups, _ = load_dataset("tldr", "test", path=str(sft), sft=True)
+    assert [g.sft_target for g in groups.values()] == [" 1"]  # valid.jsonl
+    (pref / "test.json").unlink()
+    with pytest.raises(DataError, match=r"^data.paths.tldr: .*tldr_pref: no test file .* beside train.json; add the "
+                                        r"test split's own file"):
+        load_dataset("tldr", "test", path=str(pref), held_out=0.5)
+
+
+def test_one_file_is_cut_by_prompt_hash(tmp_path):
+    """One HH .jsonl for both splits: a held-out cut by sha256 of the prompt, disjoint and complete."""
+    import hashlib
+
+    prompts = [f"\n\nHuman: question {i}?\n\nAssistant:" for i in range(40)]
+    rows = [hh(p, f" good {k}", f" bad {k}") for p in prompts for k in range(2)]  # two pairs per prompt
+    f = write_jsonl(tmp_path / "all.jsonl", rows[::2] + rows[1::2])
+    frac = 0.3
+    expected_test = {p for p in prompts
+                     if int.from_bytes(hashlib.sha256(p.encode()).digest()[:8], "big") < frac * 2 ** 64}
+    assert 0 < len(expected_test) < len(prompts)
+    train, train_report = load_dataset("hh", "train", path=str(f), held_out=frac)
+    test, test_report = load_dataset("hh", "test", path=str(f), held_out=frac)
+    assert set(test) == expected_test and set(train) == set(prompts) - expected_test
+    assert all(len(g.pairs) == 2 for g in (*train.values(), *test.values()))  # a prompt's pairs stay together
+    assert _pairs(train) | _pairs(test) == {(r["chosen"][:len(p)], r["chosen"][len(p):], r["rejected"][len(p):])
+                                           for r, p in zip(rows, [p for p in prompts for _ in range(2)])}
+    assert test_report.anomalies == {"other_split": 80 - 2 * len(expected_test)}
+    assert "split: held-out cut by prompt: test = prompts whose sha256 falls in the first 0.3" in str(test_report)
+    again, _ = load_dataset("hh", "test", path=str(f), held_out=frac)
+    assert list(again) == list(test)
+    # without a cut the caller means the whole file as that split (a test file read on its own)
+    whole, report = load_dataset("hh", "test", path=str(f))
+    assert len(whole) == 40 and report.split_rule == ""
+    with pytest.raises(ValueError, match="held_out must be a fraction"):
+        load_dataset("hh", "test", path=str(f), held_out=1.0)
+
+
+def test_unnamed_tldr_file_routes_comparisons_by_row_and_cuts_the_rest(tmp_path):
+    rows = [comparison(split="train", title="Tr"), comparison(split="valid1", title="Va"),
+            {"prompt": "SUBREDDIT: r/x\nTITLE: pre\nPOST: p\nTL;DR:", "chosen": " a", "rejected": " b"}]
+    f = write_jsonl(tmp_path / "mixed.jsonl", rows)
+    train, _ = load_dataset("tldr", "train", path=str(f), held_out=0.999999)  # the cut puts 'pre' in test
+    test, report = load_dataset("tldr", "test", path=str(f), held_out=0.999999)
+    assert [p.split("\n")[1] for p in train] == ["TITLE: Tr"]
+    assert [p.split("\n")[1] for p in test] == ["TITLE: Va", "TITLE: pre"]
+    assert report.split_rule.startswith("comparison rows by their own 'split' field; other rows held-out cut")
+
+
+def test_folder_faults(tmp_path):
+    write_jsonl(tmp_path / "nested" / "sub" / "train.jsonl", [hh(H1, " a", " b")])
+    with pytest.raises(DataError, match=r"split files lie in a subfolder \(sub/train.jsonl\); point it at .*nested/sub"):
+        load_dataset("hh", "train", path=str(tmp_path / "nested"))
+    write_jsonl(tmp_path / "only_bad" / "train.jsonl", [hh(H1, " same", " same")])
+    with pytest.raises(DataError) as e:
+        load_dataset("hh", "train", path=str(tmp_path / "only_bad"))
+    assert str(e.value).startswith(f"data.paths.hh: {tmp_path / 'only_bad'}: no train examples in train.jsonl (1 rows")
+    assert e.value.line is None
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "README.txt").write_text("no data here")
+    with pytest.raises(DataError, match=r"notes: no data files \(\.jsonl, \.jsonl\.gz, \.json, \.json\.gz, \.parquet\) "
+                                        r"in this folder; point it at"):
+        load_dataset("tldr", "test", path=str(tmp_path / "notes"))
+
+
+@pytest.mark.parametrize("name, split", [("train.json", "train"), ("test.jsonl.gz", "test"), ("valid.jsonl", "test"),
+                                         ("validation-00000-of-00001.parquet", "test"),
+                                         ("train-00001-of-00004.parquet", "train"), ("batch3.json", None),
+                                         ("trainer_notes.json", None), ("test.txt", None)])
+def test_split_of_name(name, split):
+    from pathlib import Path
+
+    from caldpo.train.data import split_of_name
+
+    assert split_of_name(Path(name)) == split

@@ -45,7 +45,7 @@ def test_tldr_pref_directory_of_batches(tmp_path, capsys):
 
 
 def test_tldr_pref_broken_row_names_file_and_line(tmp_path):
-    f = write_jsonl(tmp_path / "batch9.json", [comparison(), comparison(split="valid3")])
+    f = write_jsonl(tmp_path / "batch9.json", [comparison(), comparison(split="valid3"), comparison(split="valid1")])
     with pytest.raises(DataError, match=r"batch9\.json:2: 'split' should be one of train, valid1, valid2, is 'valid3'"):
         tldr_pref([str(f)], str(tmp_path / "out"))
     reports = tldr_pref([str(f)], str(tmp_path / "out"), on_error="skip")
@@ -82,3 +82,37 @@ def test_cli_help():
     out = subprocess.run([sys.executable, "-m", "caldpo.train.preproc", "tldr-pref", "--help"], cwd=ROOT,
                          capture_output=True, text=True, check=True).stdout
     assert "--input" in out and "--out" in out and "--on-error" in out
+
+
+def test_tldr_pref_refuses_an_empty_split(tmp_path, capsys):
+    """Only validation rows: no empty train.jsonl, an error naming the input, exit status 2."""
+    f = write_jsonl(tmp_path / "batch13.json", [comparison(split="valid2"), comparison(split="valid1", texts=(" p", " q"))])
+    out = tmp_path / "out"
+    with pytest.raises(DataError) as e:
+        tldr_pref([str(f)], str(out))
+    assert str(e.value).startswith(f"--input: {f}: no train examples (test: 2 rows read")
+    assert e.value.hint == "add the files holding the train rows; nothing was written"
+    assert sorted(p.name for p in out.iterdir()) == []  # neither split written, no temporary left
+    with pytest.raises(SystemExit) as exit_:
+        main(["tldr-pref", "--input", str(f), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and err.startswith("caldpo: data error: --input: ")
+    # rows all dropped by the rules are no better than no rows
+    g = write_jsonl(tmp_path / "batch14.json", [comparison(split="train"), comparison(split="valid1", texts=(" s", "s"))])
+    with pytest.raises(DataError, match=r"no test examples \(.*identical_pair_dropped=1"):
+        tldr_pref([str(g)], str(out))
+
+
+def test_tldr_sft_refuses_an_empty_split_and_broken_lines_exit_2(tmp_path, capsys):
+    src = tmp_path / "filtered"
+    write_jsonl(src / "train.jsonl", [{"subreddit": "s", "title": "T", "post": "P", "summary": "S"}])
+    write_jsonl(src / "valid.jsonl", [b'{"subreddit": "s", "title": "T", "post": "P", "summary": '])
+    with pytest.raises(SystemExit) as exit_:
+        main(["tldr-sft", "--input", str(src), "--out", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1
+    assert err.startswith(f"caldpo: data error: {src / 'valid.jsonl'}:1: bad JSON")
+    assert err.rstrip().endswith("or pass --on-error skip to skip broken rows and count them")
+    with pytest.raises(DataError, match=r"no valid examples .*rows skipped: bad_json=1"):
+        tldr_sft([str(src)], str(tmp_path / "out"), on_error="skip")
+    assert not (tmp_path / "out" / "train.jsonl").exists()

@@ -12,7 +12,7 @@ import pytest
 
 from _data_fixtures import REALDATA, char_tokenizer
 from caldpo.train.batches import collate, flatten, tokenize_example
-from caldpo.train.data import load_dataset, split_hh
+from caldpo.train.data import DataError, load_dataset, split_hh
 from caldpo.train.preproc import tldr_pref
 
 HH = REALDATA / "hh_rlhf_sample.jsonl"
@@ -91,14 +91,19 @@ def test_tldr_loader_counts():
     assert edited.prompt.startswith("SUBREDDIT: r/relationships\nTITLE: Me [27 F] with my boyfriend [24 M] for four")
     assert edited.responses[edited.pairs[0][0]] == (
         " Boyfriend talks very slowly, I feel frustrated and sometimes want to tell him to hurry up - how do I deal with this?")
-    _, train_report = load_dataset("tldr", "train", path=str(TLDR))
-    assert train_report.pairs == 0 and train_report.anomalies == {"other_split": 21}
+    with pytest.raises(DataError, match=r"no train examples \(21 rows read; rules applied: other_split=21; "):
+        load_dataset("tldr", "train", path=str(TLDR))  # every sample row is from valid1/valid2
 
 
 def test_tldr_via_preproc(tmp_path):
-    reports = tldr_pref([str(TLDR)], str(tmp_path))
+    with pytest.raises(DataError, match="no train examples"):  # validation rows only: nothing written
+        tldr_pref([str(TLDR)], str(tmp_path))
+    assert not (tmp_path / "train.jsonl").exists()
+    train_row = json.loads(TLDR.read_text().splitlines()[0])
+    (tmp_path / "extra.json").write_text(json.dumps({**train_row, "split": "train"}) + "\n")
+    reports = tldr_pref([str(TLDR), str(tmp_path / "extra.json")], str(tmp_path))
     assert (reports["test"].rows_read, reports["test"].pairs, reports["test"].prompts) == (21, 19, 13)
-    assert reports["train"].rows_read == 0 and (tmp_path / "train.jsonl").read_text() == ""
+    assert reports["train"].pairs == 1
     assert reports["test"].anomalies == {"cnndm_dropped": 2, "subreddit_has_r_prefix": 5, "summary_without_leading_space": 10}
     via_files, report = load_dataset("tldr", "test", path=str(tmp_path))
     direct, _ = load_dataset("tldr", "test", path=str(TLDR))
@@ -111,7 +116,7 @@ def test_tokenize_every_pair(name, path, max_length, max_prompt_length):
     tok = char_tokenizer()
     groups, _ = load_dataset(name, "test", path=str(path))
     examples = [tokenize_example(p, c, r, tok, max_length=max_length, max_prompt_length=max_prompt_length,
-                                 truncation_mode=m) for p, c, r, m in flatten(groups, sft=False)]
+                                 truncation_mode=m) for p, c, r, m, *_ in flatten(groups, sft=False)]
     assert len(examples) == (81 if name == "hh" else 19)
     for ex in examples:
         for side in ("chosen", "rejected"):
@@ -164,7 +169,7 @@ def test_matches_reference_tokenization(sft, max_length, max_prompt_length):
     n_cut = 0
     for name, path in (("hh", HH), ("tldr", TLDR)):
         groups, _ = load_dataset(name, "test", path=str(path), sft=sft)
-        for p, c, r, mode in flatten(groups, sft=sft):
+        for p, c, r, mode, *_ in flatten(groups, sft=sft):
             ours = tokenize_example(p, c, r, tok, max_length=max_length, max_prompt_length=max_prompt_length,
                                     truncation_mode=mode)
             ref = reference_tokenize(p, c, c if r is None else r, mode, tok, max_length, max_prompt_length)

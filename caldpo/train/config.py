@@ -149,6 +149,8 @@ class DataConfig:
     on_error: str = opt("raise: stop at a broken row (file:line) | skip: skip and count it",
                         choices=("raise", "skip"))
     cache_dir: Optional[str] = opt("datasets library cache for hub downloads", identity=False)
+    held_out: float = opt("fraction of prompts cut out as the test split (sha256 of the prompt) when one "
+                          "data file serves both splits; a folder's train/test files are used as they are")
 
 
 @dataclass
@@ -515,6 +517,8 @@ def validate(cfg: DictConfig, world_size: int | None = None, *, argv: list[str] 
     for name, path in cfg.data.paths.items():
         if path is not None and not Path(path).expanduser().exists():
             raise ConfigError(f"data.paths.{name}={path}: no such file or directory")
+    if not 0.0 < cfg.data.held_out < 1.0:
+        raise ConfigError(f"data.held_out={cfg.data.held_out}: must be a fraction in (0, 1)")
     for key in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length"):
         if cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]}: must be a positive integer")

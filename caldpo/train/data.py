@@ -42,11 +42,14 @@ All datasets
 from __future__ import annotations
 
 import gzip
+import hashlib
 import json
+import re
 import zlib
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 DATASETS = ("hh", "tldr", "sample")
 SPLITS = ("train", "test")
@@ -87,6 +90,7 @@ class DataReport:
     pairs: int = 0
     anomalies: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
+    split_rule: str = ""  # how this split's rows were chosen (load_dataset); printed when set
 
     def count(self, rule: str, n: int = 1) -> None:
         self.anomalies[rule] = self.anomalies.get(rule, 0) + n
@@ -98,22 +102,36 @@ class DataReport:
     def rows_skipped(self) -> int:
         return sum(self.skipped.values())
 
-    def __str__(self) -> str:
-        def fmt(d: dict[str, int]) -> str:
-            return ", ".join(f"{k}={v}" for k, v in sorted(d.items())) or "none"
+    @staticmethod
+    def fmt(d: dict[str, int]) -> str:
+        return ", ".join(f"{k}={v}" for k, v in sorted(d.items())) or "none"
 
+    def __str__(self) -> str:
         return (f"data {self.dataset}/{self.split} from {self.source}: {self.rows_read} rows -> "
-                f"{self.prompts} prompts, {self.pairs} pairs; rules applied: {fmt(self.anomalies)}; "
-                f"rows skipped: {fmt(self.skipped)}")
+                f"{self.prompts} prompts, {self.pairs} pairs; rules applied: {self.fmt(self.anomalies)}; "
+                f"rows skipped: {self.fmt(self.skipped)}" + (f"; split: {self.split_rule}" if self.split_rule else ""))
 
 
 class DataError(ValueError):
-    """A structurally broken row: names the file (or hub split), the 1-based line, and the fault."""
+    """Data that cannot be used: a broken row, a missing or empty split, a folder with no data files.
 
-    def __init__(self, source: str, line: int, what: str, unit: str = "line"):
+    ``str(e)`` is one line: ``"[option: ]source[:line]: what[; hint]"``. ``source`` is the file
+    (or hub split), ``line`` its 1-based line (``unit`` "item"/"row" for JSON arrays and
+    parquet; None for a whole-file fault), ``option`` the config key that named the data
+    (``data.paths.hh``; set by :func:`load_dataset`), ``hint`` what to do, ``reason`` the
+    skip-count key of a broken row.
+    """
+
+    def __init__(self, source: str, line: int | None, what: str, unit: str = "line", *,
+                 option: str | None = None, hint: str = "", reason: str = ""):
         self.source, self.line, self.what, self.unit = source, line, what, unit
-        sep = ":" if unit == "line" else f" {unit} "
-        super().__init__(f"{source}{sep}{line}: {what}")
+        self.option, self.hint, self.reason = option, hint, reason
+        super().__init__(what)
+
+    def __str__(self) -> str:
+        loc = self.source if self.line is None else (
+            f"{self.source}:{self.line}" if self.unit == "line" else f"{self.source} {self.unit} {self.line}")
+        return f"{self.option + ': ' if self.option else ''}{loc}: {self.what}{'; ' + self.hint if self.hint else ''}"
 
 
 class RowError(Exception):
@@ -355,7 +373,7 @@ def apply_row(rec: Record, report: DataReport, on_error: str, fn) -> Any:
         return fn(rec.row)
     except RowError as e:
         if on_error == "raise":
-            raise DataError(rec.source, rec.line, e.what, rec.unit) from None
+            raise DataError(rec.source, rec.line, e.what, rec.unit, reason=e.reason) from None
         report.skip(e.reason)
         return None
 
@@ -413,67 +431,150 @@ class _Groups:
 # ----------------------------------------------------------------------------- sources
 
 
-def _hh_files(path: Path, split: str) -> list[Path]:
+SPLIT_STEMS = {"train": ("train",), "test": ("test", "valid", "validation")}  # in order of preference
+DATA_SUFFIXES = (".jsonl", ".jsonl.gz", ".json", ".json.gz", ".parquet")
+
+
+def _stem(p: Path) -> str:
+    name = p.name.lower()
+    for suf in DATA_SUFFIXES:
+        if name.endswith(suf):
+            return name[: -len(suf)]
+    return ""
+
+
+def split_of_name(p: Path) -> str | None:
+    """The split a data file's name gives (``train.json``, ``test.jsonl.gz``, ``valid.jsonl``,
+    ``train-00000-of-00001.parquet``), as the stem's first word; None if it names none."""
+    first = re.split(r"[-_.]", _stem(p), maxsplit=1)[0]
+    return next((s for s, stems in SPLIT_STEMS.items() if first in stems), None)
+
+
+def _data_files(d: Path, recursive: bool) -> list[Path]:
+    it = d.rglob("*") if recursive else d.iterdir()
+    return sorted(p for p in it if p.is_file() and _stem(p))
+
+
+@dataclass
+class SplitSource:
+    """Which files hold one split, and how the split is picked from their rows.
+
+    rule "files": the files are named for the split (rows carrying their own ``split``
+    field still go by it); "rows": the files are not named for a split, so each row
+    goes by its own ``split`` field and rows without one by the held-out cut
+    (:func:`held_out_test`), or, with no cut asked for, all serve the requested split.
+    """
+
+    files: list[Path]
+    rule: str  # "files" | "rows"
+
+    def describe(self, root: Path) -> str:
+        names = [str(f.relative_to(root)) if f != root and root in f.parents else str(f) for f in self.files]
+        return ", ".join(names) if len(names) <= 4 else f"{len(names)} files ({names[0]}, ...)"
+
+
+def split_source(path: Path, split: str, subdirs: tuple[str, ...] = ()) -> SplitSource:
+    """The files of ``split`` under ``path`` (a file or a directory; ``subdirs`` are searched
+    too, in order, e.g. the HH subsets). A directory holding files named for a split serves
+    each split from its own files (``test`` before ``valid``/``validation``); one without such
+    names serves both splits from all its data files by row (rule "rows")."""
     if path.is_file():
-        return [path]
+        return SplitSource([path], "rows")
     if not path.is_dir():
-        raise FileNotFoundError(f"HH data path {path} does not exist")
-    files = []
-    for d in (path, *(path / s for s in HH_SUBSETS)):
-        for ext in (".jsonl", ".jsonl.gz"):
-            if (d / f"{split}{ext}").is_file():
-                files.append(d / f"{split}{ext}")
-                break
+        raise DataError(str(path), None, "no such file or directory", hint="give an existing file or folder")
+    named: dict[str, list[Path]] = {}
+    for d in (path, *(path / s for s in subdirs)):
+        if not d.is_dir():
+            continue
+        by_stem: dict[str, list[Path]] = {}
+        for f in _data_files(d, recursive=False):
+            sp = split_of_name(f)
+            if sp is not None:
+                by_stem.setdefault(re.split(r"[-_.]", _stem(f), maxsplit=1)[0], []).append(f)
+        for sp, stems in SPLIT_STEMS.items():
+            stem = next((st for st in stems if st in by_stem), None)
+            if stem is not None:
+                named.setdefault(sp, []).extend(_one_per_split(by_stem[stem]))
+    if named:
+        if split not in named:
+            other = ", ".join(str(f.relative_to(path)) for fs in named.values() for f in fs)
+            raise DataError(str(path), None, f"no {split} file ({'/'.join(SPLIT_STEMS[split])}"
+                            f"{{{','.join(DATA_SUFFIXES)}}}) beside {other}",
+                            hint=f"add the {split} split's own file; one split never serves as the other")
+        return SplitSource(named[split], "files")
+    files = _data_files(path, recursive=True)
     if not files:
-        raise FileNotFoundError(f"no {split}.jsonl[.gz] in {path} or its subsets {', '.join(HH_SUBSETS)}")
-    return files
+        raise DataError(str(path), None, f"no data files ({', '.join(DATA_SUFFIXES)}) in this folder",
+                        hint="point it at a folder with train/test files or at one data file")
+    nested = [f for f in files if split_of_name(f) is not None]
+    if nested:
+        raise DataError(str(path), None, f"split files lie in a subfolder ({nested[0].relative_to(path)})",
+                        hint=f"point it at {nested[0].parent}, which holds the split files")
+    return SplitSource(files, "rows")
 
 
-def _tldr_files(path: Path, split: str) -> tuple[list[Path], bool]:
-    """(files, filter_by_row_split): a preproc dir's split file, or raw comparison files."""
-    if path.is_file():
-        return [path], True
-    if not path.is_dir():
-        raise FileNotFoundError(f"TL;DR data path {path} does not exist")
-    for ext in (".jsonl", ".jsonl.gz"):
-        if (path / f"{split}{ext}").is_file():
-            return [path / f"{split}{ext}"], False
-    raw = sorted(p for p in path.rglob("*") if p.is_file() and p.name.endswith((".json", ".jsonl", ".json.gz", ".jsonl.gz")))
-    if not raw:
-        raise FileNotFoundError(f"no {split}.jsonl (from caldpo.train.preproc) or comparison files in {path}")
-    return raw, True
+def _one_per_split(files: list[Path]) -> list[Path]:
+    """Of files sharing a split name in one folder, the preferred format only (train.jsonl
+    over train.jsonl.gz over train.json ...), except sharded parquet, which is all read."""
+    shards = [f for f in files if f.name.lower().endswith(".parquet")]
+    exact = [f for f in files if f not in shards]
+    if exact:
+        return [min(exact, key=lambda f: DATA_SUFFIXES.index(next(s for s in DATA_SUFFIXES if f.name.lower().endswith(s))))]
+    return shards
 
 
-def _records(name: str, split: str, sft: bool, path: str | None, cache_dir: str | None) -> tuple[str, Iterable[Record], bool]:
-    """(source description, records, filter comparison rows by their 'split' field)."""
+def held_out_test(prompt: str, fraction: float) -> bool:
+    """Whether a prompt falls in the held-out test cut: the first 8 bytes of sha256(prompt,
+    UTF-8) read as an integer, divided by 2**64, are below ``fraction``. Deterministic,
+    independent of file order, and every pair of a prompt lands in the same split."""
+    h = int.from_bytes(hashlib.sha256(prompt.encode("utf-8")).digest()[:8], "big")
+    return h / 2.0 ** 64 < fraction
+
+
+def _records(name: str, split: str, sft: bool, path: str | None,
+             cache_dir: str | None) -> tuple[str, Iterable[Record], bool, SplitSource | None, Path | None]:
+    """(source description, records, filter comparison rows by their 'split' field, local
+    source and its root; None, None for the hub)."""
     if name == "sample" and path is None:
         if not (SAMPLE_DIR / f"{split}.jsonl").is_file():
-            raise FileNotFoundError(f"the shipped sample {SAMPLE_DIR / (split + '.jsonl')} is missing; "
-                                    "write it with `python -m caldpo.train.sample`")
+            raise DataError(str(SAMPLE_DIR / f"{split}.jsonl"), None, "the shipped sample is missing",
+                            hint="write it with `python -m caldpo.train.sample`")
         path = str(SAMPLE_DIR)
-    if name in ("hh", "sample"):
-        if path is None:
-            return f"hub:{HH_HUB}", iter_hub(HH_HUB, None, split, cache_dir), False
-        files = _hh_files(Path(path), split)
-        return str(path), (r for f in files for r in iter_file(f)), False
     if path is None:
+        if name in ("hh", "sample"):
+            return f"hub:{HH_HUB}", iter_hub(HH_HUB, None, split, cache_dir), False, None, None
         if sft:
-            return f"hub:{TLDR_SFT_HUB}", iter_hub(TLDR_SFT_HUB, None, split, cache_dir), False
+            return f"hub:{TLDR_SFT_HUB}", iter_hub(TLDR_SFT_HUB, None, split, cache_dir), False, None, None
         hub_name, config = TLDR_PREF_HUB
-        return (f"hub:{hub_name}/{config}", iter_hub(hub_name, config, TLDR_PREF_HUB_SPLIT[split], cache_dir), True)
-    files, by_split = _tldr_files(Path(path), split)
-    return str(path), (r for f in files for r in iter_file(f)), by_split
+        return (f"hub:{hub_name}/{config}", iter_hub(hub_name, config, TLDR_PREF_HUB_SPLIT[split], cache_dir),
+                True, None, None)
+    root = Path(path)
+    src = split_source(root, split, HH_SUBSETS if name in ("hh", "sample") else ())
+    return str(path), (r for f in src.files for r in iter_file(f)), name == "tldr", src, root
 
 
 def load_dataset(name: str, split: str, *, sft: bool = False, path: str | None = None,
-                 on_error: str = "raise", cache_dir: str | None = None) -> tuple[dict[str, PromptGroup], DataReport]:
+                 on_error: str = "raise", cache_dir: str | None = None,
+                 held_out: float | None = None) -> tuple[dict[str, PromptGroup], DataReport]:
     """Load one split of a dataset as prompt groups plus the report of what was read.
 
     ``path=None`` reads the hub (HH: Anthropic/hh-rlhf; TL;DR: the comparisons of
     openai/summarize_from_feedback, or with ``sft=True`` UCL-DARK/openai-tldr-filtered);
-    otherwise a local file or directory (see the module docstring and ARCHITECTURE.md).
-    Comparison rows are filtered by their own ``split`` field ("train" -> train,
-    "valid1"/"valid2" -> test); rows of the other split are counted as ``other_split``.
+    otherwise a local file or directory (:func:`split_source`). Splits never share rows:
+
+    * a directory with files named for splits (``train.json``/``test.json``, the HH
+      ``<subset>/{train,test}.jsonl.gz``, a preproc output) gives each split its own files;
+    * comparison rows carry their own ``split`` ("train" -> train, "valid1"/"valid2" ->
+      test); rows of the other split are counted as ``other_split``;
+    * other rows of a source not named for a split (one ``.jsonl`` for both splits) are cut
+      by prompt: with ``held_out=f`` the prompts for which :func:`held_out_test` holds are
+      the test split and the rest the train split (the trainer passes ``data.held_out``);
+      with ``held_out=None`` the caller means the whole source as ``split``.
+
+    The report's ``split_rule`` says which applied. Raises :class:`DataError` (``option``
+    ``data.paths.<name>``, or ``datasets`` for the hub) for a broken row (unless
+    ``on_error="skip"``), a missing split file, a folder without data files, and a split
+    with no examples.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
@@ -481,20 +582,53 @@ def load_dataset(name: str, split: str, *, sft: bool = False, path: str | None =
         raise ValueError(f"unknown split {split!r}; valid splits: {', '.join(SPLITS)}")
     if on_error not in ("raise", "skip"):
         raise ValueError(f"on_error must be 'raise' or 'skip', not {on_error!r}")
-    source, records, by_split = _records(name, split, sft, path, cache_dir)
+    if held_out is not None and not 0.0 < held_out < 1.0:
+        raise ValueError(f"held_out must be a fraction in (0, 1) or None, not {held_out!r}")
+    option = f"data.paths.{name}" if path is not None else f"datasets=[{name}] (hub)"
+    try:
+        return _load(name, split, sft, path, on_error, cache_dir, held_out)
+    except DataError as e:
+        e.option = e.option or option
+        if not e.hint and e.line is not None:
+            e.hint = ("the file is cut short or corrupt: fetch it again" if e.reason == "corrupt_file" else
+                      "fix or delete that row, or set data.on_error=skip to skip broken rows and count them")
+        raise
+
+
+def _load(name: str, split: str, sft: bool, path: str | None, on_error: str, cache_dir: str | None,
+          held_out: float | None) -> tuple[dict[str, PromptGroup], DataReport]:
+    source, records, by_split, src, root = _records(name, split, sft, path, cache_dir)
     report = DataReport(name, split, source)
+    cut = src is not None and src.rule == "rows" and held_out is not None
+    files = src.describe(root) if src is not None and root.is_dir() else ""
+    if src is not None and src.rule == "files":
+        report.split_rule = f"own files {files}"
+    elif cut:
+        report.split_rule = (("comparison rows by their own 'split' field; other rows " if name == "tldr" else "")
+                             + f"held-out cut by prompt: test = prompts whose sha256 falls in the first {held_out:g} "
+                             f"of its range (data.held_out), train = the rest")
     groups = _Groups(TRUNCATION_MODE[name], report, sft)
     keep_splits = TLDR_SPLITS[split]
 
+    def in_split(prompt: str) -> bool:
+        if cut and held_out_test(prompt, held_out) != (split == "test"):
+            report.count("other_split")
+            return False
+        return True
+
     def add(row: Any, where: str) -> None:
         if name != "tldr":
-            groups.add_pair(*parse_hh(row, report), where)
+            parsed = parse_hh(row, report)
+            if in_split(parsed[0]):
+                groups.add_pair(*parsed, where)
             return
-        if by_split and isinstance(row, dict) and "summaries" in row:
-            if _field(row, "split", str) not in keep_splits:
-                report.count("other_split")
-                return
+        own_split = by_split and isinstance(row, dict) and "summaries" in row and "split" in row
+        if own_split and _field(row, "split", str) not in keep_splits:
+            report.count("other_split")
+            return
         out = parse_tldr_any(row, report)
+        if out[0] == "drop" or not own_split and not in_split(out[1]):
+            return
         if out[0] == "pair":
             groups.add_pair(*out[1:], where)
         elif out[0] == "sft":
@@ -506,4 +640,10 @@ def load_dataset(name: str, split: str, *, sft: bool = False, path: str | None =
         apply_row(rec, report, on_error, lambda row, where=rec.where: add(row, where))
     report.prompts = len(groups.groups)
     report.pairs = sum(len(g.pairs) for g in groups.groups.values())
+    if not groups.groups:
+        raise DataError(source, None, f"no {split} examples{' in ' + files if files else ''} "
+                        f"({report.rows_read} rows read; rules applied: "
+                        f"{report.fmt(report.anomalies)}; rows skipped: {report.fmt(report.skipped)})",
+                        hint=f"give the {split} split its own file with {split} rows"
+                        + (", or check data.held_out" if cut else ""))
     return groups.groups, report

@@ -10,16 +10,20 @@
 .parquet files named by split, or a hub dataset) and writes ``{"prompt", "target"}``
 rows to ``<split>.jsonl``. Both apply the row rules of ``caldpo.train.data`` (templates,
 CNN/DM dropped, identical pairs dropped) and print one data report per split written.
+A split that would be empty (``tldr-pref`` on files holding only validation rows, a split
+file whose rows were all dropped) is an error naming the inputs, and nothing is written.
+Errors print one line ``caldpo: ...`` and exit with status 2.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
+from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Iterable, Iterator
 
-from .data import (DataReport, Record, RowError, _field, apply_row, iter_file, iter_hub,
+from .data import (DataError, DataReport, Record, RowError, _field, apply_row, iter_file, iter_hub,
                    parse_tldr_comparison, parse_tldr_filtered)
 
 PREF_SPLITS = {"train": "train", "valid1": "test", "valid2": "test"}
@@ -34,12 +38,13 @@ def input_files(inputs: Iterable[str]) -> list[Path]:
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(DATA_SUFFIXES))
             if not found:
-                raise FileNotFoundError(f"no data files ({', '.join(DATA_SUFFIXES)}) under {p}")
+                raise DataError(str(p), None, f"no data files ({', '.join(DATA_SUFFIXES)}) in this folder",
+                                option="--input", hint="give the folder of the exported files, or the files")
             files.extend(found)
         elif p.is_file():
             files.append(p)
         else:
-            raise FileNotFoundError(f"input {p} does not exist")
+            raise DataError(str(p), None, "no such file or directory", option="--input")
     return files
 
 
@@ -55,16 +60,29 @@ class _SplitWriter:
             self.files[split] = open(self.out / f".{split}.jsonl.tmp", "w", encoding="utf-8")
         self.files[split].write(json.dumps(row, ensure_ascii=False) + "\n")
 
-    def close(self, splits: Iterable[str]) -> list[Path]:
+    def close(self, commit: bool) -> list[Path]:
+        """Close the files; rename them into place if ``commit``, else delete them."""
         written = []
-        for split in splits:
-            if split not in self.files:  # an empty split still gets its (empty) file
-                self.files[split] = open(self.out / f".{split}.jsonl.tmp", "w", encoding="utf-8")
         for split, f in self.files.items():
             f.close()
-            os.replace(self.out / f".{split}.jsonl.tmp", self.out / f"{split}.jsonl")
-            written.append(self.out / f"{split}.jsonl")
+            tmp = self.out / f".{split}.jsonl.tmp"
+            if commit:
+                os.replace(tmp, self.out / f"{split}.jsonl")
+                written.append(self.out / f"{split}.jsonl")
+            else:
+                tmp.unlink(missing_ok=True)
         return written
+
+
+def _check_not_empty(reports: dict[str, DataReport], splits: Iterable[str], source: str, count: str) -> None:
+    """An empty split is an error naming the inputs (no split is ever written empty)."""
+    for split in splits:
+        r = reports.get(split)
+        if r is None or getattr(r, count) == 0:
+            seen = "; ".join(f"{s}: {x.rows_read} rows read, rules applied: {x.fmt(x.anomalies)}, "
+                             f"rows skipped: {x.fmt(x.skipped)}" for s, x in reports.items() if x.rows_read)
+            raise DataError(source, None, f"no {split} examples ({seen or 'no rows'})", option="--input",
+                            hint=f"add the files holding the {split} rows; nothing was written")
 
 
 def tldr_pref(inputs: Iterable[str], out: str, on_error: str = "raise") -> dict[str, DataReport]:
@@ -98,15 +116,18 @@ def tldr_pref(inputs: Iterable[str], out: str, on_error: str = "raise") -> dict[
         report.pairs += 1
         prompts[PREF_SPLITS[split]].add(prompt)
 
+    ok = False
     try:
         for f in files:
             for rec in iter_file(f):
                 apply_row(rec, route(rec), on_error, convert)
+        _merge_unsplit(reports, unsplit)
+        for s, r in reports.items():
+            r.prompts = len(prompts[s])
+        _check_not_empty(reports, ("train", "test"), source, "pairs")
+        ok = True
     finally:
-        writer.close(reports)
-    _merge_unsplit(reports, unsplit)
-    for s, r in reports.items():
-        r.prompts = len(prompts[s])
+        writer.close(commit=ok)
     return reports
 
 
@@ -124,7 +145,8 @@ def split_of(path: Path) -> str:
     for key, split in (("train", "train"), ("valid", "valid"), ("test", "test")):
         if key in name:
             return split
-    raise ValueError(f"cannot tell the split of {path} from its name; name it train*/valid*/test*")
+    raise DataError(str(path), None, "cannot tell the split from the file's name", option="--input",
+                    hint="name it train*/valid*/test*")
 
 
 def _sft_records(inputs: list[str], cache_dir: str | None) -> Iterator[tuple[str, Record]]:
@@ -147,6 +169,7 @@ def tldr_sft(inputs: Iterable[str], out: str, on_error: str = "raise", cache_dir
     inputs = list(inputs)
     reports: dict[str, DataReport] = {}
     writer = _SplitWriter(Path(out))
+    ok = False
     try:
         for split, rec in _sft_records(inputs, cache_dir):
             report = reports.setdefault(split, DataReport("tldr-sft", split, ", ".join(inputs)))
@@ -157,8 +180,10 @@ def tldr_sft(inputs: Iterable[str], out: str, on_error: str = "raise", cache_dir
                 report.prompts += 1
 
             apply_row(rec, report, on_error, convert)
+        _check_not_empty(reports, reports, ", ".join(inputs), "prompts")
+        ok = True
     finally:
-        writer.close(())
+        writer.close(commit=ok)
     return reports
 
 
@@ -176,10 +201,16 @@ def main(argv: list[str] | None = None) -> None:
         q.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                        help="broken rows: stop with file and line (raise) or skip and count them (skip)")
     args = ap.parse_args(argv)
-    if args.command == "tldr-pref":
-        reports = tldr_pref(args.input, args.out, args.on_error)
-    else:
-        reports = tldr_sft(args.input, args.out, args.on_error, args.cache_dir)
+    try:
+        if args.command == "tldr-pref":
+            reports = tldr_pref(args.input, args.out, args.on_error)
+        else:
+            reports = tldr_sft(args.input, args.out, args.on_error, args.cache_dir)
+    except DataError as e:
+        if not e.hint and e.line is not None:
+            e.hint = "fix or delete that row, or pass --on-error skip to skip broken rows and count them"
+        print(f"caldpo: data error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     for r in reports.values():
         print(r)
     print(f"wrote {', '.join(sorted(str(p) for p in Path(args.out).glob('*.jsonl')))}")

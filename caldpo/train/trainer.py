@@ -91,7 +91,8 @@ class Examples:
         self.reports = []
         for name in cfg.datasets:
             groups, report = load_dataset(name, split, sft=sft, path=(cfg.data.paths or {}).get(name),
-                                          on_error=cfg.data.on_error, cache_dir=cfg.data.cache_dir)
+                                          on_error=cfg.data.on_error, cache_dir=cfg.data.cache_dir,
+                                          held_out=cfg.data.held_out)
             if verbose:
                 print(str(report), flush=True)
             self.reports.append(report)
