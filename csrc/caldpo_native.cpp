@@ -11,6 +11,11 @@
 //             grad_weight[block] (+)= d^T @ hidden_rows, both GEMMs.
 // Inputs of any floating dtype are upcast to fp32 (the weight one block at a
 // time); all accumulation is fp32 (the running logsumexp in double).
+//
+// Output heads beyond hidden @ weight^T (caldpo/kernels/head.py): each block's raw
+// logits z become l = softcap(scale * (z + bias)) in the same row pass, with
+// softcap(y) = cap * tanh(y / cap) when cap > 0; backward multiplies the logit
+// gradient by dl/dz = scale * (1 - (l / cap)^2) and sums d's columns into grad_bias.
 // Uses only the stable ATen API (at::mm_out / at::addmm_out / narrow / copy_).
 
 #include <torch/extension.h>
@@ -98,6 +103,55 @@ CALDPO_CLONES void row_scaled_softmax(float* x, int64_t n, float shift, float sc
   for (int64_t j = 0; j < n; ++j) x[j] = exp_f32(x[j] - shift) * scale;
 }
 
+// Head transform in place: x <- softcap(scale * (x + b)); b may be null, cap <= 0 means no cap.
+CALDPO_CLONES void row_head(float* x, int64_t n, const float* b, float scale, float cap) {
+  if (b != nullptr) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) x[j] = (x[j] + b[j]) * scale;
+  } else if (scale != 1.0f) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) x[j] *= scale;
+  }
+  if (cap > 0.0f)
+    for (int64_t j = 0; j < n; ++j) x[j] = cap * std::tanh(x[j] / cap);
+}
+
+// Backward row pass over head logits l, in place: x <- -g * exp(l - shift) * scale * (1 - (l/cap)^2)
+// (the factor (1 - (l/cap)^2) only when cap > 0); the onehot term is added by the caller.
+CALDPO_CLONES void row_head_softmax_grad(float* x, int64_t n, float shift, float g, float scale, float cap) {
+  const float a = -g * scale;
+  if (cap > 0.0f) {
+    const float inv = 1.0f / cap;
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) {
+      const float t = x[j] * inv;
+      x[j] = exp_f32(x[j] - shift) * a * (1.0f - t * t);
+    }
+  } else {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) x[j] = exp_f32(x[j] - shift) * a;
+  }
+}
+
+// The head: optional bias (fp32 contiguous, or undefined), scale, cap (<= 0: none).
+struct Head {
+  at::Tensor bias;
+  float scale = 1.0f, cap = 0.0f;
+  bool plain() const { return !bias.defined() && scale == 1.0f && cap <= 0.0f; }
+  const float* bias_at(int64_t c0) const { return bias.defined() ? bias.data_ptr<float>() + c0 : nullptr; }
+};
+
+Head make_head(const c10::optional<at::Tensor>& bias, int64_t v, double scale, double softcap) {
+  Head hd;
+  if (bias.has_value() && bias->defined()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == v, "caldpo_native: bias must be [V]");
+    hd.bias = bias->to(at::kFloat).contiguous();
+  }
+  hd.scale = float(scale);
+  hd.cap = softcap > 0.0 ? float(softcap) : 0.0f;
+  return hd;
+}
+
 // Bytes of fp32 logits per block and the narrowest vocabulary block (GEMM width).
 constexpr int64_t kDefaultChunkBytes = int64_t(1) << 20;
 constexpr int64_t kMinCols = 256;
@@ -143,10 +197,13 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::
 }
 
 std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weight,
-                                const at::Tensor& targets, int64_t chunk_bytes) {
+                                const at::Tensor& targets, int64_t chunk_bytes,
+                                const c10::optional<at::Tensor>& bias, double scale, double softcap) {
   check_inputs(hidden, weight, targets);
   torch::NoGradGuard no_grad;  // out= GEMMs refuse inputs that require grad
   const int64_t m = hidden.size(0), v = weight.size(0), hd = hidden.size(1);
+  const Head head = make_head(bias, v, scale, softcap);
+  const bool plain = head.plain();
   const auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor logp = at::empty({m}, f32), lse = at::empty({m}, f32);
   if (m == 0) return {logp, lse};
@@ -175,11 +232,12 @@ std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weig
       const int64_t nc = std::min(tl.cols, v - c0);
       at::Tensor blk = front(buf, nr, nc);
       at::mm_out(blk, hr, weight_rows(w, c0, nc, wbuf).t());
-      const float* bp = blk.data_ptr<float>();
+      float* bp = blk.data_ptr<float>();
 #pragma omp parallel for num_threads(nthreads) schedule(static) if (worth_threads(nr, nc))
       for (int64_t i = 0; i < nr; ++i) {
         const int64_t row = r0 + i;
-        const float* x = bp + i * nc;
+        float* x = bp + i * nc;
+        if (!plain) row_head(x, nc, head.bias_at(c0), head.scale, head.cap);
         float bm, bs;
         row_max_sumexp(x, nc, &bm, &bs);
         const int64_t t = tp[row] - c0;
@@ -210,18 +268,23 @@ std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weig
 std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& hidden,
                                  const at::Tensor& weight, const at::Tensor& targets,
                                  const at::Tensor& lse, bool need_hidden, bool need_weight,
-                                 int64_t chunk_bytes) {
+                                 int64_t chunk_bytes, const c10::optional<at::Tensor>& bias,
+                                 double scale, double softcap, bool need_bias) {
   check_inputs(hidden, weight, targets);
   torch::NoGradGuard no_grad;
   const int64_t m = hidden.size(0), v = weight.size(0), hd = hidden.size(1);
   TORCH_CHECK(grad.numel() == m && lse.numel() == m, "caldpo_native: grad and lse must be [M]");
+  const Head head = make_head(bias, v, scale, softcap);
+  const bool plain = head.plain();
+  need_bias = need_bias && head.bias.defined();
   const auto f32 = hidden.options().dtype(at::kFloat);
   at::Tensor grad_h = need_hidden ? at::empty({m, hd}, f32) : at::empty({0}, f32);
   at::Tensor grad_w = need_weight ? at::empty({v, hd}, f32) : at::empty({0}, f32);
-  if (m == 0 || !(need_hidden || need_weight)) {
+  at::Tensor grad_b = need_bias ? at::zeros({v}, f32) : at::empty({0}, f32);
+  if (m == 0 || !(need_hidden || need_weight || need_bias)) {
     if (need_hidden) grad_h.zero_();
     if (need_weight) grad_w.zero_();
-    return {grad_h, grad_w};
+    return {grad_h, grad_w, grad_b};
   }
   TORCH_CHECK(v > 0, "caldpo_native: empty vocabulary");
 
@@ -256,9 +319,25 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& hidde
       for (int64_t i = 0; i < nr; ++i) {
         const int64_t row = r0 + i;
         float* x = bp + i * nc;
-        row_scaled_softmax(x, nc, lp[row], -gp[row]);
         const int64_t t = tp[row] - c0;
-        if (t >= 0 && t < nc) x[t] += gp[row];
+        if (plain) {
+          row_scaled_softmax(x, nc, lp[row], -gp[row]);
+          if (t >= 0 && t < nc) x[t] += gp[row];
+        } else {
+          row_head(x, nc, head.bias_at(c0), head.scale, head.cap);
+          // The target's onehot term, scaled by dl/dz at the target: read l before the pass overwrites it.
+          float onehot = 0.0f;
+          if (t >= 0 && t < nc) {
+            const float u = head.cap > 0.0f ? x[t] / head.cap : 0.0f;
+            onehot = gp[row] * head.scale * (1.0f - u * u);
+          }
+          row_head_softmax_grad(x, nc, lp[row], gp[row], head.scale, head.cap);
+          if (t >= 0 && t < nc) x[t] += onehot;
+        }
+      }
+      if (need_bias) {
+        at::Tensor gbc = grad_b.narrow(0, c0, nc);
+        gbc.add_(blk.sum(0));
       }
       if (need_hidden) {
         // First vocabulary block writes, later ones accumulate (beta = 1).
@@ -272,7 +351,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& hidde
       }
     }
   }
-  return {grad_h, grad_w};
+  return {grad_h, grad_w, grad_b};
 }
 
 }  // namespace
@@ -280,8 +359,11 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& hidde
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.doc() = "caldpo native CPU log-probs of a linear head (chunked GEMM + fused row passes)";
   mod.def("forward", &forward, "(logp [M] fp32, lse [M] fp32)", py::arg("hidden"), py::arg("weight"),
-          py::arg("targets"), py::arg("chunk_bytes") = 0);
-  mod.def("backward", &backward, "(grad_hidden [M,H] fp32, grad_weight [V,H] fp32)", py::arg("grad"),
-          py::arg("hidden"), py::arg("weight"), py::arg("targets"), py::arg("lse"),
-          py::arg("need_hidden"), py::arg("need_weight"), py::arg("chunk_bytes") = 0);
+          py::arg("targets"), py::arg("chunk_bytes") = 0, py::arg("bias") = py::none(),
+          py::arg("scale") = 1.0, py::arg("softcap") = 0.0);
+  mod.def("backward", &backward, "(grad_hidden [M,H] fp32, grad_weight [V,H] fp32, grad_bias [V] fp32)",
+          py::arg("grad"), py::arg("hidden"), py::arg("weight"), py::arg("targets"), py::arg("lse"),
+          py::arg("need_hidden"), py::arg("need_weight"), py::arg("chunk_bytes") = 0,
+          py::arg("bias") = py::none(), py::arg("scale") = 1.0, py::arg("softcap") = 0.0,
+          py::arg("need_bias") = false);
 }

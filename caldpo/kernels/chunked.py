@@ -39,6 +39,8 @@ import warnings
 
 import torch
 
+from .head import PLAIN, Head, chain_, transform_
+
 # Bytes of fp32 logits per chunk, and the smallest chunk edge (GEMM efficiency).
 # Measured with benchmarks/bench_logprob_loss.py-shaped steps on a shared 2-core
 # Xeon (fp32, M ~ 1000 scored tokens, H 256-512, V 8-16k; fastest of
@@ -103,6 +105,10 @@ def mm32(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor | None = None,
     operands are upcast: a product of two 16-bit values is exact in fp32, so only
     the summation order differs.
     """
+    if a.dtype == torch.float32 and b.dtype == torch.float32:  # fp32 blocks (heads with a bias, scale or cap)
+        if out is None:
+            return torch.mm(a, b)
+        return torch.addmm(out, a, b, out=out) if accumulate else torch.mm(a, b, out=out)
     form = ("addmm_out" if accumulate else "mm_out") if out is not None else "mm"
     if a.is_cuda and _CUDA_FORMS[form]:
         try:
@@ -147,15 +153,16 @@ def _block_lse(x: torch.Tensor) -> torch.Tensor:
 
 
 def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-            chunk_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-prob of target, logsumexp) per token, both [M] float32."""
+            chunk_bytes: int | None = None, head: Head = PLAIN) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of target, logsumexp) per token, both [M] float32, of the logits
+    head(hidden @ weight.T) (`head`: bias, scale, soft-cap; caldpo.kernels.head)."""
     m, v = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     if m == 0:
         e = torch.empty(0, dtype=torch.float32, device=dev)
         return e, e.clone()
     if _lowp(hidden):
-        return _forward_lowp(hidden, weight.to(hidden.dtype), targets, chunk_bytes)
+        return _forward_lowp(hidden, weight.to(hidden.dtype), targets, chunk_bytes, head)
     h = _f32(hidden)
     if _axis(m, v) == "vocab":
         cv = chunk_size(v, m, chunk_bytes, hidden.is_cuda)
@@ -167,7 +174,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
         for s in range(0, v, cv):
             e = min(s + cv, v)
             logits = torch.mm(h, _wrows(weight, s, e, wbuf).T, out=_view(buf, m, e - s))
-            lse = _pick_lse(logits, targets - s, tgt, lse)
+            lse = _pick_lse(transform_(logits, head, s), targets - s, tgt, lse)
         return tgt.sub_(lse), lse
     w = _f32(weight)
     c = chunk_size(m, v, chunk_bytes, hidden.is_cuda)
@@ -176,7 +183,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
     lse = torch.empty(m, dtype=torch.float32, device=dev)
     for s in range(0, m, c):
         e = min(s + c, m)
-        logits = torch.mm(h[s:e], w.T, out=_view(buf, e - s, v))
+        logits = transform_(torch.mm(h[s:e], w.T, out=_view(buf, e - s, v)), head)
         tgt = logits.gather(1, targets[s:e].unsqueeze(1)).squeeze(1)
         lse[s:e] = _block_lse(logits)
         torch.sub(tgt, lse[s:e], out=logp[s:e])
@@ -195,39 +202,42 @@ def _pick_lse(logits: torch.Tensor, rel: torch.Tensor, tgt: torch.Tensor, lse: t
     return part if lse is None else torch.logaddexp(lse, part, out=lse)
 
 
-def _forward_lowp(hidden, weight, targets, chunk_bytes):
+def _forward_lowp(hidden, weight, targets, chunk_bytes, head=PLAIN):
     """`forward` with 16-bit GEMMs into fp32 logits blocks (see the module doc); on CUDA
     the token count is padded to a multiple of ROW_ALIGN (zero rows, results dropped)."""
     m, v = hidden.shape[0], weight.shape[0]
     rows = aligned_rows(m)
     if hidden.is_cuda and rows != m:
-        logp, lse = _forward_lowp(pad_rows(hidden, rows), weight, pad_rows(targets, rows), chunk_bytes)
+        logp, lse = _forward_lowp(pad_rows(hidden, rows), weight, pad_rows(targets, rows), chunk_bytes, head)
         return logp[:m], lse[:m]
     tgt = torch.zeros(m, dtype=torch.float32, device=hidden.device)
     lse = None
     if _axis(m, v) == "vocab":
         cv = chunk_size(v, m, chunk_bytes, hidden.is_cuda)
         for s in range(0, v, cv):
-            lse = _pick_lse(mm32(hidden, weight[s:s + cv].T), targets - s, tgt, lse)
+            lse = _pick_lse(transform_(mm32(hidden, weight[s:s + cv].T), head, s), targets - s, tgt, lse)
         return tgt.sub_(lse), lse
     c = chunk_size(m, v, chunk_bytes, hidden.is_cuda)
     lse = torch.empty(m, dtype=torch.float32, device=hidden.device)
     for s in range(0, m, c):
         e = min(s + c, m)
-        lse[s:e] = _pick_lse(mm32(hidden[s:e], weight.T), targets[s:e], tgt[s:e], None)
+        lse[s:e] = _pick_lse(transform_(mm32(hidden[s:e], weight.T), head), targets[s:e], tgt[s:e], None)
     return tgt.sub_(lse), lse
 
 
-def _dlogits_block(x, w, shift, g, targets, col0, dtype):
-    """d = g * (onehot - exp(x @ w.T + shift)) for the vocab block that starts at column
-    `col0`, formed in fp32 and rounded to `dtype` once (shift: minus the logsumexp; a target
-    outside the block adds no onehot)."""
-    z = mm32(x, w.T).add_(shift).exp_().neg_()
+def _dlogits_block(x, w, shift, g, targets, col0, dtype, head=PLAIN):
+    """d = g * (onehot - exp(l + shift)) * dl/dz for the vocab block that starts at column
+    `col0`, where z = x @ w.T and l = head(z) (dl/dz = 1 without bias, scale or cap), formed in
+    fp32 and rounded to `dtype` once (shift: minus the logsumexp; a target outside the block
+    adds no onehot)."""
+    logits = transform_(mm32(x, w.T), head, col0)
+    # The soft-cap's derivative needs the logits after the softmax is formed: keep them then.
+    z = torch.add(logits, shift).exp_().neg_() if head.softcap is not None else logits.add_(shift).exp_().neg_()
     cols = z.shape[1]
     rel = targets - col0
     here = ((rel >= 0) & (rel < cols)).to(z.dtype).unsqueeze(1)
     z.scatter_add_(1, rel.clamp(0, cols - 1).unsqueeze(1), here)
-    return z.mul_(g).to(dtype)
+    return chain_(z.mul_(g), logits, head).to(dtype)
 
 
 def aligned_rows(m: int) -> int:
@@ -241,10 +251,12 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 def _backward_lowp(g, hidden, weight, targets, lse, need_hidden, need_weight, chunk_bytes, block_fn,
-                   grad_weight_dtype):
-    """`backward` with 16-bit GEMMs. Each block of d = g * (onehot - softmax) is formed in
-    fp32 and rounded to the input dtype once; then grad_hidden += d @ W_block and
-    grad_weight[block] = d^T @ X, both GEMMs with fp32 results.
+                   grad_weight_dtype, head=PLAIN, need_bias=False):
+    """`backward` with 16-bit GEMMs, and the form every backward with a non-plain head takes
+    (fp32 inputs then give fp32 blocks). Each block of d = g * (onehot - softmax) * dl/dz is
+    formed in fp32 and rounded to the input dtype once; then grad_hidden += d @ W_block and
+    grad_weight[block] = d^T @ X, both GEMMs with fp32 results, and grad_bias[block] = the
+    column sums of d (in fp32). Returns (grad_hidden, grad_weight, grad_bias or None).
 
     Over the vocabulary each block of grad_weight is final after one GEMM, so it is written
     in `grad_weight_dtype` (through a block-sized fp32 buffer when that is 16-bit): no
@@ -254,14 +266,16 @@ def _backward_lowp(g, hidden, weight, targets, lse, need_hidden, need_weight, ch
     m, v = hidden.shape[0], weight.shape[0]
     rows = aligned_rows(m)
     if hidden.is_cuda and rows != m:
-        gh, gw = _backward_lowp(pad_rows(g, rows), pad_rows(hidden, rows), weight, pad_rows(targets, rows),
-                                pad_rows(lse, rows), need_hidden, need_weight, chunk_bytes, block_fn,
-                                grad_weight_dtype)
-        return (gh[:m] if need_hidden else None), gw
+        gh, gw, gb = _backward_lowp(pad_rows(g, rows), pad_rows(hidden, rows), weight, pad_rows(targets, rows),
+                                    pad_rows(lse, rows), need_hidden, need_weight, chunk_bytes, block_fn,
+                                    grad_weight_dtype, head, need_bias)
+        return (gh[:m] if need_hidden else None), gw, gb
     dt, h = hidden.dtype, hidden.shape[1]
     shift = lse.neg().unsqueeze(1)
     f32 = dict(dtype=torch.float32, device=hidden.device)
     grad_h = grad_w = None
+    grad_b = torch.zeros(v, **f32) if need_bias else None
+    kw = {} if head.plain else {"head": head}  # block functions that predate heads take 7 arguments
     if _axis(m, v) == "vocab":
         cv = chunk_size(v, m, chunk_bytes, hidden.is_cuda)
         if need_hidden:
@@ -272,7 +286,9 @@ def _backward_lowp(g, hidden, weight, targets, lse, need_hidden, need_weight, ch
         for s in range(0, v, cv):
             e = min(s + cv, v)
             wc = weight[s:e]
-            d = block_fn(hidden, wc, shift, g, targets, s, dt)
+            d = block_fn(hidden, wc, shift, g, targets, s, dt, **kw)
+            if need_bias:
+                torch.sum(d, dim=0, dtype=torch.float32, out=grad_b[s:e])
             if need_hidden:
                 mm32(d, wc, out=grad_h, accumulate=True)
             if need_weight:
@@ -280,7 +296,7 @@ def _backward_lowp(g, hidden, weight, targets, lse, need_hidden, need_weight, ch
                     mm32(d.T, hidden, out=grad_w[s:e])
                 else:
                     grad_w[s:e].copy_(mm32(d.T, hidden, out=_view(wbuf, e - s, h)))
-        return grad_h, grad_w
+        return grad_h, grad_w, grad_b
     c = chunk_size(m, v, chunk_bytes, hidden.is_cuda)
     if need_hidden:
         grad_h = torch.empty(m, h, **f32)
@@ -288,12 +304,14 @@ def _backward_lowp(g, hidden, weight, targets, lse, need_hidden, need_weight, ch
         grad_w = torch.zeros(weight.shape, **f32)
     for s in range(0, m, c):
         e = min(s + c, m)
-        d = block_fn(hidden[s:e], weight, shift[s:e], g[s:e], targets[s:e], 0, dt)
+        d = block_fn(hidden[s:e], weight, shift[s:e], g[s:e], targets[s:e], 0, dt, **kw)
+        if need_bias:
+            grad_b.add_(d.sum(dim=0, dtype=torch.float32))
         if need_hidden:
             mm32(d, weight, out=grad_h[s:e])
         if need_weight:
             mm32(d.T, hidden[s:e], out=grad_w, accumulate=True)
-    return grad_h, grad_w
+    return grad_h, grad_w, grad_b
 
 
 def _finish_grad_hidden(acc: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
@@ -309,29 +327,41 @@ def _finish_grad_hidden(acc: torch.Tensor, weight: torch.Tensor, targets: torch.
 def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
              targets: torch.Tensor, lse: torch.Tensor, need_hidden: bool = True,
              need_weight: bool = True, chunk_bytes: int | None = None,
-             dlogits_block=None, gemm: str | None = None
-             ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+             dlogits_block=None, gemm: str | None = None, head: Head | None = None,
+             need_bias: bool = False) -> tuple[torch.Tensor | None, ...]:
     """Gradients of sum(grad * logp) w.r.t. hidden [M,H] and weight [V,H], in fp32 (in the
     16-bit GEMM rule, grad_weight may come in the weight's dtype; callers cast to it anyway).
 
     `gemm` overrides the module's GEMM rule; `dlogits_block(x, w, shift, g, targets, col0, dtype)`
     replaces the torch ops that form g * (onehot - exp(x @ w.T + shift)) in the 16-bit
-    rule (the Triton backend passes a one-pass kernel).
+    rule (the Triton backend passes a one-pass kernel). With `head` given (the forward's),
+    a third item follows: grad_bias [V] fp32 when `need_bias`, else None; a non-plain head
+    takes the explicit-d form of `_backward_lowp` (its block function then gets `head=`).
     """
     m, v = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     h = _f32(hidden)
     grad_h = grad_w = None
-    if m == 0 or not (need_hidden or need_weight):
+    extra = () if head is None else (None,)
+    need_bias = need_bias and head is not None and head.bias is not None
+    if m == 0 or not (need_hidden or need_weight or need_bias):
         if need_hidden:
             grad_h = torch.zeros(hidden.shape, dtype=torch.float32, device=dev)
         if need_weight:
             grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev)
-        return grad_h, grad_w
+        if need_bias:
+            extra = (torch.zeros(v, dtype=torch.float32, device=dev),)
+        return (grad_h, grad_w) + extra
     g = _f32(grad).unsqueeze(1)
+    block_fn = dlogits_block or _dlogits_block
     if _lowp(hidden, gemm):
-        return _backward_lowp(g, hidden, weight.to(hidden.dtype), targets, lse, need_hidden, need_weight,
-                              chunk_bytes, dlogits_block or _dlogits_block, weight.dtype)
+        out = _backward_lowp(g, hidden, weight.to(hidden.dtype), targets, lse, need_hidden, need_weight,
+                             chunk_bytes, block_fn, weight.dtype, head or PLAIN, need_bias)
+        return out if head is not None else out[:2]
+    if head is not None and not head.plain:
+        # fp32 blocks (16-bit operands are upcast per GEMM by mm32 on CPU).
+        return _backward_lowp(g, h, weight, targets, lse, need_hidden, need_weight, chunk_bytes,
+                              block_fn, torch.float32, head, need_bias)
     neg_lse = lse.neg().unsqueeze(1)
     ngx = h * g.neg() if need_weight else None  # rows of X scaled by minus their upstream grad
 
@@ -356,7 +386,7 @@ def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
             grad_h = _finish_grad_hidden(acc, weight, targets, g)
         if need_weight:
             grad_w.index_add_(0, targets, ngx, alpha=-1.0)
-        return grad_h, grad_w
+        return (grad_h, grad_w) + extra
 
     w = _f32(weight)
     c = chunk_size(m, v, chunk_bytes, hidden.is_cuda)
@@ -375,4 +405,4 @@ def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
             grad_w.addmm_(p.T, ngx[s:e])
     if need_weight:
         grad_w.index_add_(0, targets, ngx, alpha=-1.0)
-    return grad_h, grad_w
+    return (grad_h, grad_w) + extra

@@ -12,7 +12,9 @@ from __future__ import annotations
 import torch
 
 from . import chunked
+from . import head as head_mod
 from .backends import resolve_backend
+from .head import Head
 from .reference import reference_linear_logprobs
 
 
@@ -28,36 +30,86 @@ def _impl(backend: str):
     return chunked
 
 
-def _kept(targets: torch.Tensor, ignore_index: int) -> torch.Tensor:
-    """Indices of the tokens to score, ascending (one host sync: `nonzero`'s size).
+def _out_of_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> torch.Tensor:
+    """Bool mask of the targets that are neither in [0, vocab) nor ignore_index."""
+    return ((targets < 0) | (targets >= vocab)) & (targets != ignore_index)
+
+
+def _raise_out_of_range(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    bad = _out_of_range(targets, vocab, ignore_index).nonzero().squeeze(1)
+    first = int(bad[0])
+    raise ValueError(
+        f"linear_logprobs: {bad.numel()} target(s) outside the head's vocabulary [0, {vocab}) and not "
+        f"ignore_index={ignore_index} (first: {int(targets[first])} at position {first}); token ids must "
+        f"be < the output head's rows (a tokenizer larger than the model? resize the embeddings)")
+
+
+def check_targets(targets: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """Raises ValueError naming the first target outside [0, vocab) that is not ignore_index.
+
+    Synchronises on CUDA (`.item()`): for the reference path and direct callers; the fused
+    op checks inside `_kept` without a sync of its own.
+    """
+    if bool(_out_of_range(targets, vocab, ignore_index).any()):
+        _raise_out_of_range(targets, vocab, ignore_index)
+
+
+def _kept(targets: torch.Tensor, ignore_index: int, vocab: int) -> torch.Tensor:
+    """Indices of the tokens to score, ascending (one host sync: `nonzero`'s size); raises
+    ValueError when a target is outside [0, vocab) and not ignore_index.
 
     When every token is kept this is arange(N), and consumers skip the gathers.
+
+    The range check adds no host sync on CUDA: the "any target out of range" flag is copied
+    to pinned host memory with a non-blocking copy queued *before* `nonzero`, whose size
+    read synchronises the stream, so the flag has landed when `nonzero` returns and is read
+    from host memory. (torch._assert_async would also avoid the sync, but a device-side
+    assert kills the CUDA context with a message that names neither the target nor V.)
+    On CPU everything is synchronous anyway.
     """
-    return (targets != ignore_index).nonzero().squeeze(1)
+    bad = _out_of_range(targets, vocab, ignore_index).any()
+    if targets.is_cuda:
+        flag = torch.empty((), dtype=torch.bool, pin_memory=True)
+        flag.copy_(bad, non_blocking=True)
+    else:
+        flag = bad
+    idx = (targets != ignore_index).nonzero().squeeze(1)
+    if bool(flag):
+        _raise_out_of_range(targets, vocab, ignore_index)
+    return idx
+
+
+def _head(bias: torch.Tensor | None, scale: float, softcap: float) -> Head:
+    """The op-level encoding (softcap 0.0 = no cap) back to a `Head`."""
+    return Head(bias, float(scale), float(softcap) if softcap > 0.0 else None)
 
 
 @torch.library.custom_op("caldpo::linear_logprobs_fwd", mutates_args=())
-def _fwd_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-            ignore_index: int, backend: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fwd_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None,
+            ignore_index: int, backend: str, scale: float, softcap: float
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp [N], lse [N], kept index [K]) in fp32 / int64; ignored tokens are dropped
-    before any matmul. The index is returned so that backward reuses it without a sync."""
+    before any matmul. The index is returned so that backward reuses it without a sync.
+    `bias`, `scale`, `softcap` (0.0: none) describe the head (caldpo.kernels.head)."""
     n = hidden.shape[0]
-    idx = _kept(targets, ignore_index)
+    idx = _kept(targets, ignore_index, weight.shape[0])
     impl = _impl(backend)
+    head = _head(bias, scale, softcap)
+    kw = {} if head.plain else {"head": head}
     if idx.numel() == n:
-        logp, lse = impl.forward(hidden, weight, targets)
+        logp, lse = impl.forward(hidden, weight, targets, **kw)
         return logp, lse, idx
     logp = torch.zeros(n, dtype=torch.float32, device=hidden.device)
     lse = torch.zeros(n, dtype=torch.float32, device=hidden.device)
     if idx.numel():
-        lp_c, lse_c = impl.forward(hidden.index_select(0, idx), weight, targets.index_select(0, idx))
+        lp_c, lse_c = impl.forward(hidden.index_select(0, idx), weight, targets.index_select(0, idx), **kw)
         logp.index_copy_(0, idx, lp_c)
         lse.index_copy_(0, idx, lse_c)
     return logp, lse, idx
 
 
 @_fwd_op.register_fake
-def _(hidden, weight, targets, ignore_index, backend):
+def _(hidden, weight, targets, bias, ignore_index, backend, scale, softcap):
     n = hidden.shape[0]
     k = torch.library.get_ctx().new_dynamic_size()
     f32 = dict(dtype=torch.float32)
@@ -66,19 +118,23 @@ def _(hidden, weight, targets, ignore_index, backend):
 
 @torch.library.custom_op("caldpo::linear_logprobs_bwd", mutates_args=())
 def _bwd_op(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-            lse: torch.Tensor, idx: torch.Tensor, backend: str, need_hidden: bool,
-            need_weight: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_hidden, grad_weight) in the inputs' dtypes; an unneeded one is an empty tensor.
+            lse: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None, backend: str, scale: float,
+            softcap: float, need_hidden: bool, need_weight: bool, need_bias: bool
+            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(grad_hidden, grad_weight, grad_bias) in the inputs' dtypes; an unneeded one is an
+    empty tensor.
 
     `idx` is the forward's kept index, so no host sync happens here.
     """
     impl = _impl(backend)
+    head = _head(bias, scale, softcap)
+    kw = {} if head.plain else {"head": head, "need_bias": need_bias}
     if idx.numel() == hidden.shape[0]:
-        gh, gw = impl.backward(grad, hidden, weight, targets, lse, need_hidden, need_weight)
+        gh, gw, *gb = impl.backward(grad, hidden, weight, targets, lse, need_hidden, need_weight, **kw)
     else:
-        gh_c, gw = impl.backward(grad.index_select(0, idx), hidden.index_select(0, idx), weight,
-                                 targets.index_select(0, idx), lse.index_select(0, idx),
-                                 need_hidden, need_weight)
+        gh_c, gw, *gb = impl.backward(grad.index_select(0, idx), hidden.index_select(0, idx), weight,
+                                      targets.index_select(0, idx), lse.index_select(0, idx),
+                                      need_hidden, need_weight, **kw)
         gh = None
         if need_hidden:
             gh = torch.zeros(hidden.shape, dtype=hidden.dtype, device=hidden.device)
@@ -86,31 +142,37 @@ def _bwd_op(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targ
             del gh_c
     gh = gh.to(hidden.dtype) if need_hidden else hidden.new_empty(0)
     gw = gw.to(weight.dtype) if need_weight else weight.new_empty(0)
-    return gh, gw
+    gb = gb[0] if gb and gb[0] is not None else None
+    gb = gb.to(bias.dtype) if need_bias and gb is not None else hidden.new_empty(0)
+    return gh, gw, gb
 
 
 @_bwd_op.register_fake
-def _(grad, hidden, weight, targets, lse, idx, backend, need_hidden, need_weight):
+def _(grad, hidden, weight, targets, lse, idx, bias, backend, scale, softcap, need_hidden, need_weight,
+      need_bias):
     gh = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
     gw = torch.empty_like(weight) if need_weight else weight.new_empty(0)
-    return gh, gw
+    gb = torch.empty_like(bias) if need_bias and bias is not None else hidden.new_empty(0)
+    return gh, gw, gb
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, targets, ignore_index, backend = inputs
-    ctx.save_for_backward(hidden, weight, targets, output[1], output[2])
+    hidden, weight, targets, bias, ignore_index, backend, scale, softcap = inputs
+    ctx.save_for_backward(hidden, weight, targets, output[1], output[2], bias)
     ctx.set_materialize_grads(False)
-    ctx.backend = backend
+    ctx.backend, ctx.scale, ctx.softcap = backend, scale, softcap
 
 
 def _backward(ctx, grad_logp, grad_lse, grad_idx):
-    hidden, weight, targets, lse, idx = ctx.saved_tensors
+    hidden, weight, targets, lse, idx, bias = ctx.saved_tensors
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-    if grad_logp is None or not (need_h or need_w):
-        return None, None, None, None, None
-    gh, gw = _bwd_op(grad_logp.contiguous(), hidden, weight, targets, lse, idx,
-                     ctx.backend, need_h, need_w)
-    return (gh if need_h else None), (gw if need_w else None), None, None, None
+    need_b = bias is not None and ctx.needs_input_grad[3]
+    if grad_logp is None or not (need_h or need_w or need_b):
+        return (None,) * 8
+    gh, gw, gb = _bwd_op(grad_logp.contiguous(), hidden, weight, targets, lse, idx, bias,
+                         ctx.backend, ctx.scale, ctx.softcap, need_h, need_w, need_b)
+    return (gh if need_h else None), (gw if need_w else None), None, (gb if need_b else None), \
+        None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -124,39 +186,52 @@ def _resolve(backend: str, device: str) -> str:
 
 
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-                    ignore_index: int = -100, backend: str = "auto") -> torch.Tensor:
-    """log_softmax(hidden @ weight.T)[targets] per token -> [N] float32.
+                    ignore_index: int = -100, backend: str = "auto", *,
+                    bias: torch.Tensor | None = None, scale: float = 1.0,
+                    softcap: float | None = None) -> torch.Tensor:
+    """log_softmax(logits)[targets] per token -> [N] float32, where
+    logits = softcap * tanh(scale * (hidden @ weight.T + bias) / softcap)
+    (no bias / scale 1 / softcap None leave out that step; caldpo.kernels.head).
 
-    hidden [N,H], weight [V,H], targets [N] (int64). 0.0 where targets ==
-    ignore_index. Differentiable w.r.t. hidden and weight. Only the reference
-    backend allocates [N, V]; the others keep a logsumexp per token.
+    hidden [N,H], weight [V,H], targets [N] (int64), bias [V] or None, scale a non-zero
+    float, softcap a float > 0 or None. 0.0 where targets == ignore_index.
+    Differentiable w.r.t. hidden, weight and bias. Only the reference backend allocates
+    [N, V]; the others keep a logsumexp per token. Raises ValueError for bad shapes or head
+    values, and for a target outside [0, V) that is not ignore_index (on every backend;
+    on CUDA without a host sync of its own, see `_kept`).
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"expected hidden [N,H] and weight [V,H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets {tuple(targets.shape)} must be [N] with N={hidden.shape[0]}")
+    head = head_mod.make(bias, scale, softcap, weight.shape[0])
     name = _resolve(backend, str(hidden.device))
     if name == "reference":
-        return reference_linear_logprobs(hidden, weight, targets, ignore_index)
-    return _fwd_op(hidden.contiguous(), weight, targets.long().contiguous(), int(ignore_index), name)[0]
+        check_targets(targets, weight.shape[0], ignore_index)
+        return reference_linear_logprobs(hidden, weight, targets, ignore_index, head=head)
+    return _fwd_op(hidden.contiguous(), weight, targets.long().contiguous(), bias, int(ignore_index), name,
+                   head.scale, head.softcap or 0.0)[0]
 
 
 def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                       average_log_prob: bool = False, backend: str = "auto",
-                      ignore_index: int = -100) -> torch.Tensor:
+                      ignore_index: int = -100, *, bias: torch.Tensor | None = None,
+                      scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
     """Per-sequence log-prob of the labels -> [B] float32.
 
     Hugging Face shift: hidden[:, t] predicts labels[:, t+1]; labels equal to
     `ignore_index` (and the first position) are skipped. Sum over the scored
     tokens, or their mean when `average_log_prob`; a sequence with no scored
-    token gives 0.0 either way.
+    token gives 0.0 either way. `bias`, `scale`, `softcap`: the output head, as in
+    `linear_logprobs`.
     """
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(f"expected hidden [B,T,H] and labels [B,T], got {tuple(hidden.shape)} and {tuple(labels.shape)}")
     b, t, h = hidden.shape
     targets = torch.full_like(labels, ignore_index, dtype=torch.long)
     targets[:, :-1] = labels[:, 1:]
-    tok = linear_logprobs(hidden.reshape(b * t, h), weight, targets.reshape(-1), ignore_index, backend)
+    tok = linear_logprobs(hidden.reshape(b * t, h), weight, targets.reshape(-1), ignore_index, backend,
+                          bias=bias, scale=scale, softcap=softcap)
     total = tok.view(b, t).sum(dim=1)
     if not average_log_prob:
         return total

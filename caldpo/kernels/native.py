@@ -27,6 +27,8 @@ import threading
 
 import torch
 
+from .head import PLAIN, Head
+
 NAME = "caldpo_native"
 SOURCE = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                       "csrc", "caldpo_native.cpp")
@@ -119,17 +121,24 @@ def _require():
 
 
 def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-            chunk_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-prob of target, logsumexp) per token, both [M] float32."""
-    logp, lse = _require().forward(hidden, weight, targets, int(chunk_bytes or 0))
+            chunk_bytes: int | None = None, head: Head = PLAIN) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of target, logsumexp) per token, both [M] float32, of the logits
+    head(hidden @ weight.T) (caldpo.kernels.head)."""
+    logp, lse = _require().forward(hidden, weight, targets, int(chunk_bytes or 0), head.bias,
+                                   float(head.scale), float(head.softcap or 0.0))
     return logp, lse
 
 
 def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
              targets: torch.Tensor, lse: torch.Tensor, need_hidden: bool = True,
-             need_weight: bool = True, chunk_bytes: int | None = None
-             ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-    """Gradients of sum(grad * logp) w.r.t. hidden [M,H] and weight [V,H], in fp32 (None if unneeded)."""
-    gh, gw = _require().backward(grad, hidden, weight, targets, lse, bool(need_hidden),
-                                 bool(need_weight), int(chunk_bytes or 0))
-    return (gh if need_hidden else None), (gw if need_weight else None)
+             need_weight: bool = True, chunk_bytes: int | None = None, head: Head | None = None,
+             need_bias: bool = False) -> tuple[torch.Tensor | None, ...]:
+    """Gradients of sum(grad * logp) w.r.t. hidden [M,H] and weight [V,H], in fp32 (None if unneeded);
+    with `head` given, a third item: grad_bias [V] fp32 when `need_bias` (else None)."""
+    hd = head or PLAIN
+    need_bias = bool(need_bias) and hd.bias is not None
+    gh, gw, gb = _require().backward(grad, hidden, weight, targets, lse, bool(need_hidden),
+                                     bool(need_weight), int(chunk_bytes or 0), hd.bias, float(hd.scale),
+                                     float(hd.softcap or 0.0), need_bias)
+    out = (gh if need_hidden else None), (gw if need_weight else None)
+    return out if head is None else out + ((gb if need_bias else None),)
