@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import os
-import signal
+import shutil
 import sys
 import time
 from datetime import timedelta
@@ -21,19 +21,23 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.api import CheckpointException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from caldpo.kernels import resolve_backend
 
 from . import checkpoint as ckpt
-from .batches import collate, epoch_order, flatten, tokenize_example
-from .config import TRAINERS, ConfigError, load_config, run_dir as cfg_run_dir, validate
+from . import rundir
+from .batches import Example, collate, epoch_order, flatten, tokenize_dataset, tokenized
+from .config import (TRAINERS, ConfigError, check_run_dir, load_config, run_dir as cfg_run_dir, validate,
+                     write_run_config)
 from .data import load_dataset
+from .faults import fault_point
 from .losses import batch_loss, concatenated
-from .metrics import MetricsWriter, Throughput, peak_memory_gb
+from .metrics import MetricsWriter, Throughput, peak_memory_gb, read_jsonl
 from .model import (DTYPES, LogProbModel, apply_activation_checkpointing, apply_archive, check_attention,
-                    count_matmul_params, load_archive_state, load_causal_lm, load_tokenizer, model_path, shard)
+                    check_vocab_and_positions, count_matmul_params, load_archive_state, load_causal_lm, load_tokenizer,
+                    model_path, shard)
 
 log = logging.getLogger("caldpo")
 
@@ -80,15 +84,20 @@ def all_reduce(t: torch.Tensor, op=None) -> torch.Tensor:
 # ----------------------------------------------------------------------------- data
 
 class Examples:
-    """Flattened (prompt, chosen, rejected, truncation_mode) examples of all datasets, one split.
+    """The examples of all datasets, one split (``batches.Example``, in dataset order).
 
-    Texts that contain the tokenizer's EOS string are rejected here, at load time, rather
-    than at the first batch that holds them (the reference code asserts at tokenization).
+    With a ``tokenizer`` every example is tokenized here, once, at load
+    (``batches.tokenize_dataset``): its ids are cached on the example, pairs identical
+    after truncation are dropped and counted, and text the tokenizer cannot encode or that
+    holds the EOS token stops the run naming its file and line (or, with
+    ``data.on_error=skip``, is skipped and counted). Each dataset prints its data report
+    and its token report. Without a tokenizer (generation) only the texts are loaded.
     """
 
-    def __init__(self, cfg: DictConfig, split: str, sft: bool, verbose: bool, eos: str | None = None):
-        self.items: list = []
+    def __init__(self, cfg: DictConfig, split: str, sft: bool, verbose: bool, tokenizer=None):
+        self.items: list[Example] = []
         self.reports = []
+        self.token_reports = []
         for name in cfg.datasets:
             groups, report = load_dataset(name, split, sft=sft, path=(cfg.data.paths or {}).get(name),
                                           on_error=cfg.data.on_error, cache_dir=cfg.data.cache_dir,
@@ -97,12 +106,13 @@ class Examples:
                 print(str(report), flush=True)
             self.reports.append(report)
             items = flatten(groups, sft=sft)
-            if eos:
-                for i, item in enumerate(items):
-                    for part, text in zip(("prompt", "chosen", "rejected"), item[:3]):
-                        if text is not None and eos in text:
-                            raise ConfigError(f"datasets: {name}/{split} example {i}: the {part} contains the EOS "
-                                              f"token {eos!r}, which would end the sequence early: {text[:120]!r}")
+            if tokenizer is not None:
+                items, tok_report = tokenize_dataset(
+                    items, tokenizer, max_length=int(cfg.max_length), max_prompt_length=int(cfg.max_prompt_length),
+                    on_error=cfg.data.on_error, dataset=name, split=split)
+                if verbose:
+                    print(str(tok_report), flush=True)
+                self.token_reports.append(tok_report)
             self.items.extend(items)
         if not self.items:
             raise ConfigError(f"datasets={list(cfg.datasets)}: no {split} examples")
@@ -111,29 +121,71 @@ class Examples:
         return len(self.items)
 
 
+def _tensors_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over the names, shapes, dtypes and bytes of ``tensors`` (the reference cache's checksum)."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}:{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _read_reference_cache(file: Path, key: str, sizes: dict[str, int]) -> tuple[dict | None, str | None]:
+    """(the cached log-probs, None) if ``file`` passes every check, else (None, the reason)."""
+    try:
+        blob = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any load failure means: recompute
+        return None, f"unreadable: {str(e).splitlines()[0][:160] if str(e) else type(e).__name__}"
+    if not isinstance(blob, dict) or "sha256" not in blob or blob.get("key") != key:
+        return None, "not a checksummed cache of these examples (written by an older caldpo?)"
+    out = {}
+    for split, n in sizes.items():
+        t = blob.get(split)
+        if not torch.is_tensor(t) or t.dtype != torch.float32 or tuple(t.shape) != (n, 2):
+            got = (t.dtype, tuple(t.shape)) if torch.is_tensor(t) else type(t).__name__
+            return None, f"{split}: expected float32 [{n}, 2], found {got}"
+        if not torch.isfinite(t).all():
+            return None, f"{split}: {int((~torch.isfinite(t)).sum())} non-finite values"
+        out[split] = t
+    if _tensors_digest(out) != blob["sha256"]:
+        return None, "sha256 differs from the one stored with it (bytes changed on disk)"
+    return out, None
+
+
 # ----------------------------------------------------------------------------- trainer
 
 class Trainer:
-    def __init__(self, cfg: DictConfig):
+    def __init__(self, cfg: DictConfig, argv: list[str] | None = None):
         self.cfg = cfg
+        validate(cfg, argv=argv)  # the one preflight, before any process group, data or model
         self.rank, self.world, self.local_rank, self.device = init_distributed(cfg.device)
-        validate(cfg, self.world)
         self.fsdp = TRAINERS[cfg.trainer] == "fsdp"
         if self.fsdp:
             init_single_process_group(self.device)
         self.is_main = self.rank == 0
         self.run_dir = cfg_run_dir(cfg).resolve()
+        other_changes = check_run_dir(cfg, self.run_dir)  # a stored run with other training options: stop
         self.sft = cfg.loss.name == "sft"
         self.stop_requested = False
+        self.signals = rundir.StopSignals(announce=self.is_main)
+        rundir.exit_with_launcher()
         torch.manual_seed(cfg.seed)
         logging.basicConfig(level=logging.INFO if self.is_main else logging.WARNING,
                             format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
+        if self.is_main and cfg.loss.name == "dpo":
+            print("caldpo: loss=dpo is plain DPO; Cal-DPO is loss=caldpo (or the authors' loss=cal_dpo with "
+                  "loss.shift)", flush=True)
+        if self.is_main and other_changes:
+            log.info("%s holds this run; options that do not change training differ from its config.yaml "
+                     "(which keeps the values the run started with): %s", self.run_dir,
+                     ", ".join(f"{k}: {a} -> {b}" for k, (a, b) in other_changes.items()))
         self.finished = cfg.resume == "auto" and (self.run_dir / "DONE").exists()
         if self.finished:
             return
+        self.lock = self._lock_run_dir()
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            OmegaConf.save(cfg, self.run_dir / "config.yaml")
+            write_run_config(cfg, self.run_dir)  # once, when the run starts fresh
         self._barrier()
 
         try:
@@ -142,9 +194,15 @@ class Trainer:
             raise ConfigError(f"kernels.backend={cfg.kernels.backend}: {e}") from None
         path = model_path(cfg)
         self.tokenizer = load_tokenizer(cfg, path)
-        eos = self.tokenizer.eos_token
-        self.train_data = Examples(cfg, "train", self.sft, self.is_main, eos)
-        self.eval_data = Examples(cfg, "test", self.sft, self.is_main, eos)
+        check_vocab_and_positions(cfg, self.tokenizer, path)
+        self.train_data = Examples(cfg, "train", self.sft, self.is_main, self.tokenizer)
+        planned = int(cfg.n_examples) if cfg.n_examples is not None else int(cfg.n_epochs) * len(self.train_data)
+        if planned < int(cfg.batch_size):
+            raise ConfigError(f"batch_size={cfg.batch_size}: the run would train on {planned} examples "
+                              f"({len(self.train_data)} training examples after loading, n_epochs={cfg.n_epochs}, "
+                              f"n_examples={cfg.n_examples}), not one full batch; lower batch_size or add data")
+        fault_point("data_load")
+        self.eval_data = Examples(cfg, "test", self.sft, self.is_main, self.tokenizer)
         self.eval_indices = epoch_order(len(self.eval_data), 0, cfg.seed, True)[: cfg.n_eval_examples]
 
         attn = check_attention(cfg, self.device)
@@ -187,6 +245,9 @@ class Trainer:
         self.next_eval = 0 if cfg.do_first_eval else int(cfg.eval_every)
         self.resumed_from = None
         self.ckpt_root = self.run_dir / "checkpoints"
+        self.keep_records = None  # metrics.jsonl lines to keep on resume (None: all)
+        self.saved_step = None  # the step of the newest complete checkpoint of this run
+        self.nonfinite_total = self.nonfinite_run = 0  # skipped non-finite steps: all, and in a row
         if cfg.resume == "auto":
             self._maybe_resume()
         elif (self.run_dir / "metrics.jsonl").exists() or ckpt.latest_resume(self.ckpt_root) is not None:
@@ -197,7 +258,7 @@ class Trainer:
         else:
             self.total_examples = int(cfg.n_epochs) * len(self.train_data)
         self.total_steps = self.total_examples // int(cfg.batch_size)  # a partial final batch is dropped
-        self.writer = MetricsWriter(self.run_dir, cfg, enabled=self.is_main)
+        self.writer = MetricsWriter(self.run_dir, cfg, enabled=self.is_main, keep_records=self.keep_records)
         self.throughput = Throughput(self.n_params, self.n_layers, self.hidden, self.device,
                                      with_reference=self.reference is not None, world=self.world)
 
@@ -249,12 +310,59 @@ class Trainer:
             kw["weight_decay"] = float(self.cfg.weight_decay)
         return cls([p for p in self.policy.parameters() if p.requires_grad], **kw)
 
+    def _lock_run_dir(self) -> rundir.RunLock | None:
+        """Rank 0 locks the run directory before anything in it is written; every rank learns the outcome."""
+        lock, error = None, None
+        if self.is_main:
+            try:
+                lock = rundir.RunLock(self.run_dir)
+            except rundir.RunError as e:
+                error = str(e)
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            box = [error]
+            dist.broadcast_object_list(box, src=0)
+            error = box[0]
+        if error:
+            raise rundir.RunError(error)
+        return lock
+
     def _maybe_resume(self) -> None:
-        path = ckpt.latest_resume(self.ckpt_root)
+        """Resume from the newest checkpoint whose manifest verifies (checkpoint.find_resume).
+
+        Newer damaged checkpoints are named and moved aside (``damaged_step_N``). A run directory
+        whose checkpoints are all damaged is refused (RunError); one that holds metrics but never
+        completed a checkpoint starts from step 0, says so, and drops those records.
+        """
+        path, skipped = ckpt.find_resume(self.ckpt_root)
+        for bad, why in skipped:
+            if self.is_main:
+                log.warning("checkpoint %s is damaged (%s); %s", bad, why,
+                            f"resuming from {path.name}" if path else "no older checkpoint verifies")
         if path is None:
+            if skipped:
+                raise rundir.RunError(
+                    f"cannot resume {self.run_dir}: no usable checkpoint ("
+                    + "; ".join(f"{p.name}: {why}" for p, why in skipped)
+                    + "). Nothing was changed. To recover: restore checkpoints/ from a copy, or start over "
+                    "with a new run_dir (or move checkpoints/ and metrics.jsonl out of this one).")
+            metrics = self.run_dir / "metrics.jsonl"
+            if metrics.exists() and metrics.stat().st_size > 0:
+                if self.is_main:
+                    log.warning("%s holds metrics, but no checkpoint was completed before the run stopped: "
+                                "training starts again from step 0 and those records are dropped", metrics)
+                self.keep_records = 0
             return
+        if self.is_main:
+            for bad, _ in skipped:
+                aside = bad.with_name("damaged_" + bad.name)
+                shutil.rmtree(aside, ignore_errors=True)
+                os.replace(bad, aside)
         try:
             state = ckpt.load_resume(path, self.policy, self.optimizer, self.scheduler)
+        except ckpt.CheckpointError as e:
+            raise rundir.RunError(f"cannot resume from {path}: {e}. Its checksums match its manifest, so the "
+                                  "files were written this way: remove that checkpoint to resume from an older "
+                                  "one, or use a new run_dir.") from None
         except (RuntimeError, KeyError, ValueError, CheckpointException) as e:
             raise ConfigError(f"cannot resume from {path}: it does not match this configuration (a different "
                               f"model or optimizer?): {str(e).strip().splitlines()[-1]} "
@@ -262,15 +370,17 @@ class Trainer:
         self.step = int(state["step"])
         self.examples_seen = int(state["examples_seen"])
         self.next_eval = int(state["next_eval"])
-        self.resumed_from = self.step
+        self.keep_records = state.get("metrics_records")
+        self.nonfinite_total = int(state.get("nonfinite_total", 0))
+        self.nonfinite_run = int(state.get("nonfinite_run", 0))
+        self.resumed_from = self.saved_step = self.step
         if self.is_main:
             log.info("resumed from %s (step %d, %d examples seen)", path, self.step, self.examples_seen)
 
     # -- batches
-    def _tokenize(self, item) -> dict:
-        prompt, chosen, rejected, mode = item
-        return tokenize_example(prompt, chosen, rejected, self.tokenizer, max_length=self.cfg.max_length,
-                                max_prompt_length=self.cfg.max_prompt_length, truncation_mode=mode)
+    def _tokenize(self, item: Example) -> dict:
+        return tokenized(item, self.tokenizer, max_length=int(self.cfg.max_length),
+                         max_prompt_length=int(self.cfg.max_prompt_length))
 
     def _collate(self, items) -> dict:
         batch = collate([self._tokenize(it) for it in items], self.tokenizer.pad_token_id)
@@ -309,25 +419,26 @@ class Trainer:
     def _reference_cache(self, cfg, path, attn, archive) -> dict[str, torch.Tensor]:
         """Reference log-probs of every train and eval example, computed once and stored on disk.
 
-        The key hashes everything that changes them: model, archive (path, size, mtime), dtype,
-        datasets and their paths, truncation settings, tokenizer vocabulary and example count.
+        The key hashes what they are computed from, by content: the example texts of both splits
+        (so a data file edited in place gets a new key), the tokenizer's full serialization, the
+        truncation settings, the model (hub name, or a local directory's file names, sizes and
+        mtimes), the archive's sha256 and the reference dtype. A cache file is used only when it
+        loads with ``weights_only=True``, carries this key, has the shape [examples, 2] float32 per
+        split, holds finite values and matches its stored sha256; otherwise it is recomputed, with
+        a warning naming the reason.
         """
-        arch = cfg.model.archive
-        arch_id = [arch, os.path.getsize(arch), os.path.getmtime(arch)] if arch else None
-        key_src = json.dumps({
-            "model": path, "archive": arch_id, "dtype": cfg.model.reference_dtype,
-            "datasets": list(cfg.datasets), "paths": OmegaConf.to_container(cfg.data.paths),
-            "max_length": cfg.max_length, "max_prompt_length": cfg.max_prompt_length,
-            "vocab": hashlib.sha256(json.dumps(sorted(self.tokenizer.get_vocab().items())).encode()).hexdigest(),
-            "n": [len(self.train_data), len(self.eval_data)],
-        }, sort_keys=True, default=str)
-        key = hashlib.sha256(key_src.encode()).hexdigest()[:16]
+        key = self._reference_cache_key(cfg, path)
         cache_dir = Path(cfg.reference.cache_dir or self.run_dir / "ref_cache")
         file = cache_dir / f"ref_logps_{key}.pt"
-        if file.exists():
+        sizes = {"train": len(self.train_data), "test": len(self.eval_data)}
+        cached, problem = _read_reference_cache(file, key, sizes) if file.exists() else (None, None)
+        bad = torch.tensor([0.0 if cached is not None else 1.0], device=self.device)
+        if float(all_reduce(bad, dist.ReduceOp.MAX if dist.is_initialized() else None).item()) == 0.0:
             if self.is_main:
                 log.info("reference log-probs from cache %s", file)
-            return torch.load(file, weights_only=True)
+            return cached
+        if problem and self.is_main:
+            log.warning("reference cache %s is unusable (%s): recomputing it", file, problem)
         ref = self._load_reference(cfg, path, attn, archive)
         self._place(ref, trainable=False)
         out = {}
@@ -347,27 +458,41 @@ class Trainer:
         del ref
         if self.is_main:
             cache_dir.mkdir(parents=True, exist_ok=True)
-            tmp = file.with_suffix(".tmp")
-            torch.save(out, tmp)
+            tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
+            torch.save({**out, "key": key, "sha256": _tensors_digest(out)}, tmp)
             os.replace(tmp, file)
             log.info("reference log-probs cached in %s", file)
         self._barrier()
         return out
 
+    def _reference_cache_key(self, cfg, path: str) -> str:
+        h = hashlib.sha256()
+        for data in (self.train_data, self.eval_data):
+            h.update(str(len(data)).encode())
+            for item in data.items:
+                h.update(json.dumps(list(item[:4])).encode() + b"\n")
+        backend = getattr(self.tokenizer, "backend_tokenizer", None)
+        tok = backend.to_str() if backend is not None else json.dumps(sorted(self.tokenizer.get_vocab().items()))
+        local = Path(path)
+        model = ([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(local.iterdir()) if p.is_file()]
+                 if local.is_dir() else path)
+        arch = cfg.model.archive
+        key_src = json.dumps({
+            "model": model, "archive": ckpt.archive_digest(Path(arch)) if arch else None,
+            "dtype": cfg.model.reference_dtype, "max_length": cfg.max_length,
+            "max_prompt_length": cfg.max_prompt_length, "tokenizer": hashlib.sha256(tok.encode()).hexdigest(),
+            "examples": h.hexdigest(),
+        }, sort_keys=True, default=str)
+        return hashlib.sha256(key_src.encode()).hexdigest()[:16]
+
     # -- stop requests (Slurm preemption, SIGTERM)
     def _install_signal_handlers(self) -> None:
-        def handler(signum, frame):
-            self.stop_requested = True
-            if self.is_main:
-                print(f"caldpo: signal {signum}: checkpointing at the next step boundary", file=sys.stderr, flush=True)
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                signal.signal(sig, handler)
-            except ValueError:  # not the main thread
-                pass
+        """SIGTERM, SIGUSR1 and a first Ctrl-C: checkpoint at the next step boundary and exit; a second
+        Ctrl-C exits at once (rundir.StopSignals)."""
+        self.signals.install()
 
     def _should_stop(self) -> bool:
-        local = self.stop_requested or (self.is_main and (self.run_dir / "STOP").exists())
+        local = self.stop_requested or self.signals.requested or (self.is_main and (self.run_dir / "STOP").exists())
         flag = torch.tensor([1.0 if local else 0.0], device=self.device)
         return bool(all_reduce(flag, dist.ReduceOp.MAX if dist.is_initialized() else None).item() > 0)
 
@@ -388,8 +513,10 @@ class Trainer:
         ga = int(self.cfg.gradient_accumulation_steps)
         sums: dict[str, torch.Tensor] = {}
         tokens = sequences = 0
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # on the device: no sync per micro-batch
         for batch in self._micro_batches(indices):
             loss, metrics = batch_loss(self.cfg, self.policy, self._reference_logps, batch, self.device)
+            nonfinite |= ~torch.isfinite(loss.detach())
             (loss / ga).backward()
             tokens += int(batch["chosen_attention_mask"].sum())
             sequences += batch["chosen_attention_mask"].shape[0]
@@ -400,10 +527,16 @@ class Trainer:
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), float(self.cfg.max_grad_norm))
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
-        self.optimizer.step()
-        self.scheduler.step()
+        fault_point("mid_step", self.step + 1)
+        nonfinite |= ~torch.isfinite(grad_norm)
+        flag = nonfinite.float().reshape(1)
+        skip = bool(all_reduce(flag, dist.ReduceOp.MAX if dist.is_initialized() else None).item())
+        if not skip:  # a non-finite loss or gradient: no optimizer or scheduler step (train() counts it)
+            self.optimizer.step()
+            self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         out = self._reduce(sums)
+        out["nonfinite"] = skip
         out["grad_norm"] = float(grad_norm)
         out["lr"] = self.scheduler.get_last_lr()[0]
         tok, seqs = all_reduce(torch.tensor([float(tokens), float(sequences)], device=self.device)).tolist()
@@ -443,24 +576,84 @@ class Trainer:
 
     def _write_samples(self) -> None:
         from .generate import generate_responses
+        """Responses of the policy and, when one runs, the reference model (as the authors' trainer
+        samples both) for the first ``n_eval_model_samples`` evaluation prompts, written to
+        ``samples/step_<N>.json`` as ``{"prompt", "response", "reference_model_response", "reference"}``
+        (``reference``: the dataset's preferred response)."""
         items = [self.eval_data.items[i] for i in self.eval_indices[: self.cfg.n_eval_model_samples]]
-        prompts = [it[0] for it in items]
-        responses = generate_responses(self.policy, self.tokenizer, prompts, self.cfg, self.device,
-                                       batch_size=int(self.cfg.eval_batch_size) // self.world or 1)
+        prompts = [it.prompt for it in items]
+        modes = [it.truncation_mode for it in items]
+        bs = int(self.cfg.eval_batch_size) // self.world or 1
+        responses = generate_responses(self.policy, self.tokenizer, prompts, self.cfg, self.device, bs, modes)
+        ref_responses = None
+        if self.reference is not None:
+            ref_responses = generate_responses(self.reference, self.tokenizer, prompts, self.cfg, self.device, bs, modes)
         if self.is_main:
             out = self.run_dir / "samples" / f"step_{self.step}.json"
             out.parent.mkdir(exist_ok=True)
-            rows = [{"prompt": p, "response": r, "reference": it[1]} for p, r, it in zip(prompts, responses, items)]
+            rows = []
+            for i, (it, r) in enumerate(zip(items, responses)):
+                row = {"prompt": it.prompt, "response": r}
+                if ref_responses is not None:
+                    row["reference_model_response"] = ref_responses[i]
+                rows.append({**row, "reference": it.chosen})
             out.write_text(json.dumps(rows, indent=1))
 
     def save_resume(self) -> None:
-        if self.cfg.debug:
+        """A resume checkpoint of this step, unless this run already holds one (nothing changed since).
+
+        Weights holding NaN/Inf are never saved: RunError (exit 3), the last finite checkpoint stays.
+        """
+        if self.cfg.debug or self.saved_step == self.step:
             return
-        state = {"examples_seen": self.examples_seen, "next_eval": self.next_eval}
+        if not self._weights_finite():
+            raise rundir.RunError(f"step {self.step}: the policy's weights hold NaN/Inf; not saving them. The last "
+                                  f"finite checkpoint is kept: {ckpt.latest_resume(self.ckpt_root)}", exit_code=3)
+        state = {"examples_seen": self.examples_seen, "next_eval": self.next_eval,
+                 "metrics_records": self.writer.records if self.is_main else None,
+                 "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run}
         path = ckpt.save_resume(self.ckpt_root, self.step, self.policy, self.optimizer, self.scheduler, state,
                                 keep=int(self.cfg.keep_checkpoints))
+        self.saved_step = self.step
         if self.is_main:
             log.info("resume checkpoint %s", path)
+
+    def _weights_finite(self) -> bool:
+        bad = torch.zeros(1, device=self.device)
+        for p in self.policy.parameters():
+            t = p.to_local() if hasattr(p, "to_local") else p
+            bad = torch.maximum(bad, (~torch.isfinite(t.detach())).any().float().reshape(1))
+        return float(all_reduce(bad, dist.ReduceOp.MAX if dist.is_initialized() else None).item()) == 0.0
+
+    def _count_nonfinite(self, skipped: bool, metrics: dict, indices: list[int]) -> None:
+        """Count a skipped non-finite step; after ``max_nonfinite_steps`` in a row stop with RunError (exit 3)."""
+        if not skipped:
+            self.nonfinite_run = 0
+            return
+        self.nonfinite_total += 1
+        self.nonfinite_run += 1
+        limit = int(self.cfg.max_nonfinite_steps)
+        values = ", ".join(f"{k}={metrics[k]}" for k in ("loss", "grad_norm") if k in metrics)
+        rows = [f"{i} ({src})" if (src := getattr(self.train_data.items[i], "source", "")) else str(i)
+                for i in indices[:8]]
+        examples = ", ".join(rows) + (f", ... ({len(indices)} in all)" if len(indices) > 8 else "")
+        if self.nonfinite_run < limit:
+            if self.is_main:
+                log.warning("step %d: non-finite %s: optimizer step skipped (%d in a row; the run stops at %d); "
+                            "batch examples: %s", self.step, values, self.nonfinite_run, limit, examples)
+            return
+        raise rundir.RunError(
+            f"step {self.step}: non-finite {values}; {self.nonfinite_run} steps in a row were non-finite "
+            f"(max_nonfinite_steps={limit}) and were skipped. Batch examples (index and row): {examples}. "
+            f"Nothing non-finite was saved; the last checkpoint is {ckpt.latest_resume(self.ckpt_root)}. "
+            "Lower lr (or check those rows) and start a new run.", exit_code=3)
+
+    def _first_eval_record(self) -> dict | None:
+        """The run's first evaluation, from metrics.jsonl (a resumed process did not run it)."""
+        for rec in read_jsonl(self.run_dir / "metrics.jsonl"):
+            if rec.get("split") == "eval":
+                return {k: v for k, v in rec.items() if k not in ("split", "step", "examples", "eval_seconds")}
+        return None
 
     # -- the loop
     def train(self) -> dict:
@@ -468,12 +661,17 @@ class Trainer:
         if self.finished:
             if self.is_main:
                 log.info("%s already finished (DONE is there); use a new run_dir to train again", self.run_dir)
-            return json.loads((self.run_dir / "DONE").read_text())
+            summary = json.loads((self.run_dir / "DONE").read_text())
+            if self.is_main and summary.get("policy"):
+                print(f"   policy:  model.archive={summary['policy']}", flush=True)
+            return summary
         self._install_signal_handlers()
         if self.resumed_from is not None:
             self.writer.write({"split": "train", "resumed_from_step": self.resumed_from, "step": self.step,
                                "examples": self.examples_seen})
         first_eval = last_eval = None
+        if self.resumed_from is not None and self.is_main:
+            first_eval = self._first_eval_record()
         tty = sys.stderr.isatty()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg.loss.name}", unit="step",
                    disable=not (self.is_main and tty), dynamic_ncols=True,
@@ -494,9 +692,12 @@ class Trainer:
             self.step += 1
             self.examples_seen += count
             tokens, sequences = metrics.pop("tokens"), metrics.pop("sequences")
+            skipped = metrics.pop("nonfinite")
             metrics.update(self.throughput.stop(tokens, tokens / max(sequences, 1)))
-            record = {"split": "train", "step": self.step, "examples": self.examples_seen, **metrics}
+            record = {"split": "train", "step": self.step, "examples": self.examples_seen, **metrics,
+                      "skipped_nonfinite": self.nonfinite_total + skipped}
             self.writer.write(record)
+            self._count_nonfinite(skipped, metrics, indices)
             bar.update(1)
             now = time.time()
             if now - last_log >= float(cfg.minimum_log_interval_secs):
@@ -522,16 +723,20 @@ class Trainer:
                 log.info("stopped at step %d on request; rerun the same command to resume", self.step)
             self._barrier()
             return {"stopped": True, "step": self.step, "run_dir": str(self.run_dir)}
+        self.save_resume()  # before the final evaluation: a rerun after a crash in the export repeats only that
         last_eval = self._eval_and_log()
         first_eval = first_eval or last_eval
-        self.save_resume()
         summary = {"step": self.step, "examples": self.examples_seen, "run_dir": str(self.run_dir),
                    "eval_first": first_eval, "eval_last": last_eval, "peak_memory_gb": peak_memory_gb(self.device)}
         policy_pt = ckpt.save_policy(self.run_dir, self.policy.lm, self.step, last_eval, self.tokenizer,
                                      export_hf=bool(cfg.export_hf) and not cfg.debug)
         if self.is_main:
             summary["policy"] = str(policy_pt)
-            (self.run_dir / "DONE").write_text(json.dumps(summary, indent=2, default=float))
+            fault_point("before_done")
+            tmp = self.run_dir / "DONE.tmp"
+            tmp.write_text(json.dumps(summary, indent=2, default=float))
+            os.replace(tmp, self.run_dir / "DONE")
+            fault_point("after_done")
             print_summary(summary, cfg)
         self.writer.close()
         self._barrier()
@@ -542,7 +747,7 @@ def print_summary(summary: dict, cfg: DictConfig) -> None:
     keys = ["loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected", "logps/chosen"]
     first, last = summary.get("eval_first") or {}, summary.get("eval_last") or {}
     print(f"\n== {cfg.loss.name} run finished: {summary['step']} steps, {summary['examples']} examples", flush=True)
-    print(f"   run dir: {summary['run_dir']}\n   policy:  {summary.get('policy')}")
+    print(f"   run dir: {summary['run_dir']}\n   policy:  model.archive={summary.get('policy')}")
     print(f"   {'eval metric':<22}{'first':>12}{'last':>12}")
     for k in keys:
         if k in last:
@@ -553,9 +758,11 @@ def print_summary(summary: dict, cfg: DictConfig) -> None:
 def main(overrides: list[str] | None = None) -> dict:
     """Run training in this process; torch.distributed is initialised from env vars under torchrun."""
     cfg = load_config(overrides)
-    trainer = Trainer(cfg)
+    trainer = Trainer(cfg, overrides)
     try:
         return trainer.train()
     finally:
+        if getattr(trainer, "lock", None) is not None:
+            trainer.lock.release()
         if dist.is_initialized():
             dist.destroy_process_group()
