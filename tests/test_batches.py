@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from _data_fixtures import EOS, EOS_ID, char_tokenizer, ids
-from caldpo.train.batches import EOSInTextError, collate, epoch_order, flatten, tokenize_example
+from caldpo.train.batches import EOSInTextError, Example, collate, epoch_order, flatten, tokenize_example
 from caldpo.train.data import PromptGroup
 
 M = -100
@@ -66,9 +66,9 @@ def test_response_truncation_cuts_eos(tok):
 
 
 def test_eos_in_text_rejected(tok):
-    with pytest.raises(EOSInTextError, match="chosen text contains the EOS token"):
+    with pytest.raises(EOSInTextError, match="the chosen response contains the EOS token"):
         tokenize_example("P", f" a{EOS}b", " c", tok, max_length=32, max_prompt_length=8, truncation_mode="keep_end")
-    with pytest.raises(EOSInTextError, match="prompt text"):
+    with pytest.raises(EOSInTextError, match="the prompt contains"):
         tokenize_example(f"{EOS}P", " a", None, tok, max_length=32, max_prompt_length=8, truncation_mode="keep_end")
     with pytest.raises(ValueError, match="unknown truncation mode"):
         tokenize_example("P", " a", None, tok, max_length=32, max_prompt_length=8, truncation_mode="middle")
@@ -100,8 +100,12 @@ def test_flatten():
     g1 = PromptGroup("p1", [" a", " b", " c"], [(0, 1), (2, 0)], " a", "keep_end")
     g2 = PromptGroup("p2", [" t"], [], " t", "keep_start")
     groups = {"p1": g1, "p2": g2}
-    assert flatten(groups, sft=False) == [("p1", " a", " b", "keep_end"), ("p1", " c", " a", "keep_end")]
-    assert flatten(groups, sft=True) == [("p1", " a", None, "keep_end"), ("p2", " t", None, "keep_start")]
+    g1.pair_sources, g1.sft_source, g2.sft_source = ["f:1", "f:3"], "f:1", "f:2"
+    assert flatten(groups, sft=False) == [Example("p1", " a", " b", "keep_end", "f:1"),
+                                          Example("p1", " c", " a", "keep_end", "f:3")]
+    assert flatten(groups, sft=True) == [Example("p1", " a", None, "keep_end", "f:1"),
+                                         Example("p2", " t", None, "keep_start", "f:2")]
+    assert flatten(groups, sft=True)[1].source == "f:2" and flatten(groups, sft=True)[1].tokens is None
 
 
 def test_epoch_order_deterministic_permutation():

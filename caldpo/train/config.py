@@ -180,10 +180,10 @@ class WandbConfig:
 class GenerateConfig:
     """``generate.*``: ``python -m caldpo.train.generate``."""
     split: str = opt("dataset split whose prompts are used", choices=("train", "test"))
-    n_prompts: int = opt("number of prompts")
-    batch_size: int = opt("prompts per generate call")
-    temperature: float = opt("sampling temperature")
-    top_p: float = opt("nucleus sampling mass")
+    n_prompts: Optional[int] = opt("number of prompts; null: every prompt of the split (as the authors' generate.py)")
+    batch_size: Optional[int] = opt("prompts per generate call; null: eval_batch_size")
+    temperature: float = opt("0: greedy decoding (the authors' generate.py); > 0: sampling at this temperature")
+    top_p: float = opt("nucleus sampling mass (sampling only)")
     output: Optional[str] = opt("output JSON; null: <run_dir>/samples.json")
 
 
@@ -226,12 +226,15 @@ class Config:
     save_every: Optional[int] = opt("optimizer steps between resume checkpoints; null: only at the end and on stop",
                                     identity=False)
     keep_checkpoints: int = opt("resume checkpoints kept", identity=False)
+    max_nonfinite_steps: int = opt("stop after this many consecutive steps with a non-finite loss or grad norm "
+                                   "(each is skipped: no optimizer step)", identity=False)
     minimum_log_interval_secs: float = opt("progress bar / log line interval", identity=False)
     activation_checkpointing: bool = opt("recompute block activations in backward (less memory)", identity=False)
     compile: bool = opt("torch.compile the backbone", identity=False)
-    sample_during_eval: bool = opt("generate samples from the policy at each evaluation", identity=False)
+    sample_during_eval: bool = opt("generate samples from the policy and the reference at each evaluation",
+                                   identity=False)
     n_eval_model_samples: int = opt("prompts sampled at each evaluation", identity=False)
-    max_new_tokens: int = opt("tokens generated per response", identity=False)
+    max_new_tokens: int = opt("tokens generated per response (the authors' generate.py: 100)", identity=False)
     kernels: KernelsConfig = field(default_factory=KernelsConfig, metadata={"help": "kernel choices"})
     reference: ReferenceConfig = field(default_factory=ReferenceConfig, metadata={"help": "reference log-probs"})
     export_hf: bool = opt("also write a save_pretrained export to <run_dir>/LATEST/hf", identity=False)
@@ -538,6 +541,9 @@ def validate(cfg: DictConfig, world_size: int | None = None, *, argv: list[str] 
         raise ConfigError("model.name_or_path: required for this model preset")
     if cfg.save_every is not None and cfg.save_every < 1:
         raise ConfigError(f"save_every={cfg.save_every}: must be >= 1 or null")
+    if "/" in cfg.exp_name or "\\" in cfg.exp_name or ".." in cfg.exp_name or cfg.exp_name in ("", "."):
+        raise ConfigError(f"exp_name={cfg.exp_name!r}: a name, not a path (no '/', '..' or '.'); "
+                          "use run_dir= to choose a directory")
     _check_packages(cfg)
     _check_devices(cfg, world_size, argv, training)
     _check_hub(cfg)

@@ -1,8 +1,11 @@
-"""Sample completions for evaluation: ``python -m caldpo.train.generate model.archive=<run>/LATEST/policy.pt ...``.
+"""Generate responses for evaluation: ``python -m caldpo.train.generate model.archive=<run>/LATEST/policy.pt ...``.
 
-Takes the same overrides as training (model, datasets, max lengths) plus the
-``generate.*`` group, and writes a JSON list of ``{"prompt", "response", "reference"}``
-where the reference is the dataset's preferred (chosen / SFT target) response.
+Takes the same overrides as training (model, datasets, seed) plus ``max_new_tokens`` and
+the ``generate.*`` group, and writes a JSON list of ``{"prompt", "response", "reference"}``
+in dataset order, where the reference is the dataset's preferred (chosen / SFT target)
+response. Defaults follow the authors' ``generate.py``: greedy decoding
+(``generate.temperature=0``), 100 new tokens, every prompt of the split
+(``generate.n_prompts=null``), ``eval_batch_size`` prompts per call, prompts not cut.
 """
 from __future__ import annotations
 
@@ -14,55 +17,94 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from .batches import encode_prompt, prompt_cue_tokens, truncate_prompt
 from .config import ConfigError, load_config, validate
 
 
-@torch.no_grad()
-def generate_responses(policy, tokenizer, prompts: list[str], cfg: DictConfig, device: torch.device,
-                       batch_size: int, truncation_modes: list[str] | None = None, progress: bool = False) -> list[str]:
-    """Sampled responses (text after the prompt, up to EOS) for each prompt.
+def prompt_ids_for_generation(prompts: list[str], tokenizer, modes: list[str], limit: int | None) -> list[list[int]]:
+    """Prompt token ids as training tokenizes them; cut only when longer than ``limit``
+    (the model's positions minus ``max_new_tokens``), by ``batches.truncate_prompt`` keeping
+    the prompt's final cue (``prompt_cue_tokens``: ``"\\nTL;DR:"`` survives a keep_start cut)."""
+    out = []
+    for prompt, mode in zip(prompts, modes):
+        ids, offsets = encode_prompt(prompt, tokenizer)
+        if limit is not None and len(ids) > limit:
+            ids = truncate_prompt(ids, limit, mode, keep_last=prompt_cue_tokens(prompt, offsets, limit))
+        out.append(ids)
+    return out
 
-    Prompts are cut to ``max_prompt_length`` tokens (keeping the end for HH, the start for
-    TL;DR) and left-padded. Under FSDP2 the root's parameters are unsharded for the call
-    and every rank steps in lockstep (``synced_gpus``).
+
+@torch.no_grad()
+def generate_responses(model, tokenizer, prompts: list[str], cfg: DictConfig, device: torch.device,
+                       batch_size: int, truncation_modes: list[str] | None = None, progress: bool = False) -> list[str]:
+    """Responses (text after the prompt, up to EOS) for each prompt, in the order of ``prompts``.
+
+    ``model`` is a ``LogProbModel`` (its ``.lm`` generates). Decoding: greedy when
+    ``cfg.generate.temperature`` is 0, else sampling with that temperature and
+    ``cfg.generate.top_p``; ``cfg.max_new_tokens`` new tokens at most. The random stream is
+    seeded with ``cfg.seed`` inside a forked RNG, so output is reproducible and training's
+    RNG is untouched. Prompts are not cut unless prompt + ``max_new_tokens`` exceeds the
+    model's positions (``prompt_ids_for_generation``). Batches of ``batch_size`` prompts
+    sorted by length (less padding), left-padded. Under FSDP2 the root's parameters are
+    unsharded for the call and every rank steps in lockstep (``synced_gpus``).
     """
-    lm = policy.lm
-    fsdp = hasattr(policy, "unshard")
-    if fsdp:
-        policy.unshard()
-    lm.eval()
-    out: list[str] = []
-    mp = int(cfg.max_prompt_length)
+    from .model import max_positions
+
+    if not prompts:
+        return []
+    lm = model.lm
+    max_new = int(cfg.max_new_tokens)
+    temperature = float(cfg.generate.temperature)
+    if temperature < 0:
+        raise ConfigError(f"generate.temperature={temperature}: must be >= 0 (0: greedy)")
+    positions = max_positions(lm.config)
+    limit = None
+    if positions is not None:
+        limit = positions - max_new
+        if limit < 1:
+            raise ConfigError(f"max_new_tokens={max_new} leaves no room for a prompt in the model's "
+                              f"{positions} positions; lower max_new_tokens")
     modes = truncation_modes or ["keep_end"] * len(prompts)
-    starts = range(0, len(prompts), batch_size)
-    for s in tqdm(starts, desc="generate", disable=not progress):
-        ids = []
-        for p, mode in zip(prompts[s:s + batch_size], modes[s:s + batch_size]):
-            t = tokenizer(p, add_special_tokens=False)["input_ids"]
-            ids.append(t[-mp:] if mode == "keep_end" else t[:mp])
-        width = max(len(t) for t in ids)
-        pad = tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(t)) + t for t in ids], device=device)
-        mask = torch.tensor([[0] * (width - len(t)) + [1] * len(t) for t in ids], device=device)
-        gen = lm.generate(input_ids=input_ids, attention_mask=mask, do_sample=True,
-                          temperature=float(cfg.generate.temperature), top_p=float(cfg.generate.top_p),
-                          max_new_tokens=int(cfg.max_new_tokens), pad_token_id=pad,
-                          eos_token_id=tokenizer.eos_token_id, synced_gpus=fsdp and torch.distributed.get_world_size() > 1)
-        out.extend(tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True))
+    ids = prompt_ids_for_generation(prompts, tokenizer, modes, limit)
+    order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": float(cfg.generate.top_p)} \
+        if temperature > 0 else {"do_sample": False}
+    fsdp = hasattr(model, "unshard")
+    synced = fsdp and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
+    was_training = lm.training
+    out: list[str | None] = [None] * len(prompts)
     if fsdp:
-        policy.reshard()
+        model.unshard()
+    lm.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            torch.manual_seed(int(cfg.seed))
+            for s in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
+                chunk = order[s:s + batch_size]
+                width = max(len(ids[i]) for i in chunk)
+                input_ids = torch.tensor([[pad] * (width - len(ids[i])) + ids[i] for i in chunk], device=device)
+                mask = torch.tensor([[0] * (width - len(ids[i])) + [1] * len(ids[i]) for i in chunk], device=device)
+                gen = lm.generate(input_ids=input_ids, attention_mask=mask, max_new_tokens=max_new,
+                                  pad_token_id=pad, eos_token_id=tokenizer.eos_token_id, use_cache=True,
+                                  synced_gpus=synced, **sampling)
+                for i, text in zip(chunk, tokenizer.batch_decode(gen[:, width:], skip_special_tokens=True)):
+                    out[i] = text
+    finally:
+        lm.train(was_training)
+        if fsdp:
+            model.reshard()
     return out
 
 
 def main(overrides: list[str] | None = None) -> Path:
-    """Load the policy (``model.archive``), sample for ``generate.n_prompts`` test prompts, write JSON."""
+    """Load the policy (``model.archive``), generate for ``generate.n_prompts`` prompts, write JSON."""
     from .trainer import Examples
     from .model import LogProbModel, apply_archive, check_attention, load_archive_state, load_causal_lm, \
         load_tokenizer, model_path, DTYPES
 
     cfg = load_config(overrides)
     validate(cfg, 1)
-    torch.manual_seed(cfg.seed)
     device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     path = model_path(cfg)
     tokenizer = load_tokenizer(cfg, path)
@@ -70,11 +112,13 @@ def main(overrides: list[str] | None = None) -> Path:
     if cfg.model.archive:
         apply_archive(lm, load_archive_state(cfg.model.archive), cfg.model.archive)
     policy = LogProbModel(lm).to(device)
-    items = Examples(cfg, cfg.generate.split, sft=True, verbose=True, eos=tokenizer.eos_token).items
-    items = items[: int(cfg.generate.n_prompts)]
-    responses = generate_responses(policy, tokenizer, [it[0] for it in items], cfg, device,
-                                   int(cfg.generate.batch_size), [it[3] for it in items], progress=True)
-    rows = [{"prompt": it[0], "response": r, "reference": it[1]} for it, r in zip(items, responses)]
+    items = Examples(cfg, cfg.generate.split, sft=True, verbose=True).items
+    if cfg.generate.n_prompts is not None:
+        items = items[: int(cfg.generate.n_prompts)]
+    batch_size = int(cfg.generate.batch_size or cfg.eval_batch_size)
+    responses = generate_responses(policy, tokenizer, [it.prompt for it in items], cfg, device, batch_size,
+                                   [it.truncation_mode for it in items], progress=True)
+    rows = [{"prompt": it.prompt, "response": r, "reference": it.chosen} for it, r in zip(items, responses)]
     if cfg.generate.output:
         out = Path(cfg.generate.output)
     elif cfg.model.archive:
@@ -87,9 +131,26 @@ def main(overrides: list[str] | None = None) -> Path:
     return out
 
 
-if __name__ == "__main__":
+def cli(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if any(a in ("-h", "--help") for a in argv):
+        print(__doc__.strip() + "\n\nOptions: the training options (caldpo/train/conf/config.yaml), chiefly "
+              "model=..., model.archive=..., datasets=[...], max_new_tokens, eval_batch_size, seed, and "
+              "generate.{split,n_prompts,batch_size,temperature,top_p,output}.\n"
+              "Example: python -m caldpo.train.generate model=pythia28 datasets=[hh] "
+              "model.archive=runs/caldpo_hh/LATEST/policy.pt")
+        return 0
+    from .data import DataError
     try:
-        main(sys.argv[1:])
+        main(argv)
     except ConfigError as e:
         print(f"caldpo: config error: {e}", file=sys.stderr)
-        sys.exit(2)
+        return 2
+    except DataError as e:
+        print(f"caldpo: data error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(cli())

@@ -15,9 +15,10 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from caldpo.kernels import sequence_logprobs
+from caldpo.kernels import linear_logprobs, sequence_logprobs
 
 from .config import ConfigError
+from .layout import PackedBatch, segment_sum
 
 log = logging.getLogger("caldpo")
 
@@ -58,22 +59,125 @@ def check_attention(cfg: DictConfig, device: torch.device) -> str:
     return impl
 
 
+def _zero_dropout_config(config) -> None:
+    """Set every dropout-like probability of a transformers config (and its sub-configs) to 0.
+
+    Keys holding ``drop`` (``hidden_dropout``, ``attention_dropout``, ``resid_pdrop``,
+    ``layerdrop``, ``drop_path_rate``, ...) with a positive number are zeroed."""
+    from transformers import PretrainedConfig
+    for key, value in list(vars(config).items()):
+        if isinstance(value, PretrainedConfig):
+            _zero_dropout_config(value)
+        elif "drop" in key.lower() and isinstance(value, (int, float)) and not isinstance(value, bool) and value > 0:
+            setattr(config, key, 0.0)
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off everywhere, as the reference code's ``disable_dropout``: every ``nn.Dropout*``
+    gets ``p = 0`` and every float module attribute named ``*drop*`` (the probability that
+    attention kernels read, e.g. ``attention_dropout``) is set to 0."""
+    for m in model.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd):
+            m.p = 0.0
+        for key, value in list(vars(m).items()):
+            if "drop" in key.lower() and isinstance(value, float) and value > 0:
+                setattr(m, key, 0.0)
+
+
 def load_causal_lm(cfg: DictConfig, path: str, dtype: torch.dtype, attn: str) -> nn.Module:
-    from transformers import AutoModelForCausalLM
+    """A causal LM with dropout disabled (config probabilities and modules, see ``disable_dropout``):
+    the reference code trains and evaluates the policy and the reference without dropout, so at
+    step 1 with policy = reference every reward is 0 whatever the model config says."""
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
+    trust = bool(cfg.model.trust_remote_code)
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+    _zero_dropout_config(config)
     model = AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, attn_implementation=attn,
-        trust_remote_code=bool(cfg.model.trust_remote_code), low_cpu_mem_usage=True)
+        path, config=config, dtype=dtype, attn_implementation=attn,
+        trust_remote_code=trust, low_cpu_mem_usage=True)
+    disable_dropout(model)
     model.config.use_cache = False
     return model
 
 
+POSITION_KEYS = ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length", "n_ctx")
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model declares (its position table, or for rotary models the
+    context it was trained for): the first of ``POSITION_KEYS`` set on its text config; None
+    when it declares none (then nothing is checked)."""
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for key in POSITION_KEYS:
+        value = getattr(text, key, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def check_vocab_and_positions(cfg: DictConfig, tokenizer, path: str) -> None:
+    """Config errors, before any data or weights load, naming both sizes, when:
+
+    * a token id can fall outside the output head's rows: the tokenizer's largest id
+      (added tokens included) or its pad / EOS id >= the model's ``vocab_size``;
+    * ``max_length`` exceeds the model's declared positions (``max_positions``). A model
+      with a learned position table fails with an index error there; a rotary model would
+      run out of the context it was trained for. A model that declares no limit is not checked.
+    """
+    from transformers import AutoConfig
+    config = AutoConfig.from_pretrained(path, trust_remote_code=bool(cfg.model.trust_remote_code))
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    vocab = getattr(text, "vocab_size", None)
+    where = f"model.name_or_path={path}" if cfg.model.name_or_path else f"model={cfg.model.preset} ({path})"
+    if cfg.model.tokenizer_name_or_path:
+        where += f" with model.tokenizer_name_or_path={cfg.model.tokenizer_name_or_path}"
+    if isinstance(vocab, int) and vocab > 0:
+        largest = max(len(tokenizer) - 1, max(tokenizer.get_vocab().values(), default=-1))
+        special = {"pad": tokenizer.pad_token_id, "eos": tokenizer.eos_token_id}
+        bad = {k: v for k, v in special.items() if v is not None and v >= vocab}
+        if largest >= vocab or bad:
+            ids = ", ".join(f"{k} id {v}" for k, v in bad.items())
+            raise ConfigError(
+                f"{where}: the tokenizer has {len(tokenizer)} tokens (largest id {largest}{', ' + ids if ids else ''}) "
+                f"but the model's output head has {vocab} rows (vocab_size={vocab}): ids >= {vocab} have no logit. "
+                "Use the model's own tokenizer, or resize the model to the tokenizer "
+                "(model.resize_token_embeddings(len(tokenizer)), then save_pretrained) and train that")
+    limit = max_positions(config)
+    if limit is not None and int(cfg.max_length) > limit:
+        raise ConfigError(f"max_length={cfg.max_length} exceeds the {limit} positions of {where} "
+                          f"(max_position_embeddings={limit}); set max_length<={limit} "
+                          f"(and max_prompt_length below it)")
+
+
 def load_archive_state(path: str | Path) -> dict[str, torch.Tensor]:
-    """The ``state`` of a reference-format ``policy.pt`` (loaded with weights_only=True)."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(blob, dict) or "state" not in blob:
-        raise ConfigError(f"model.archive={path}: not a policy.pt checkpoint (no 'state' key)")
+    """The ``state`` of a reference-format ``policy.pt`` (loaded with weights_only=True).
+
+    Checked first (``checkpoint.verify_archive``): against the ``MANIFEST.json`` beside it when
+    there is one, and the CRC of every record of the file. Raises ConfigError naming the file and
+    the reason for a truncated, damaged or non-checkpoint file, or one holding non-finite weights.
+    """
+    import pickle
+
+    from .checkpoint import CheckpointError, non_finite, verify_archive
+    hint = "use the LATEST/policy.pt a finished caldpo run wrote (or the reference code's policy.pt)"
+    try:
+        verify_archive(Path(path))
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except CheckpointError as e:
+        raise ConfigError(f"model.archive={path}: not a readable policy.pt: {e}; {hint}") from None
+    except pickle.UnpicklingError as e:
+        raise ConfigError(f"model.archive={path}: holds objects other than tensors and plain types "
+                          f"({str(e).splitlines()[0][:160]}); refusing to unpickle it; {hint}") from None
+    except (RuntimeError, EOFError, OSError) as e:
+        raise ConfigError(f"model.archive={path}: not a readable policy.pt ({str(e).splitlines()[0][:160]}); "
+                          f"{hint}") from None
+    if not isinstance(blob, dict) or not isinstance(blob.get("state"), dict):
+        raise ConfigError(f"model.archive={path}: not a policy.pt checkpoint (no 'state' dict); {hint}")
+    bad = non_finite(blob["state"])
+    if bad:
+        raise ConfigError(f"model.archive={path}: {len(bad)} tensors hold NaN/Inf (e.g. {bad[:3]}); {hint}")
     return blob["state"]
 
 
@@ -93,12 +197,32 @@ class LogProbModel(nn.Module):
         self.lm = lm
         self.backend = backend
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, labels: torch.Tensor,
-                average_log_prob: bool = False) -> torch.Tensor:
-        out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask)
+    def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                labels: torch.Tensor | None = None, average_log_prob: bool = False,
+                packed: PackedBatch | None = None) -> torch.Tensor:
+        """Per-sequence log-probs [B] float32 of padded rows (input_ids, attention_mask, labels: [B,T]),
+        or [S] of a ``layout.PackedBatch`` (``packed``: its rows, position ids and 4D mask run
+        through the backbone; ``packed_logprobs`` scores its head index)."""
+        if packed is not None:
+            attn = self.lm.config._attn_implementation
+            out = self.lm.base_model(input_ids=packed.input_ids, position_ids=packed.position_ids,
+                                     attention_mask=packed.attention_mask(attn, self.lm.dtype))
+        else:
+            out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         weight = self.lm.get_output_embeddings().weight
+        if packed is not None:
+            return self.packed_logprobs(hidden, weight, packed, average_log_prob)
         return sequence_logprobs(hidden, weight, labels, average_log_prob=average_log_prob, backend=self.backend)
+
+    def packed_logprobs(self, hidden: torch.Tensor, weight: torch.Tensor, packed: PackedBatch,
+                        average_log_prob: bool = False) -> torch.Tensor:
+        """The head on a packed layout: gather the hidden rows of ``packed.rows`` (a row may be
+        listed twice, e.g. the last shared prompt row of a prefix-shared pair), score each against
+        its target with ``linear_logprobs``, and sum (or average) per sequence -> [S] float32."""
+        flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, packed.rows)
+        tok = linear_logprobs(flat, weight, packed.targets, backend=self.backend)
+        return segment_sum(tok, packed.sequence, packed.n_sequences, average=average_log_prob)
 
 
 def transformer_blocks(lm: nn.Module, block_name: str | None) -> list[nn.Module]:
@@ -121,12 +245,17 @@ def apply_activation_checkpointing(lm: nn.Module, block_name: str | None) -> Non
 
 
 def shard(model: LogProbModel, cfg: DictConfig, mesh, *, trainable: bool) -> LogProbModel:
-    """FSDP2: ``fully_shard`` each transformer block, then the root (embeddings + head stay in the root)."""
+    """FSDP2: ``fully_shard`` each transformer block, then the root (embeddings + head stay in the root).
+
+    The policy (``trainable``) gets ``MixedPrecisionPolicy(param_dtype=model.fsdp_policy_mp,
+    reduce_dtype=fp32)`` when ``model.fsdp_policy_mp`` is set. The reference gets no
+    mixed-precision policy: it stores and computes in the dtype it was loaded in,
+    ``model.reference_dtype`` (fp16 for Pythia), as the authors' trainer runs it.
+    """
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     mp = None
-    if cfg.model.fsdp_policy_mp is not None:
-        mp = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.model.fsdp_policy_mp],
-                                  reduce_dtype=torch.float32 if trainable else None)
+    if cfg.model.fsdp_policy_mp is not None and trainable:
+        mp = MixedPrecisionPolicy(param_dtype=DTYPES[cfg.model.fsdp_policy_mp], reduce_dtype=torch.float32)
     kw = {"mesh": mesh}
     if mp is not None:
         kw["mp_policy"] = mp
