@@ -48,17 +48,21 @@ def batch_loss(cfg: DictConfig, policy, reference_logps, batch: dict,
     The per-pair loss runs eagerly: it is elementwise over [pairs], negligible next to the
     fused log-prob stage, and eager avoids a compile per new batch shape.
 
-    ``reference_logps(batch, inputs)`` returns (ref_chosen, ref_rejected) or None for SFT.
+    ``reference_logps(batch, inputs)`` returns (ref_chosen, ref_rejected) or None for SFT;
+    ``inputs`` are the policy's model inputs (padded rows, or ``{"packed": PackedBatch}`` when
+    ``batch["packed"]`` holds the micro-batch's packed layout), reused by the reference.
     """
     name = cfg.loss.name
+    packed = batch.get("packed")  # a layout.PackedBatch when the layout is packed or prefix_shared
     if name == "sft":
-        inputs = {k: batch[f"chosen_{k}"].to(device) for k in ("input_ids", "attention_mask", "labels")}
+        inputs = ({"packed": packed.to(device)} if packed is not None else
+                  {k: batch[f"chosen_{k}"].to(device) for k in ("input_ids", "attention_mask", "labels")})
         policy_chosen = policy(**inputs)
         losses, _, _ = preference_loss(policy_chosen, None, None, None, 1.0, loss="sft")
         metrics = {"logps/chosen": policy_chosen.detach().float(), "loss": losses.detach().float()}
         return losses.mean(), metrics
 
-    inputs = concatenated(batch, device)
+    inputs = {"packed": packed.to(device)} if packed is not None else concatenated(batch, device)
     logps = policy(**inputs)
     n = batch["chosen_input_ids"].shape[0]
     policy_chosen, policy_rejected = logps[:n], logps[n:]

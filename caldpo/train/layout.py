@@ -1,0 +1,262 @@
+"""Batch layouts: padded rows, padding-free packed rows, and prefix-shared pairs.
+
+``padded`` runs every sequence as its own right-padded row (chosen over rejected): the
+oracle. The other two layouts pack the sequences of a micro-batch into rows without
+padding between them and score them through an explicit head index:
+
+* ``packed``: each sequence (chosen, rejected, or the SFT target) is one segment of a
+  row. A segment attends causally to itself only (a document mask); its position ids
+  restart at 0.
+* ``prefix_shared``: a preference pair is one segment ``shared | chosen | rejected``,
+  where ``shared`` is the longest common prefix of the pair's two token sequences (the
+  prompt, or more when the responses begin alike). Rejected tokens attend to the shared
+  part and to themselves, never to chosen; their position ids continue from the shared
+  part's end as if chosen were absent. Under causal attention the shared rows' hidden
+  states are then exactly those of either padded row, so every response token sees the
+  same context, at the same positions, as in the padded layout. The last shared row
+  predicts the first token of both responses: the head index lists it twice, once with
+  each target. SFT examples (no rejected) are packed as in ``packed``.
+
+Reference: Wang & Hegde, "Accelerating Direct Preference Optimization with Prefix
+Sharing" (2024), section 3 (mask and position ids).
+
+Sequence order of the per-sequence outputs is the padded layout's: chosen ``0..n-1``
+then rejected ``n..2n-1`` (SFT: ``0..n-1``).
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+
+from .batches import IGNORE_INDEX
+
+log = logging.getLogger("caldpo")
+
+LAYOUTS = ("padded", "packed", "prefix_shared")
+# Attention implementations that take the 4D masks built here (the rest, e.g. flash-attn
+# without varlen wiring, only support ``padded``).
+MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")
+
+SHARED, CHOSEN, REJECTED = 0, 1, 2
+
+
+@dataclass
+class PackedBatch:
+    """A micro-batch laid out as packed rows plus the head's gather index.
+
+    input_ids, position_ids, segment, branch: [R, L] int64. ``segment`` numbers the
+    segments of the micro-batch (-1 on row padding, which attends only to itself);
+    ``branch`` is SHARED / CHOSEN / REJECTED (prefix-shared pairs) or SHARED.
+    rows, targets, sequence: [N] int64, one entry per scored token: the flat row index
+    ``r * L + t`` of the hidden state that predicts ``targets``, and the output sequence
+    it belongs to (chosen ``i``, rejected ``n + i``).
+    """
+
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    segment: torch.Tensor
+    branch: torch.Tensor
+    rows: torch.Tensor
+    targets: torch.Tensor
+    sequence: torch.Tensor
+    n_sequences: int
+    _masks: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def n_tokens(self) -> int:
+        """Tokens that run through the backbone (row padding excluded)."""
+        return int((self.segment >= 0).sum())
+
+    def to(self, device: torch.device) -> "PackedBatch":
+        if self.input_ids.device == torch.device(device):
+            return self
+        moved = {k: getattr(self, k).to(device) for k in
+                 ("input_ids", "position_ids", "segment", "branch", "rows", "targets", "sequence")}
+        return PackedBatch(**moved, n_sequences=self.n_sequences)
+
+    def allowed(self) -> torch.Tensor:
+        """[R, 1, L, L] bool: query t may attend to key s (same segment, s <= t, and a rejected
+        query never sees a chosen key); a padding position attends only to itself."""
+        seg, br = self.segment, self.branch
+        L = seg.shape[1]
+        idx = torch.arange(L, device=seg.device)
+        causal = idx[None, :, None] >= idx[None, None, :]
+        same = seg[:, :, None] == seg[:, None, :]
+        cross = (br[:, :, None] == REJECTED) & (br[:, None, :] == CHOSEN)
+        pad_self = (seg[:, :, None] < 0) & (idx[None, :, None] == idx[None, None, :])
+        ok = (causal & same & ~cross & (seg[:, :, None] >= 0)) | pad_self
+        return ok[:, None]
+
+    def attention_mask(self, attn: str, dtype: torch.dtype = torch.float32):
+        """The mask in the form ``attn`` takes, built once per micro-batch and reused by every
+        layer and by the policy and reference forwards.
+
+        sdpa: [R,1,L,L] bool (True = attend); eager: [R,1,L,L] additive ``dtype`` (0 / min);
+        flex_attention: a ``BlockMask`` (empty blocks skipped).
+        """
+        key = (attn, dtype if attn == "eager" else None)
+        if key in self._masks:
+            return self._masks[key]
+        if attn == "sdpa":
+            mask = self.allowed()
+        elif attn == "eager":
+            mask = torch.zeros(self.allowed().shape, dtype=dtype, device=self.segment.device)
+            mask.masked_fill_(~self.allowed(), torch.finfo(dtype).min)
+        elif attn == "flex_attention":
+            mask = self._block_mask()
+        else:
+            raise ValueError(f"attention {attn!r} cannot take a packed layout; use one of {MASKED_ATTENTION}")
+        self._masks[key] = mask
+        return mask
+
+    def _block_mask(self):
+        from torch.nn.attention.flex_attention import create_block_mask
+        seg, br = self.segment, self.branch
+
+        def mask_mod(b, h, q, kv):
+            same = (seg[b, q] == seg[b, kv]) & (seg[b, q] >= 0)
+            cross = (br[b, q] == REJECTED) & (br[b, kv] == CHOSEN)
+            return ((q >= kv) & same & ~cross) | (q == kv)
+
+        R, L = seg.shape
+        return create_block_mask(mask_mod, R, None, L, L, device=seg.device)
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def _as_list(x) -> list[int]:
+    return x.tolist() if isinstance(x, torch.Tensor) else list(x)
+
+
+def _segments(examples: Sequence[dict[str, Any]], layout: str, sft: bool):
+    """Per segment: (token ids, position ids, branch tags, [(offset, target, sequence)])."""
+    n = len(examples)
+    out = []
+    for i, ex in enumerate(examples):
+        c_ids, c_lab = _as_list(ex["chosen_input_ids"]), _as_list(ex["chosen_labels"])
+        if sft or "rejected_input_ids" not in ex:
+            out.append(_plain(c_ids, c_lab, i))
+            continue
+        r_ids, r_lab = _as_list(ex["rejected_input_ids"]), _as_list(ex["rejected_labels"])
+        if layout == "packed":
+            out.append(_plain(c_ids, c_lab, i))
+            out.append(_plain(r_ids, r_lab, n + i))
+            continue
+        s = _common_prefix(c_ids, r_ids)
+        nc, nr = len(c_ids) - s, len(r_ids) - s
+        ids = c_ids + r_ids[s:]
+        pos = list(range(s + nc)) + list(range(s, s + nr))
+        branch = [SHARED] * s + [CHOSEN] * nc + [REJECTED] * nr
+        head = []
+        # A label at logical position t is predicted by the row of position t - 1 of the same sequence.
+        for t in range(1, len(c_lab)):
+            if c_lab[t] != IGNORE_INDEX:
+                head.append((t - 1, c_lab[t], i))
+        for t in range(1, len(r_lab)):
+            if r_lab[t] != IGNORE_INDEX:
+                head.append((t - 1 if t - 1 < s else t - 1 + nc, r_lab[t], n + i))
+        out.append((ids, pos, branch, head))
+    return out
+
+
+def _plain(ids: list[int], labels: list[int], seq: int):
+    head = [(t - 1, labels[t], seq) for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX]
+    return ids, list(range(len(ids))), [SHARED] * len(ids), head
+
+
+def pack(examples: Sequence[dict[str, Any]], layout: str, *, sft: bool, pad_token_id: int,
+         row_tokens: int | None = None) -> PackedBatch:
+    """Lay out tokenized examples (``tokenize_example``'s keys ``{chosen,rejected}_{input_ids,labels}``,
+    as lists or 1-D tensors) as packed rows.
+
+    ``row_tokens``: capacity of one row; segments are placed first-fit in decreasing length
+    (a segment longer than the capacity gets a row of its own). None: the longest segment's
+    length, which bounds a dense mask's attention cost by the padded layout's; 0: one row
+    holds the whole micro-batch (for block-sparse attention, which skips empty blocks).
+    Rows are right-padded to the longest row.
+    Raises ValueError for an unknown layout or ``padded`` (which has no packed form).
+    """
+    if layout not in ("packed", "prefix_shared"):
+        raise ValueError(f"layout {layout!r} has no packed form; use 'packed' or 'prefix_shared'")
+    segs = _segments(examples, layout, sft)
+    order = sorted(range(len(segs)), key=lambda k: -len(segs[k][0]))
+    if row_tokens is None:
+        row_tokens = max((len(s[0]) for s in segs), default=1)
+    rows: list[list[int]] = []
+    fill: list[int] = []
+    for k in order:
+        n = len(segs[k][0])
+        for r in range(len(rows)):
+            if row_tokens == 0 or fill[r] + n <= row_tokens:
+                rows[r].append(k)
+                fill[r] += n
+                break
+        else:
+            rows.append([k])
+            fill.append(n)
+    if not rows:
+        rows, fill = [[]], [0]
+    R, L = len(rows), max(max(fill), 1)
+    input_ids = torch.full((R, L), int(pad_token_id), dtype=torch.long)
+    position_ids = torch.zeros((R, L), dtype=torch.long)
+    segment = torch.full((R, L), -1, dtype=torch.long)
+    branch = torch.zeros((R, L), dtype=torch.long)
+    h_rows, h_tgt, h_seq = [], [], []
+    for r, members in enumerate(rows):
+        off = 0
+        for k in sorted(members):  # segments keep the micro-batch's order within a row
+            ids, pos, br, head = segs[k]
+            n = len(ids)
+            input_ids[r, off:off + n] = torch.tensor(ids, dtype=torch.long)
+            position_ids[r, off:off + n] = torch.tensor(pos, dtype=torch.long)
+            segment[r, off:off + n] = k
+            branch[r, off:off + n] = torch.tensor(br, dtype=torch.long)
+            for o, tgt, seq in head:
+                h_rows.append(r * L + off + o)
+                h_tgt.append(tgt)
+                h_seq.append(seq)
+            off += n
+        # padding continues the position ids so that rotary tables stay in range
+        position_ids[r, off:] = torch.arange(L - off)
+    n_seq = len(examples) * (1 if sft or not examples or "rejected_input_ids" not in examples[0] else 2)
+    return PackedBatch(input_ids, position_ids, segment, branch,
+                       torch.tensor(h_rows, dtype=torch.long), torch.tensor(h_tgt, dtype=torch.long),
+                       torch.tensor(h_seq, dtype=torch.long), n_seq)
+
+
+def segment_sum(values: torch.Tensor, sequence: torch.Tensor, n_sequences: int,
+                average: bool = False) -> torch.Tensor:
+    """Per-sequence sum (or mean) of per-token ``values`` [N] grouped by ``sequence`` [N] -> [S] float32;
+    0.0 for a sequence with no scored token."""
+    out = torch.zeros(n_sequences, dtype=torch.float32, device=values.device)
+    out = out.index_add(0, sequence, values.float())
+    if average:
+        count = torch.zeros(n_sequences, dtype=torch.float32, device=values.device)
+        count = count.index_add(0, sequence, torch.ones_like(values, dtype=torch.float32))
+        out = out / count.clamp(min=1)
+    return out
+
+
+def resolve_layout(layout: str, attn: str, explicit: bool) -> str:
+    """The layout to run: ``layout`` if ``attn`` supports it. An unsupported packed layout that
+    was asked for explicitly is a ConfigError; the default falls back to ``padded`` with one log line."""
+    from .config import ConfigError
+    if layout not in LAYOUTS:
+        raise ConfigError(f"layout={layout!r}: choose one of {list(LAYOUTS)}")
+    if layout == "padded" or attn in MASKED_ATTENTION:
+        return layout
+    if explicit:
+        raise ConfigError(f"layout={layout} needs an attention implementation that takes 4D masks "
+                          f"({', '.join(MASKED_ATTENTION)}), not {attn}; use layout=padded or "
+                          "model.attn_implementation=sdpa")
+    log.info("layout: %s is not supported by attention %s; running padded", layout, attn)
+    return "padded"
