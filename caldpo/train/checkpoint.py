@@ -64,7 +64,9 @@ class CheckpointError(RuntimeError):
 
 
 class NonFiniteError(CheckpointError):
-    """Weights holding NaN or Inf were about to be written."""
+    """Weights holding NaN or Inf were about to be written (``python -m caldpo.train`` exits 3)."""
+
+    exit_code = 3
 
 
 # ----------------------------------------------------------------------------- collectives
@@ -223,9 +225,11 @@ class _MetadataUnpickler(pickle.Unpickler):
 
     ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
                        "torch.distributed.checkpoint.filesystem", "torch.distributed.checkpoint._extension")
-    ALLOWED = frozenset({("collections", "OrderedDict"), ("torch", "Size"), ("torch", "device"), ("torch", "layout"),
-               ("torch", "memory_format"), ("torch._utils", "_rebuild_tensor_v2"), ("builtins", "set"),
-               ("builtins", "frozenset"), ("dataclasses", "_HAS_DEFAULT_FACTORY_CLASS")})
+    ALLOWED = frozenset({
+        ("collections", "OrderedDict"), ("torch", "Size"), ("torch", "device"), ("torch", "layout"),
+        ("torch", "memory_format"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
+        ("pathlib", "PurePosixPath"), ("builtins", "set"), ("builtins", "frozenset"),
+        ("dataclasses", "_HAS_DEFAULT_FACTORY_CLASS")})
 
     def find_class(self, module, name):
         if (module, name) in self.ALLOWED or module in self.ALLOWED_MODULES:
@@ -539,3 +543,13 @@ def verify_archive(path: Path) -> None:
         raise CheckpointError(f"unreadable ({e})") from None
     if bad is not None:
         raise CheckpointError(f"record {bad} fails its CRC check (bytes changed on disk)")
+
+
+def archive_digest(path: Path) -> str:
+    """sha256 of a ``policy.pt``: from the ``MANIFEST.json`` beside it when it lists the file (load_archive_state
+    has verified it), else computed."""
+    try:
+        entry = read_manifest(path.parent)["files"].get(path.name)
+    except (CheckpointError, OSError):
+        entry = None
+    return entry["sha256"] if entry else sha256_file(path)

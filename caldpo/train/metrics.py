@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import logging
+import os
 import time
 from pathlib import Path
 
@@ -9,6 +11,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .config import ConfigError
+
+log = logging.getLogger("caldpo")
 
 # Dense bf16 peak FLOP/s by device name substring (vendor datasheets, no sparsity).
 PEAK_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "A10G": 125e12, "L40S": 362e12, "L4": 121e12,
@@ -68,13 +72,95 @@ class Throughput:
         return out
 
 
+def prepare_jsonl(path: Path, keep: int | None = None) -> int:
+    """Make ``path`` a clean JSON-lines file to append to; returns its number of records.
+
+    A half-written last line (a crash or a full disk mid-write) is cut back to the last newline,
+    with a warning; with ``keep``, only the first ``keep`` lines stay (the rest are records written
+    after the checkpoint a run resumes from, which it writes again). Rewrites are atomic
+    (temp file, fsync, rename).
+    """
+    if not path.exists():
+        return 0
+    data = path.read_bytes()
+    cut = data.rfind(b"\n") + 1
+    if cut < len(data):
+        log.warning("%s: dropping a half-written last line (%d bytes: %r...)", path, len(data) - cut,
+                    data[cut:cut + 60])
+    lines = data[:cut].splitlines(keepends=True)
+    if keep is not None and keep < len(lines):
+        log.info("%s: dropping %d records written after the resumed checkpoint", path, len(lines) - keep)
+        lines = lines[:keep]
+    out = b"".join(lines)
+    if out != data:
+        tmp = path.with_name(path.name + ".tmp")
+        with open(tmp, "wb") as f:
+            f.write(out)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    return len(lines)
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """The records of a JSON-lines file, skipping lines that do not parse."""
+    out = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                pass
+    return out
+
+
+# TensorBoard / W&B names: those of the authors' trainer (Cal-DPO's, from Mitchell et al.'s DPO
+# trainers.py: f"rewards_{train_test}/chosen", f"loss/{train_test}", ...), so dashboards built on
+# their runs keep working. metrics.jsonl keeps caldpo's own names (the keys here). "{s}" is the
+# record's split: "train" or "eval".
+AUTHORS_NAMES = {
+    "rewards/chosen": "rewards_{s}/chosen", "rewards/rejected": "rewards_{s}/rejected",
+    "rewards/accuracies": "rewards_{s}/accuracies", "rewards/margins": "rewards_{s}/margins",
+    "logps/chosen": "logps_{s}/chosen", "logps/rejected": "logps_{s}/rejected",
+    "loss": "loss/{s}",
+    "loss/preference": "dpo_loss/{s}",  # Cal-DPO's -log sigmoid(h_w - h_l) term
+    "loss/calibration": "reg_loss/{s}",  # Cal-DPO's calibration (squared-error) term
+    "grad_norm": "grad_norm", "examples": "counters/examples", "step": "counters/updates",
+}
+TRAIN_ONLY = ("grad_norm", "examples", "step")  # the authors log these with the training metrics only
+
+
+def dashboard_scalars(record: dict, batch_size: int) -> tuple[dict[str, float], int]:
+    """One metrics.jsonl record -> (scalars under the authors' names, x-axis step).
+
+    The step is the number of training examples seen (the authors' ``example_counter``, their
+    W&B step). Keys with no authors' name keep ``"<split>/<key>"`` (``train/lr``,
+    ``train/tokens_per_second``, ``eval/eval_seconds``). A training record with ``step_time``
+    (seconds) also gives the authors' ``examples_per_second`` = batch_size / step_time.
+    """
+    split = record.get("split", "train")
+    out: dict[str, float] = {}
+    for k, v in record.items():
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or k in TRAIN_ONLY and split != "train":
+            continue
+        name = AUTHORS_NAMES.get(k)
+        out[name.format(s=split) if name else f"{split}/{k}"] = float(v)
+    if split == "train" and record.get("step_time"):
+        out["examples_per_second"] = batch_size / float(record["step_time"])
+    return out, int(record.get("examples", record.get("step", 0)))
+
+
 class MetricsWriter:
     """Writes one JSON object per record to ``<run_dir>/metrics.jsonl``; mirrors to TB / W&B if asked."""
 
-    def __init__(self, run_dir: Path, cfg: DictConfig, enabled: bool):
+    def __init__(self, run_dir: Path, cfg: DictConfig, enabled: bool, keep_records: int | None = None):
+        """``keep_records``: on resume, the number of lines the file held when the resumed checkpoint was
+        saved; later lines (records of steps that will run again) are dropped. 0 starts the file afresh."""
         self.enabled = enabled
-        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None
+        self.records = prepare_jsonl(run_dir / "metrics.jsonl", keep_records) if enabled else 0
+        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115 (closed in close())
         self.tb = self.wandb = None
+        self.batch_size = int(cfg.batch_size)  # examples per optimizer step (examples_per_second)
         if not enabled:
             return
         if cfg.tensorboard:
@@ -96,13 +182,15 @@ class MetricsWriter:
             return
         self.file.write(json.dumps(record, default=float) + "\n")
         self.file.flush()
-        split = record.get("split", "train")
-        scalars = {f"{split}/{k}": v for k, v in record.items() if isinstance(v, (int, float)) and k != "step"}
+        self.records += 1
+        if self.tb is None and self.wandb is None:
+            return
+        scalars, step = dashboard_scalars(record, self.batch_size)
         if self.tb is not None:
             for k, v in scalars.items():
-                self.tb.add_scalar(k, v, record.get("step", 0))
+                self.tb.add_scalar(k, v, step)
         if self.wandb is not None:
-            self.wandb.log(scalars, step=record.get("step", 0))
+            self.wandb.log(scalars, step=step)
 
     def close(self) -> None:
         if self.file:
