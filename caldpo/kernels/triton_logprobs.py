@@ -48,6 +48,7 @@ import triton.language as tl
 
 from . import chunked
 from .backends import triton_interpreting
+from .head import PLAIN, Head
 
 # Forms for 16-bit inputs (fp32 inputs always take the fused kernels); see the module doc
 # for the measurements behind the defaults.
@@ -74,12 +75,46 @@ def _dot(a, b, acc, IEEE: tl.constexpr, UPCAST: tl.constexpr):
     return tl.dot(a, b, acc)
 
 
+@triton.jit
+def _tanh(x):
+    """tanh in fp32 to a few ulps, from exp and log only (the interpreter lacks libdevice):
+    tanh|x| = e / (e + 2) with e = expm1(2|x|), expm1 by Kahan's (u - 1) * y / log(u)."""
+    # tanh(20) is 1.0 in fp32, and exp would overflow near 88; NaN passes through.
+    y = tl.minimum(2.0 * tl.abs(x), 40.0, propagate_nan=tl.PropagateNan.ALL)
+    u = tl.exp(y)
+    one = u == 1.0
+    e = tl.where(one, y, (u - 1.0) * y / tl.where(one, 1.0, tl.log(u)))
+    t = e / (e + 2.0)
+    return tl.where(x < 0.0, -t, t)
+
+
+@triton.jit
+def _head(z, b_ptr, cols64, col_ok, scale, softcap, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr):
+    """Raw fp32 logits [R, C] -> softcap(scale * (z + bias)) (caldpo/kernels/head.py)."""
+    if HAS_BIAS:
+        z += tl.load(b_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    z = z * scale
+    if SOFTCAP:
+        z = softcap * _tanh(z / softcap)
+    return z
+
+
+@triton.jit
+def _head_grad(d, z, scale, softcap, SOFTCAP: tl.constexpr):
+    """d * dl/dz for head logits l = z: scale * (1 - (l / softcap)^2)."""
+    if SOFTCAP:
+        u = z / softcap
+        d = d * (1.0 - u * u)
+    return d * scale
+
+
 # M changes with every batch: specialising on it (divisibility by 16) would recompile per batch.
 @triton.jit(do_not_specialize=["M", "n_splits"])
 def _fwd_kernel(x_ptr, w_ptr, t_ptr, m_out, s_out, tgt_out,
                 M, V, H, stride_xm, stride_xk, stride_wv, stride_wk, n_splits,
+                b_ptr, scale, softcap,
                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr,
-                IEEE: tl.constexpr, UPCAST: tl.constexpr):
+                IEEE: tl.constexpr, UPCAST: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr):
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     # This split's vocab tiles; a split left without any stores (-inf, 0, 0), which the merge ignores.
@@ -107,6 +142,7 @@ def _fwd_kernel(x_ptr, w_ptr, t_ptr, m_out, s_out, tgt_out,
             w = tl.load(w_ptr + cols64[:, None] * stride_wv + (k0 + ks)[None, :] * stride_wk,
                         mask=col_ok[:, None] & k_ok[None, :], other=0.0)
             acc = _dot(x, tl.trans(w), acc, IEEE, UPCAST)
+        acc = _head(acc, b_ptr, cols64, col_ok, scale, softcap, HAS_BIAS, SOFTCAP)
         acc = tl.where(col_ok[None, :], acc, float("-inf"))
         t_i += tl.sum(tl.where(cols[None, :] == tgt[:, None], acc, 0.0), axis=1)
         m_new = tl.maximum(m_i, tl.max(acc, axis=1))
@@ -121,8 +157,10 @@ def _fwd_kernel(x_ptr, w_ptr, t_ptr, m_out, s_out, tgt_out,
 @triton.jit(do_not_specialize=["M"])
 def _bwd_kernel(x_ptr, w_ptr, t_ptr, g_ptr, lse_ptr, gx_ptr, gw_ptr,
                 M, V, H, stride_xm, stride_xk, stride_wv, stride_wk,
+                b_ptr, gb_ptr, scale, softcap,
                 BLOCK_M: tl.constexpr, BLOCK_V: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                IEEE: tl.constexpr, UPCAST: tl.constexpr, NEED_X: tl.constexpr, NEED_W: tl.constexpr):
+                IEEE: tl.constexpr, UPCAST: tl.constexpr, NEED_X: tl.constexpr, NEED_W: tl.constexpr,
+                HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr, NEED_B: tl.constexpr):
     # Grouped order: GROUP_M token tiles sweep the vocab tiles together (see module doc).
     pid = tl.program_id(0)
     m_tiles = tl.cdiv(M, BLOCK_M)
@@ -151,10 +189,14 @@ def _bwd_kernel(x_ptr, w_ptr, t_ptr, g_ptr, lse_ptr, gx_ptr, gw_ptr,
         w = tl.load(w_ptr + cols64[:, None] * stride_wv + (k0 + ks)[None, :] * stride_wk,
                     mask=col_ok[:, None] & k_ok[None, :], other=0.0)
         acc = _dot(x, tl.trans(w), acc, IEEE, UPCAST)
+    acc = _head(acc, b_ptr, cols64, col_ok, scale, softcap, HAS_BIAS, SOFTCAP)
     p = tl.where(col_ok[None, :], tl.exp(acc - lse[:, None]), 0.0)
     onehot = (cols[None, :] == tgt[:, None]).to(tl.float32)
-    d = g[:, None] * (onehot - p)
+    d = _head_grad(g[:, None] * (onehot - p), acc, scale, softcap, SOFTCAP)
+    d = tl.where(col_ok[None, :], d, 0.0)
     if tl.max(tl.abs(d)) > 0.0:
+        if NEED_B:
+            tl.atomic_add(gb_ptr + cols64, tl.sum(d, axis=0), mask=col_ok, sem="relaxed")
         d_in = d.to(x_ptr.dtype.element_ty)
         for k0 in range(0, H, BLOCK_K):
             k_ok = (k0 + ks) < H
@@ -199,8 +241,9 @@ _BWD_CONFIGS = _configs([(64, 128, 64, 8, 4), (128, 128, 64, 8, 3), (128, 256, 6
 # Autotuned variants, used on CUDA only (the interpreter runs the plain kernels with small tiles).
 _fwd_kernel_tuned = triton.autotune(configs=_FWD_CONFIGS, key=["V", "H"],
                                     prune_configs_by={"early_config_prune": _prune})(_fwd_kernel)
-# Both gradient buffers are accumulated atomically, so they are zeroed before each trial.
-_bwd_kernel_tuned = triton.autotune(configs=_BWD_CONFIGS, key=["V", "H"], reset_to_zero=["gx_ptr", "gw_ptr"],
+# The gradient buffers are accumulated atomically, so they are zeroed before each trial.
+_bwd_kernel_tuned = triton.autotune(configs=_BWD_CONFIGS, key=["V", "H"],
+                                    reset_to_zero=["gx_ptr", "gw_ptr", "gb_ptr"],
                                     prune_configs_by={"early_config_prune": _prune})(_bwd_kernel)
 
 
@@ -232,9 +275,18 @@ def _n_splits(hidden: torch.Tensor, m: int, v: int) -> int:
     return max(1, min(8, triton.cdiv(v, 16)))  # interpreter: several splits, so the merge is exercised
 
 
-def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+def _head_args(head: Head, device) -> tuple[tuple, dict]:
+    """(bias pointer, scale, cap) kernel arguments and the HAS_BIAS / SOFTCAP flags; the bias
+    is passed in its own dtype and read as fp32. With no bias a 1-element dummy is passed."""
+    bias = head.bias.contiguous() if head.bias is not None else torch.zeros(1, dtype=torch.float32, device=device)
+    return ((bias, float(head.scale), float(head.softcap or 1.0)),
+            dict(HAS_BIAS=head.bias is not None, SOFTCAP=head.softcap is not None))
+
+
+def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, head: Head = PLAIN
             ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-prob of target, logsumexp) per token, both [M] float32."""
+    """(log-prob of target, logsumexp) per token, both [M] float32, of the logits
+    head(hidden @ weight.T) (caldpo.kernels.head)."""
     weight = _check(hidden, weight)
     m, h = hidden.shape
     v = weight.shape[0]
@@ -242,16 +294,18 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
         e = hidden.new_empty(0, dtype=torch.float32)
         return e, e.clone()
     if FORWARD == "gemm" and hidden.dtype != torch.float32:
-        return _forward_gemm(hidden, weight, targets)
+        return _forward_gemm(hidden, weight, targets, head)
     splits = _n_splits(hidden, m, v)
     part = _parts(m, splits, hidden.device)
+    hargs, hflags = _head_args(head, hidden.device)
     args = (hidden, weight, targets, *part, m, v, h,
-            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), splits)
+            hidden.stride(0), hidden.stride(1), weight.stride(0), weight.stride(1), splits, *hargs)
     if _on_gpu(hidden):
-        _fwd_kernel_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), splits)](*args, **_modes(hidden.dtype))
+        _fwd_kernel_tuned[lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), splits)](
+            *args, **_modes(hidden.dtype), **hflags)
     else:
         cfg = _small_config()
-        _fwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), splits)](*args, **_modes(hidden.dtype), **cfg)
+        _fwd_kernel[(triton.cdiv(m, cfg["BLOCK_M"]), splits)](*args, **_modes(hidden.dtype), **hflags, **cfg)
     return _merge(part)
 
 
@@ -270,8 +324,10 @@ def _merge(part: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
 # ----------------------------------------------------------------------------- forward, GEMM form
 
 @triton.jit(do_not_specialize=["cols", "col0", "n_parts", "part"])
-def _lse_block_kernel(z_ptr, t_ptr, m_out, s_out, tgt_out, cols, col0, n_parts, part, BLOCK: tl.constexpr):
-    """One row of an fp32 logits block: (max, sum of exp(z - max), target logit if in the block)."""
+def _lse_block_kernel(z_ptr, t_ptr, m_out, s_out, tgt_out, cols, col0, n_parts, part, b_ptr, scale, softcap,
+                      BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr):
+    """One row of an fp32 block of raw logits: (max, sum of exp(l - max), target's l if in the
+    block) of the head logits l = head(z)."""
     row = tl.program_id(0).to(tl.int64)
     rel = tl.load(t_ptr + row) - col0
     m_i = tl.max(tl.full([BLOCK], float("-inf"), tl.float32), axis=0)
@@ -280,7 +336,9 @@ def _lse_block_kernel(z_ptr, t_ptr, m_out, s_out, tgt_out, cols, col0, n_parts, 
     for c0 in range(0, cols, BLOCK):
         c = c0 + tl.arange(0, BLOCK)
         ok = c < cols
-        z = tl.load(z_ptr + row * cols + c, mask=ok, other=float("-inf"))
+        z = tl.load(z_ptr + row * cols + c, mask=ok, other=0.0)
+        z = _head(z[None, :], b_ptr, (col0 + c).to(tl.int64), ok, scale, softcap, HAS_BIAS, SOFTCAP).reshape(BLOCK)
+        z = tl.where(ok, z, float("-inf"))
         t_i += tl.sum(tl.where(ok & (c == rel), z, 0.0), axis=0)
         m_new = tl.maximum(m_i, tl.max(z, axis=0))
         s_i = s_i * tl.exp(m_i - m_new) + tl.sum(tl.exp(z - m_new), axis=0)
@@ -291,7 +349,7 @@ def _lse_block_kernel(z_ptr, t_ptr, m_out, s_out, tgt_out, cols, col0, n_parts, 
     tl.store(tgt_out + out, t_i)
 
 
-def _forward_gemm(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor
+def _forward_gemm(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, head: Head = PLAIN
                   ) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward for 16-bit inputs as cuBLAS GEMMs into fp32 vocab blocks of the chunked
     backend's size, each reduced by one Triton pass; on CUDA the tokens are padded to a
@@ -299,70 +357,82 @@ def _forward_gemm(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Ten
     m, v = hidden.shape[0], weight.shape[0]
     rows = chunked.aligned_rows(m)
     if _on_gpu(hidden) and rows != m:
-        logp, lse = _forward_gemm(chunked.pad_rows(hidden, rows), weight, chunked.pad_rows(targets, rows))
+        logp, lse = _forward_gemm(chunked.pad_rows(hidden, rows), weight, chunked.pad_rows(targets, rows), head)
         return logp[:m], lse[:m]
     cv = chunked.chunk_size(v, m, cuda=hidden.is_cuda)
     n = triton.cdiv(v, cv)
     part = _parts(m, n, hidden.device)
     block = 1024 if _on_gpu(hidden) else 32
+    hargs, hflags = _head_args(head, hidden.device)
     for i, s in enumerate(range(0, v, cv)):
         z = chunked.mm32(hidden, weight[s:s + cv].T)
-        _lse_block_kernel[(m,)](z, targets, *part, z.shape[1], s, n, i, BLOCK=block)
+        _lse_block_kernel[(m,)](z, targets, *part, z.shape[1], s, n, i, *hargs, BLOCK=block, **hflags)
     return _merge(part)
 
 
 # ----------------------------------------------------------------------------- backward, GEMM form
 
 @triton.jit(do_not_specialize=["cols", "col0"])
-def _dlogits_block_kernel(z_ptr, shift_ptr, g_ptr, t_ptr, out_ptr, cols, col0, BLOCK: tl.constexpr):
-    """out[r, c] = g[r] * (onehot - exp(z[r, c] + shift[r])) in out's dtype: one pass over an
-    fp32 logits block whose first column is vocab entry col0."""
+def _dlogits_block_kernel(z_ptr, shift_ptr, g_ptr, t_ptr, out_ptr, cols, col0, b_ptr, scale, softcap,
+                          BLOCK: tl.constexpr, HAS_BIAS: tl.constexpr, SOFTCAP: tl.constexpr):
+    """out[r, c] = g[r] * (onehot - exp(l[r, c] + shift[r])) * dl/dz in out's dtype, l = head(z):
+    one pass over an fp32 block of raw logits whose first column is vocab entry col0."""
     row = tl.program_id(0).to(tl.int64)
     c = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
     ok = c < cols
     z = tl.load(z_ptr + row * cols + c, mask=ok, other=0.0)
+    z = _head(z[None, :], b_ptr, (col0 + c).to(tl.int64), ok, scale, softcap, HAS_BIAS, SOFTCAP).reshape(BLOCK)
     sh = tl.load(shift_ptr + row)
     g = tl.load(g_ptr + row)
     rel = tl.load(t_ptr + row) - col0
-    d = g * (tl.where(c == rel, 1.0, 0.0) - tl.exp(z + sh))
+    d = _head_grad(g * (tl.where(c == rel, 1.0, 0.0) - tl.exp(z + sh)), z, scale, softcap, SOFTCAP)
     tl.store(out_ptr + row * cols + c, d.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 def _dlogits_block(x: torch.Tensor, w: torch.Tensor, shift: torch.Tensor, g: torch.Tensor,
-                   targets: torch.Tensor, col0: int, dtype: torch.dtype) -> torch.Tensor:
-    """g * (onehot - exp(x @ w.T + shift)) rounded to `dtype`, for the vocab block starting at
-    col0: the GEMM by cuBLAS into fp32, then one Triton pass."""
+                   targets: torch.Tensor, col0: int, dtype: torch.dtype, head: Head = PLAIN) -> torch.Tensor:
+    """g * (onehot - exp(l + shift)) * dl/dz rounded to `dtype`, l = head(x @ w.T), for the vocab
+    block starting at col0: the GEMM by cuBLAS into fp32, then one Triton pass."""
     z = chunked.mm32(x, w.T)
     out = torch.empty(z.shape, dtype=dtype, device=z.device)
     block = 1024 if _on_gpu(x) else 64
+    hargs, hflags = _head_args(head, x.device)
     _dlogits_block_kernel[(z.shape[0], triton.cdiv(z.shape[1], block))](
         z, shift.reshape(-1).contiguous(), g.reshape(-1).contiguous(), targets, out, z.shape[1], col0,
-        BLOCK=block)
+        *hargs, BLOCK=block, **hflags)
     return out
 
 
 def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
              targets: torch.Tensor, lse: torch.Tensor, need_hidden: bool = True,
-             need_weight: bool = True) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+             need_weight: bool = True, head: Head | None = None, need_bias: bool = False
+             ) -> tuple[torch.Tensor | None, ...]:
     """Gradients of sum(grad * logp) w.r.t. hidden [M,H] and weight [V,H], in fp32 (the GEMM
-    form gives grad_weight in the weight's dtype: see chunked.backward)."""
+    form gives grad_weight in the weight's dtype: see chunked.backward); with `head` given
+    (the forward's), a third item: grad_bias [V] fp32 when `need_bias`, else None."""
     m, h = hidden.shape
     v = weight.shape[0]
+    hd = head or PLAIN
+    need_bias = need_bias and hd.bias is not None
     if BACKWARD == "gemm" and hidden.dtype in (torch.bfloat16, torch.float16) and m > 0:
         # chunked.backward casts the weight to the hidden dtype itself, once.
         return chunked.backward(grad, hidden, weight, targets, lse, need_hidden, need_weight,
-                                dlogits_block=_dlogits_block, gemm="input")
+                                dlogits_block=_dlogits_block, gemm="input", head=head, need_bias=need_bias)
     w_in = _check(hidden, weight)
     gx = torch.zeros(m, h, dtype=torch.float32, device=hidden.device) if need_hidden else None
     gw = torch.zeros(v, h, dtype=torch.float32, device=hidden.device) if need_weight else None
-    if m == 0 or not (need_hidden or need_weight):
-        return gx, gw
+    gb = torch.zeros(v, dtype=torch.float32, device=hidden.device) if need_bias else None
+    extra = () if head is None else (gb,)
+    if m == 0 or not (need_hidden or need_weight or need_bias):
+        return (gx, gw) + extra
     # A gradient that is not wanted still needs a pointer; never lse (the autotuner zeroes these).
     dummy = torch.zeros(1, dtype=torch.float32, device=hidden.device)
+    hargs, hflags = _head_args(hd, hidden.device)
     args = (hidden, w_in, targets, grad.float().contiguous(), lse.contiguous(),
             gx if need_hidden else dummy, gw if need_weight else dummy, m, v, h,
-            hidden.stride(0), hidden.stride(1), w_in.stride(0), w_in.stride(1))
-    flags = dict(**_modes(hidden.dtype), NEED_X=need_hidden, NEED_W=need_weight)
+            hidden.stride(0), hidden.stride(1), w_in.stride(0), w_in.stride(1),
+            hargs[0], gb if need_bias else dummy, *hargs[1:])
+    flags = dict(**_modes(hidden.dtype), NEED_X=need_hidden, NEED_W=need_weight, NEED_B=need_bias, **hflags)
 
     def grid(meta):
         return (triton.cdiv(m, meta["BLOCK_M"]) * triton.cdiv(v, meta["BLOCK_V"]),)
@@ -370,4 +440,4 @@ def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
         _bwd_kernel_tuned[grid](*args, **flags)
     else:
         _bwd_kernel[grid](*args, **flags, GROUP_M=2, **_small_config())
-    return gx, gw
+    return (gx, gw) + extra
