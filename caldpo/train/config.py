@@ -82,7 +82,7 @@ class ModelConfig:
     fsdp_policy_mp: Optional[str] = opt("FSDP2 MixedPrecisionPolicy param dtype (reduce in fp32); null: none",
                                         choices=(None, "bfloat16", "float16", "float32"))
     attn_implementation: str = opt("auto: flash_attention_2 if flash-attn is installed on CUDA, else sdpa",
-                                   choices=("auto", "sdpa", "flash_attention_2", "eager"))
+                                   choices=("auto", "sdpa", "flash_attention_2", "eager", "flex_attention"))
     trust_remote_code: bool = opt("let transformers run the model repository's code")
 
 
@@ -231,6 +231,10 @@ class Config:
     minimum_log_interval_secs: float = opt("progress bar / log line interval", identity=False)
     activation_checkpointing: bool = opt("recompute block activations in backward (less memory)", identity=False)
     compile: bool = opt("torch.compile the backbone", identity=False)
+    layout: str = opt("auto: prefix_shared where the attention takes 4D masks (sdpa, eager, flex_attention), "
+                      "else padded | padded: two padded rows per pair (the oracle) | packed: padding-free rows "
+                      "| prefix_shared: packed, one prompt | chosen | rejected sequence per pair",
+                      choices=("auto", "padded", "packed", "prefix_shared"), identity=False)
     sample_during_eval: bool = opt("generate samples from the policy and the reference at each evaluation",
                                    identity=False)
     n_eval_model_samples: int = opt("prompts sampled at each evaluation", identity=False)
@@ -238,6 +242,10 @@ class Config:
     kernels: KernelsConfig = field(default_factory=KernelsConfig, metadata={"help": "kernel choices"})
     reference: ReferenceConfig = field(default_factory=ReferenceConfig, metadata={"help": "reference log-probs"})
     export_hf: bool = opt("also write a save_pretrained export to <run_dir>/LATEST/hf", identity=False)
+    export_at_eval: bool = opt("write <run_dir>/step-<examples>/policy.pt at each evaluation after the first "
+                               "(the authors' trainer does)", identity=False)
+    keep_eval_exports: Optional[int] = opt("keep only the newest K step-* exports (each is the size of the "
+                                           "model); null: keep all", identity=False)
     wandb: WandbConfig = field(default_factory=WandbConfig,
                                metadata={"help": "Weights & Biases", "identity": False})
     tensorboard: bool = opt("mirror metrics to TensorBoard in <run_dir>/tb (pip install tensorboard)",
@@ -479,6 +487,9 @@ def _check_devices(cfg: DictConfig, world_size: int, argv: list[str] | None, tra
         if importlib.util.find_spec("flash_attn") is None:
             raise ConfigError("model.attn_implementation=flash_attention_2 but flash-attn is not installed: "
                               "pip install 'caldpo[flash]' or use model.attn_implementation=sdpa")
+    if impl == "flex_attention" and not use_cuda and training:
+        raise ConfigError("model.attn_implementation=flex_attention: FlexAttention has no backward on CPU; "
+                          "use model.attn_implementation=sdpa (the packed layouts run on its dense masks)")
     if not training:
         return
     n_gpus = torch.cuda.device_count() if use_cuda else 0
@@ -520,6 +531,9 @@ def validate(cfg: DictConfig, world_size: int | None = None, *, argv: list[str] 
     for name, path in cfg.data.paths.items():
         if path is not None and not Path(path).expanduser().exists():
             raise ConfigError(f"data.paths.{name}={path}: no such file or directory")
+    if cfg.keep_eval_exports is not None and cfg.keep_eval_exports < 1:
+        raise ConfigError(f"keep_eval_exports={cfg.keep_eval_exports}: must be >= 1, or null to keep all "
+                          "(export_at_eval=false writes none)")
     if not 0.0 < cfg.data.held_out < 1.0:
         raise ConfigError(f"data.held_out={cfg.data.held_out}: must be a fraction in (0, 1)")
     for key in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length"):

@@ -246,17 +246,21 @@ def segment_sum(values: torch.Tensor, sequence: torch.Tensor, n_sequences: int,
     return out
 
 
-def resolve_layout(layout: str, attn: str, explicit: bool) -> str:
-    """The layout to run: ``layout`` if ``attn`` supports it. An unsupported packed layout that
-    was asked for explicitly is a ConfigError; the default falls back to ``padded`` with one log line."""
+def resolve_layout(layout: str, attn: str) -> str:
+    """The layout to run with attention implementation ``attn``.
+
+    ``auto``: ``prefix_shared`` where ``attn`` takes the 4D masks built here (sdpa, eager,
+    flex_attention), else ``padded`` with one log line. An explicit ``packed`` or
+    ``prefix_shared`` that ``attn`` cannot run is a ConfigError.
+    """
     from .config import ConfigError
-    if layout not in LAYOUTS:
-        raise ConfigError(f"layout={layout!r}: choose one of {list(LAYOUTS)}")
+    if layout not in ("auto",) + LAYOUTS:
+        raise ConfigError(f"layout={layout!r}: choose auto or one of {list(LAYOUTS)}")
     if layout == "padded" or attn in MASKED_ATTENTION:
-        return layout
-    if explicit:
+        return "prefix_shared" if layout == "auto" else layout
+    if layout != "auto":
         raise ConfigError(f"layout={layout} needs an attention implementation that takes 4D masks "
-                          f"({', '.join(MASKED_ATTENTION)}), not {attn}; use layout=padded or "
+                          f"({', '.join(MASKED_ATTENTION)}), not {attn}: use layout=padded, or "
                           "model.attn_implementation=sdpa")
-    log.info("layout: %s is not supported by attention %s; running padded", layout, attn)
+    log.info("layout=auto: attention %s takes no 4D mask; running the padded layout", attn)
     return "padded"

@@ -33,6 +33,7 @@ from .config import (TRAINERS, ConfigError, check_run_dir, load_config, run_dir 
                      write_run_config)
 from .data import load_dataset
 from .faults import fault_point
+from .layout import pack, resolve_layout
 from .losses import batch_loss, concatenated
 from .metrics import MetricsWriter, Throughput, peak_memory_gb, read_jsonl
 from .model import (DTYPES, LogProbModel, apply_activation_checkpointing, apply_archive, check_attention,
@@ -206,6 +207,10 @@ class Trainer:
         self.eval_indices = epoch_order(len(self.eval_data), 0, cfg.seed, True)[: cfg.n_eval_examples]
 
         attn = check_attention(cfg, self.device)
+        self.layout = resolve_layout(cfg.layout, attn)
+        # Dense 4D masks cost O(row length^2): rows hold at most the longest segment. A block mask
+        # skips empty blocks, so flex attention takes the whole micro-batch as one row.
+        self.row_tokens = 0 if attn == "flex_attention" else None
         archive = load_archive_state(cfg.model.archive) if cfg.model.archive else None
         lm = load_causal_lm(cfg, path, DTYPES[cfg.model.policy_dtype], attn)
         if archive is not None:
@@ -232,8 +237,8 @@ class Trainer:
             self.ref_cache = self._reference_cache(cfg, path, attn, archive)
         del archive
         if self.is_main:
-            log.info("model %s (%s), %.1fM matmul params, attention=%s, kernels=%s, trainer=%s, world=%d, device=%s",
-                     cfg.model.preset, path, self.n_params / 1e6, attn, self.backend,
+            log.info("model %s (%s), %.1fM matmul params, attention=%s, layout=%s, kernels=%s, trainer=%s, world=%d, "
+                     "device=%s", cfg.model.preset, path, self.n_params / 1e6, attn, self.layout, self.backend,
                      "FSDP2" if self.fsdp else "single", self.world, self.device)
 
         self.optimizer = self._optimizer()
@@ -246,7 +251,6 @@ class Trainer:
         self.resumed_from = None
         self.ckpt_root = self.run_dir / "checkpoints"
         self.keep_records = None  # metrics.jsonl lines to keep on resume (None: all)
-        self.saved_step = None  # the step of the newest complete checkpoint of this run
         self.nonfinite_total = self.nonfinite_run = 0  # skipped non-finite steps: all, and in a row
         if cfg.resume == "auto":
             self._maybe_resume()
@@ -373,7 +377,7 @@ class Trainer:
         self.keep_records = state.get("metrics_records")
         self.nonfinite_total = int(state.get("nonfinite_total", 0))
         self.nonfinite_run = int(state.get("nonfinite_run", 0))
-        self.resumed_from = self.saved_step = self.step
+        self.resumed_from = self.step
         if self.is_main:
             log.info("resumed from %s (step %d, %d examples seen)", path, self.step, self.examples_seen)
 
@@ -383,8 +387,12 @@ class Trainer:
                          max_prompt_length=int(self.cfg.max_prompt_length))
 
     def _collate(self, items) -> dict:
-        batch = collate([self._tokenize(it) for it in items], self.tokenizer.pad_token_id)
+        examples = [self._tokenize(it) for it in items]
+        batch = collate(examples, self.tokenizer.pad_token_id)
         batch["pad_token_id"] = self.tokenizer.pad_token_id
+        if self.layout != "padded":  # the policy and the reference both run this packed form
+            batch["packed"] = pack(examples, self.layout, sft=self.sft, pad_token_id=self.tokenizer.pad_token_id,
+                                   row_tokens=self.row_tokens)
         return batch
 
     def _global_indices(self, start: int, count: int) -> list[int]:
@@ -450,7 +458,9 @@ class Trainer:
                 mine, weight = self._share(list(range(start, min(start + bs, len(data)))))
                 batch = self._collate([data.items[i] for i in mine])
                 with torch.no_grad():
-                    logps = ref(**concatenated(batch, self.device)).float().cpu()
+                    inputs = ({"packed": batch["packed"].to(self.device)} if "packed" in batch
+                              else concatenated(batch, self.device))
+                    logps = ref(**inputs).float().cpu()
                 n = len(mine)
                 vals[mine, 0] += weight * logps[:n]
                 vals[mine, 1] += weight * logps[n:]
@@ -512,17 +522,24 @@ class Trainer:
         self.policy.train()
         ga = int(self.cfg.gradient_accumulation_steps)
         sums: dict[str, torch.Tensor] = {}
-        tokens = sequences = 0
+        tokens = sequences = backbone = 0
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # on the device: no sync per micro-batch
         for batch in self._micro_batches(indices):
             loss, metrics = batch_loss(self.cfg, self.policy, self._reference_logps, batch, self.device)
             nonfinite |= ~torch.isfinite(loss.detach())
             (loss / ga).backward()
+            # tokens/s counts every layout alike: non-padding tokens of chosen and rejected, the prompt
+            # in each; backbone_tokens counts what the backbone ran (no padding, a shared prompt once).
             tokens += int(batch["chosen_attention_mask"].sum())
             sequences += batch["chosen_attention_mask"].shape[0]
             if not self.sft:
                 tokens += int(batch["rejected_attention_mask"].sum())
                 sequences += batch["rejected_attention_mask"].shape[0]
+            if "packed" in batch:
+                backbone += batch["packed"].n_tokens
+            else:  # padded: chosen over rejected, both padded to the wider of the two
+                masks = [batch[f"{k}_attention_mask"] for k in (("chosen",) if self.sft else ("chosen", "rejected"))]
+                backbone += sum(m.shape[0] for m in masks) * max(m.shape[1] for m in masks)
             self._accumulate(sums, metrics)
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), float(self.cfg.max_grad_norm))
         if hasattr(grad_norm, "full_tensor"):
@@ -539,8 +556,9 @@ class Trainer:
         out["nonfinite"] = skip
         out["grad_norm"] = float(grad_norm)
         out["lr"] = self.scheduler.get_last_lr()[0]
-        tok, seqs = all_reduce(torch.tensor([float(tokens), float(sequences)], device=self.device)).tolist()
-        out["tokens"], out["sequences"] = tok, seqs
+        tok, seqs, bb = all_reduce(torch.tensor([float(tokens), float(sequences), float(backbone)],
+                                                device=self.device)).tolist()
+        out["tokens"], out["sequences"], out["backbone_tokens"] = tok, seqs, bb
         return out
 
     def _reduce(self, sums: dict[str, torch.Tensor]) -> dict[str, float]:
@@ -572,7 +590,21 @@ class Trainer:
                            "eval_seconds": time.time() - t})
         if self.cfg.sample_during_eval:
             self._write_samples()
+        self._export_at_eval(metrics)
         return metrics
+
+    def _export_at_eval(self, metrics: dict) -> None:
+        """``<run_dir>/step-<examples>/policy.pt`` ({"step_idx": examples, "state", "metrics": eval
+        metrics}) at each evaluation during training, as the authors' trainer saves: not at 0
+        examples and not at the final evaluation (those weights are LATEST/policy.pt). Off with
+        ``export_at_eval=false`` or ``debug=true``; ``keep_eval_exports=K`` keeps the newest K."""
+        cfg = self.cfg
+        if not cfg.export_at_eval or cfg.debug or self.examples_seen == 0 or self.step >= self.total_steps:
+            return
+        ckpt.save_policy(self.run_dir, self.policy.lm, self.examples_seen, metrics, export_hf=False,
+                         dest=f"step-{self.examples_seen}")
+        if self.is_main and cfg.keep_eval_exports is not None:
+            prune_eval_exports(self.run_dir, int(cfg.keep_eval_exports))
 
     def _write_samples(self) -> None:
         from .generate import generate_responses
@@ -600,11 +632,11 @@ class Trainer:
             out.write_text(json.dumps(rows, indent=1))
 
     def save_resume(self) -> None:
-        """A resume checkpoint of this step, unless this run already holds one (nothing changed since).
+        """A resume checkpoint of this step (a step saved already is re-saved atomically, see checkpoint.py).
 
         Weights holding NaN/Inf are never saved: RunError (exit 3), the last finite checkpoint stays.
         """
-        if self.cfg.debug or self.saved_step == self.step:
+        if self.cfg.debug:
             return
         if not self._weights_finite():
             raise rundir.RunError(f"step {self.step}: the policy's weights hold NaN/Inf; not saving them. The last "
@@ -614,7 +646,6 @@ class Trainer:
                  "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run}
         path = ckpt.save_resume(self.ckpt_root, self.step, self.policy, self.optimizer, self.scheduler, state,
                                 keep=int(self.cfg.keep_checkpoints))
-        self.saved_step = self.step
         if self.is_main:
             log.info("resume checkpoint %s", path)
 
@@ -694,6 +725,8 @@ class Trainer:
             tokens, sequences = metrics.pop("tokens"), metrics.pop("sequences")
             skipped = metrics.pop("nonfinite")
             metrics.update(self.throughput.stop(tokens, tokens / max(sequences, 1)))
+            if "mfu" in metrics:  # FLOPs actually run: a packed layout runs fewer than the tokens it scores
+                metrics["mfu"] *= metrics["backbone_tokens"] / max(tokens, 1)
             record = {"split": "train", "step": self.step, "examples": self.examples_seen, **metrics,
                       "skipped_nonfinite": self.nonfinite_total + skipped}
             self.writer.write(record)
@@ -741,6 +774,16 @@ class Trainer:
         self.writer.close()
         self._barrier()
         return summary
+
+
+def prune_eval_exports(run_dir: Path, keep: int) -> list[Path]:
+    """Delete all but the ``keep`` newest ``<run_dir>/step-<examples>`` exports; returns those deleted."""
+    exports = sorted((p for p in run_dir.glob("step-*") if p.is_dir() and p.name[5:].isdigit()),
+                     key=lambda p: int(p.name[5:]))
+    old = exports[:-keep] if keep > 0 else exports
+    for p in old:
+        shutil.rmtree(p, ignore_errors=True)
+    return old
 
 
 def print_summary(summary: dict, cfg: DictConfig) -> None:
