@@ -1,0 +1,207 @@
+"""Response tokens are those of prompt + response tokenized as one text, for every tokenizer family.
+
+Tokenizers are built here with the `tokenizers` library: byte-level BPE (GPT-NeoX/Pythia,
+GPT-2), SentencePiece-like BPE and Unigram with a Metaspace dummy prefix (Llama-2 /
+Mistral layout), and WordPiece (BERT-like). The invariants are checked against the
+tokenizer itself: each sequence is exactly ``tokenizer(prompt + response)`` plus EOS, the
+prompt part is a prefix shared by chosen and rejected, and labels mask exactly it.
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from _data_fixtures import REALDATA
+from caldpo.train.batches import encode_example, flatten, tokenize_example
+from caldpo.train.data import load_dataset
+
+EOS = "</s>"
+CORPUS = [
+    "\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour, water, salt and yeast, then bake it.",
+    "\n\nHuman: What is the capital of France?\n\nAssistant: Paris is the capital of France.",
+    "SUBREDDIT: r/cooking\nTITLE: Bread question\nPOST: My bread is flat every time.\nTL;DR: flat bread",
+    "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs!",
+    "abcdef abc def summary summarize Hello hello there, Assistant: Human: TL;DR:",
+] * 3
+PAIRS = [  # (prompt, chosen, rejected): HH-like, TL;DR-like, and responses without a leading space
+    ("\n\nHuman: How do I bake bread?\n\nAssistant:", " Mix flour and water.", " I don't know."),
+    ("SUBREDDIT: r/cooking\nTITLE: Bread question\nPOST: My bread is flat.\nTL;DR:", " flat bread", " bread"),
+    ("TL;DR:", "summary", "summarize"),
+    ("Hello", " there", "there"),
+]
+
+
+def _fast(tok, **special):
+    from transformers import PreTrainedTokenizerFast
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS, **special)
+    fast.pad_token = EOS
+    return fast
+
+
+def byte_level_bpe():
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=True)  # as Pythia's tokenizer.json
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=300, special_tokens=[EOS], show_progress=False,
+                                                        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return _fast(tok)
+
+
+def sentencepiece_bpe():
+    """Llama-2's tokenizer.json layout: a normalizer that prepends the dummy prefix '▁' to every
+    text and turns spaces into '▁', BPE. (Pieces split at '▁' as SentencePiece's whitespace split does.)"""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=False))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never", split=True)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    chars = sorted(set("".join(CORPUS).replace(" ", "▁")) | {"▁"})
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", EOS],
+                                                        initial_alphabet=chars, show_progress=False))
+    return _fast(tok, unk_token="<unk>")
+
+
+def sentencepiece_unigram():
+    """Unigram with a Metaspace pre-tokenizer adding the dummy prefix (T5 / newer SentencePiece exports)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    tok = Tokenizer(models.Unigram())
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always")
+    tok.train_from_iterator(CORPUS, trainers.UnigramTrainer(vocab_size=120, special_tokens=["<unk>", EOS],
+                                                            unk_token="<unk>", show_progress=False))
+    return _fast(tok, unk_token="<unk>")
+
+
+def wordpiece():
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    tok.normalizer = normalizers.BertNormalizer(lowercase=False)
+    tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    tok.decoder = decoders.WordPiece()
+    tok.train_from_iterator(CORPUS, trainers.WordPieceTrainer(vocab_size=150, special_tokens=["[UNK]", EOS],
+                                                              show_progress=False))
+    return _fast(tok, unk_token="[UNK]")
+
+
+FAMILIES = {"byte_level_bpe": byte_level_bpe, "sentencepiece_bpe": sentencepiece_bpe,
+            "sentencepiece_unigram": sentencepiece_unigram, "wordpiece": wordpiece}
+
+
+@pytest.fixture(scope="module", params=sorted(FAMILIES))
+def family(request):
+    return request.param, FAMILIES[request.param]()
+
+
+def joint_ids(tok, text):
+    return tok(text, add_special_tokens=False)["input_ids"]
+
+
+def test_sequences_are_the_joint_tokenization(family):
+    name, tok = family
+    eos = tok.eos_token_id
+    for prompt, chosen, rejected in PAIRS:
+        ex = tokenize_example(prompt, chosen, rejected, tok, max_length=1024, max_prompt_length=512,
+                              truncation_mode="keep_end")
+        n = len(ex["prompt_input_ids"])
+        for side, text in (("chosen", chosen), ("rejected", rejected)):
+            seq = ex[f"{side}_input_ids"]
+            assert seq == joint_ids(tok, prompt + text) + [eos], (name, prompt, text)
+            assert seq[:n] == ex["prompt_input_ids"]
+            assert ex[f"{side}_labels"] == [-100] * n + seq[n:]
+            assert len(seq) > n  # at least EOS is scored
+        # the prompt part never holds a token with response characters: it decodes inside the prompt
+        offsets = tok(prompt + chosen, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+        assert all(end <= len(prompt) for _, end in offsets[:n])
+
+
+def test_no_lone_dummy_prefix_token():
+    """Llama-2 layout: tokenizing the response ' Mix flour...' alone prepends another '▁'
+    ('▁▁Mix' or '▁' '▁Mix'), not the text of the joint sequence. Response tokens are the joint ones."""
+    tok = sentencepiece_bpe()
+    prompt, chosen, rejected = PAIRS[0]
+    ex = tokenize_example(prompt, chosen, rejected, tok, max_length=1024, max_prompt_length=512,
+                          truncation_mode="keep_end")
+    n = len(ex["prompt_input_ids"])
+    response = ex["chosen_input_ids"][n:-1]
+    separate = joint_ids(tok, chosen)
+    assert "".join(tok.convert_ids_to_tokens(separate)).startswith("▁▁")  # the dummy prefix, doubled
+    assert separate != response
+    assert "".join(tok.convert_ids_to_tokens(response)) == chosen.replace(" ", "▁")
+    assert ex["prompt_input_ids"] == joint_ids(tok, prompt)
+
+
+def test_straddling_token_belongs_to_the_response():
+    """WordPiece tokenizes 'Hello summ' + 'ary' as 'Hello' 'summar' '##y': 'summar' straddles the
+    boundary. It is scored as response; the prompt part keeps only whole prompt tokens."""
+    tok = wordpiece()
+    prompt, response = "Hello summ", "ary"
+    full = tok(prompt + response, add_special_tokens=False, return_offsets_mapping=True)
+    straddle = [i for i, (s, e) in enumerate(full["offset_mapping"]) if s < len(prompt) < e]
+    assert len(straddle) == 1
+    ex = tokenize_example(prompt, response, None, tok, max_length=64, max_prompt_length=32, truncation_mode="keep_end")
+    n = len(ex["prompt_input_ids"])
+    assert ex["chosen_input_ids"] == full["input_ids"] + [tok.eos_token_id]
+    assert n == straddle[0] == 1 and ex["chosen_labels"][1] == full["input_ids"][1]
+    assert all(e <= len(prompt) for _, e in full["offset_mapping"][:n])
+    assert all(e > len(prompt) for _, e in full["offset_mapping"][n:])
+
+
+def test_prompt_prefix_shared_when_responses_merge_differently():
+    """The prompt part of a pair is one prefix of both sequences even when a token straddles the
+    boundary in one sequence only (here chosen continues the word, rejected starts a new one)."""
+    tok = wordpiece()
+    alone = joint_ids(tok, "Hello summ")
+    assert len(alone) > 1  # 'Hello' + the pieces of 'summ': rejected keeps them all in its prompt part
+    ex = tokenize_example("Hello summ", "ary", " ary", tok, max_length=64, max_prompt_length=32,
+                          truncation_mode="keep_end")
+    n = len(ex["prompt_input_ids"])
+    assert n == 1 and ex["chosen_input_ids"][:n] == ex["rejected_input_ids"][:n] == ex["prompt_input_ids"]
+    assert ex["chosen_input_ids"] == joint_ids(tok, "Hello summary") + [tok.eos_token_id]
+    assert ex["rejected_input_ids"] == joint_ids(tok, "Hello summ ary") + [tok.eos_token_id]
+    assert ex["rejected_input_ids"][1:len(alone)] == alone[1:]  # scored: part of rejected's response here
+
+
+def test_slow_path_without_offsets_agrees():
+    """A tokenizer without offsets (slow) splits at the common prefix with the prompt alone."""
+    tok = sentencepiece_bpe()
+
+    class NoOffsets:
+        is_fast = False
+        eos_token, eos_token_id = tok.eos_token, tok.eos_token_id
+
+        def __call__(self, texts, add_special_tokens=False, return_offsets_mapping=False):
+            assert not return_offsets_mapping
+            return tok(texts, add_special_tokens=add_special_tokens)
+
+    for prompt, chosen, rejected in PAIRS[:2]:
+        kw = dict(max_length=1024, max_prompt_length=512, truncation_mode="keep_end")
+        assert encode_example(prompt, chosen, rejected, NoOffsets(), **kw).prompt.tolist() == \
+            encode_example(prompt, chosen, rejected, tok, **kw).prompt.tolist()
+
+
+HH = REALDATA / "hh_rlhf_sample.jsonl"
+TLDR = REALDATA / "tldr_comparisons_sample.jsonl"
+
+
+@pytest.mark.skipif(not HH.is_file() or not TLDR.is_file(), reason=f"real data rows not found at {REALDATA}")
+def test_byte_level_joint_equals_separate_on_real_rows():
+    """For Pythia's byte-level BPE and HH / TL;DR responses (they start with a space) the joint
+    split is the reference code's separate tokenization, row for row: same prompt ids, same
+    response ids (the full reference-format comparison is tests/test_realdata.py)."""
+    from caldpo.train.tiny import build_tokenizer
+    tok = build_tokenizer()
+    n = 0
+    for name, path in (("hh", HH), ("tldr", TLDR)):
+        groups, _ = load_dataset(name, "test", path=str(path))
+        for ex in flatten(groups, sft=False):
+            enc = encode_example(ex.prompt, ex.chosen, ex.rejected, tok, max_length=10**6, max_prompt_length=10**6 - 1,
+                                 truncation_mode=ex.truncation_mode)
+            assert enc.prompt.tolist() == joint_ids(tok, ex.prompt), ex.source
+            assert enc.chosen.tolist() == joint_ids(tok, ex.chosen) + [tok.eos_token_id], ex.source
+            assert enc.rejected.tolist() == joint_ids(tok, ex.rejected) + [tok.eos_token_id], ex.source
+            n += 1
+    assert n == 81 + 19
+    assert json.loads(HH.read_text().splitlines()[0])  # the rows are the real file's
