@@ -27,6 +27,30 @@ def oracle_logprobs(hidden, weight, targets, ignore_index=-100):
     return picked * keep
 
 
+def oracle_head_logprobs(hidden, weight, targets, bias=None, scale=1.0, softcap=None, ignore_index=-100):
+    """Independent float64 formula for a head with bias, scale and soft-cap:
+    log_softmax(cap * tanh(scale * (h @ w.T + b) / cap)) gathered at targets, 0 where ignored."""
+    logits = hidden.double() @ weight.double().T
+    if bias is not None:
+        logits = logits + bias.double()
+    logits = logits * scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    logp = torch.log_softmax(logits, dim=-1)
+    keep = targets != ignore_index
+    return logp.gather(1, torch.where(keep, targets, 0).unsqueeze(1)).squeeze(1) * keep
+
+
+HEADS = [  # (bias std, scale, softcap): Phi-like bias, Cohere-like scale, Granite-like 1/8, Gemma-like cap
+    (2.0, 1.0, None), (0.0, 0.0625, None), (0.0, 1 / 8, None), (0.0, 1.0, 3.0), (1.0, 0.5, 2.0)]
+
+
+def make_head(gen, v, dtype, bias_std, scale, softcap):
+    """A random bias [v] in `dtype` (None when bias_std is 0) and the head's keyword arguments."""
+    bias = None if not bias_std else (torch.randn(v, generator=gen, dtype=torch.float64) * bias_std).to(dtype)
+    return dict(bias=bias, scale=scale, softcap=softcap)
+
+
 def rel_err(out, ref):
     """||out - ref|| / ||ref|| in float64 (absolute error when ref is zero)."""
     out, ref = out.detach().double(), ref.detach().double()

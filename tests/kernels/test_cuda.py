@@ -117,3 +117,43 @@ def test_no_recompile_across_batch_sizes(gen):
     after = {n: _compiled_variants(getattr(triton_logprobs, n)) for n in names}
     assert all(v > 0 for v in before.values()), before
     assert after == before
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_head_bias_scale_softcap(gen, backend):
+    """A Gemma/Phi-like head (bias, scale, soft-cap 30 with logits of tens) at training sizes, bf16."""
+    from .conftest import make_head
+    from .test_head import check_head
+    hidden, weight, targets = make_inputs(gen, 777, 1024, 50304, torch.bfloat16, scale=60.0, ignore_frac=0.5)
+    head = make_head(gen, 50304, torch.bfloat16, 1.0, 0.5, 30.0)
+    check_head(gen, hidden, weight, targets, head, _name(backend), device="cuda")
+
+
+def test_out_of_range_target_without_extra_sync(gen):
+    """The target-range check adds no host sync: forward synchronises once (the nonzero of the
+    kept tokens), backward never; a bad target still raises a ValueError naming it."""
+    hidden, weight, targets = make_inputs(gen, 300, 64, 1001, torch.bfloat16, ignore_frac=0.3)
+    x, w, t = hidden.cuda().requires_grad_(), weight.cuda().requires_grad_(), targets.cuda()
+    import warnings
+    linear_logprobs(x, w, t, backend="triton").sum().backward()  # warm-up: compiles, allocates
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as fwd:
+            warnings.simplefilter("always")
+            out = linear_logprobs(x, w, t, backend="triton")
+        with warnings.catch_warnings(record=True) as bwd:
+            warnings.simplefilter("always")
+            out.sum().backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [str(m.message) for m in fwd if "synchroniz" in str(m.message)]
+    assert len(syncs) == 1, syncs
+    assert not [m for m in bwd if "synchroniz" in str(m.message)], [str(m.message) for m in bwd]
+    bad = t.clone()
+    bad[7] = 1001
+    with pytest.raises(ValueError, match=r"\[0, 1001\).*first: 1001 at position 7"):
+        linear_logprobs(x, w, bad, backend="triton")
+    bad[7] = -5
+    with pytest.raises(ValueError, match="first: -5 at position 7"):
+        linear_logprobs(x, w, bad, backend="torch")

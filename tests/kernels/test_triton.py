@@ -17,7 +17,8 @@ import torch
 from caldpo.kernels import available_backends, linear_logprobs, sequence_logprobs
 from caldpo.kernels.backends import triton_interpreting
 
-from .conftest import eager_and_compiled, make_inputs, oracle_logprobs, rel_err, tol
+from .conftest import HEADS, eager_and_compiled, make_head, make_inputs, oracle_logprobs, rel_err, tol
+from .test_head import check_head
 
 ON_GPU = torch.cuda.is_available() and not triton_interpreting()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -184,3 +185,37 @@ def test_compiles_fullgraph(gen, monkeypatch):
     # the embedding's scatter-add in fp32 where eager rounds each to bf16 (an H100 showed
     # 2.1e-3), so the gradient bound there is the bf16 one that test_cuda.py uses.
     assert rel_err(c, e) < 1e-5 and rel_err(gc, ge) < (2e-2 if ON_GPU else 1e-5)
+
+
+@cases
+@pytest.mark.parametrize("spec", HEADS, ids=lambda s: "b%g-s%g-c%s" % s)
+def test_head_matches_oracle(gen, spec):
+    """Output heads (bias, scale, soft-cap) in the fp32 fused kernels, gradients of all three inputs."""
+    hidden, weight, targets = make_inputs(gen, 37, 16, 131, torch.float32, scale=8.0)
+    check_head(gen, hidden, weight, targets, make_head(gen, 131, torch.float32, *spec), "triton", device=DEVICE)
+
+
+@cases
+@pytest.mark.parametrize("spec", [(1.0, 0.5, 2.0), (2.0, 1.0, None)], ids=["bias-scale-cap", "bias"])
+def test_head_16bit_forms(gen, spec, backward_form):
+    """A head through each 16-bit form (fused kernels, GEMM + one Triton pass per block)."""
+    hidden, weight, targets = make_inputs(gen, 37, 16, 131, torch.bfloat16, scale=8.0)
+    check_head(gen, hidden, weight, targets, make_head(gen, 131, torch.bfloat16, *spec), "triton", device=DEVICE)
+
+
+@cases
+@pytest.mark.parametrize("need", [("b",), ("h",)])
+def test_head_partial_grads(gen, need):
+    hidden, weight, targets = make_inputs(gen, 19, 16, 37, torch.float32, scale=4.0)
+    check_head(gen, hidden, weight, targets, make_head(gen, 37, torch.float32, 1.0, 0.5, 2.0), "triton", need,
+               device=DEVICE)
+
+
+@cases
+@pytest.mark.parametrize("bad", [37, -1])
+def test_out_of_range_target_raises(bad):
+    """A target outside [0, V) (not ignore_index) raises, naming it (it once scored as -logsumexp)."""
+    h, w = torch.randn(5, 16, device=DEVICE), torch.randn(37, 16, device=DEVICE)
+    t = torch.tensor([1, bad, -100, 3, 4], device=DEVICE)
+    with pytest.raises(ValueError, match=rf"\[0, 37\).*first: {bad} at position 1"):
+        linear_logprobs(h, w, t, backend="triton")
