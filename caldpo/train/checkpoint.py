@@ -430,6 +430,7 @@ def load_resume(path: Path, model, optimizer, scheduler) -> dict:
     that is not what caldpo writes, and the errors of DCP / ``set_state_dict`` (RuntimeError,
     KeyError, ValueError, CheckpointException) when the checkpoint does not fit the model or optimizer.
     """
+    SafeReader(path).read_metadata()  # a .metadata that is not DCP's own raises CheckpointError here, by name
     trainer_state = _safe_load(path / "trainer_state.pt")
     rng_file = path / f"rng_rank{_rank()}.pt"
     rng = _safe_load(rng_file) if rng_file.exists() else None

@@ -1,0 +1,177 @@
+"""Resume checkpoints in one process: manifest, verification, fallback order, atomic re-save, safe loading."""
+from __future__ import annotations
+
+import errno
+import json
+import os
+import pickle
+import random
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from caldpo.train import checkpoint as ckpt
+from caldpo.train.metrics import prepare_jsonl
+
+
+def _model(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 3))
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    sched.step()
+    return model, opt, sched
+
+
+def _save(root: Path, step: int, seed: int = 0, keep: int = 2) -> Path:
+    model, opt, sched = _model(seed)
+    return ckpt.save_resume(root, step, model, opt, sched, {"examples_seen": step * 4, "next_eval": 8}, keep=keep)
+
+
+def test_save_writes_a_manifest_of_every_file_last(tmp_path):
+    path = _save(tmp_path, 3)
+    man = json.loads((path / ckpt.MANIFEST).read_text())
+    on_disk = sorted(p.name for p in path.iterdir() if p.name != ckpt.MANIFEST)
+    assert sorted(man["files"]) == on_disk and {".metadata", "trainer_state.pt", "rng_rank0.pt"} <= set(on_disk)
+    for name, entry in man["files"].items():
+        assert entry["size"] == (path / name).stat().st_size
+        assert entry["sha256"] == ckpt.sha256_file(path / name)
+    assert ckpt.verify_checkpoint(path) is None
+    assert not list(tmp_path.glob("tmp_step_*"))
+
+
+def test_load_restores_model_optimizer_scheduler_and_rng_with_weights_only(tmp_path):
+    random.seed(5)
+    torch.manual_seed(7)
+    path = _save(tmp_path, 3, seed=1)
+    expect_py, expect_torch = random.random(), torch.rand(3)
+    ref, ref_opt, ref_sched = _model(seed=1)
+    model, opt, sched = _model(seed=2)
+    random.seed(0)
+    state = ckpt.load_resume(path, model, opt, sched)
+    assert state["step"] == 3 and state["examples_seen"] == 12
+    for a, b in zip(ref.state_dict().values(), model.state_dict().values()):
+        assert torch.equal(a, b)
+    assert sched.state_dict()["last_epoch"] == ref_sched.state_dict()["last_epoch"]
+    assert random.random() == expect_py and torch.equal(torch.rand(3), expect_torch)
+    for name in ("trainer_state.pt", "rng_rank0.pt"):  # plain types and tensors only
+        torch.load(path / name, weights_only=True)
+
+
+@pytest.mark.parametrize("damage, reason", [
+    (lambda p: (p / "__0_0.distcp").write_bytes(b"\0" * (p / "__0_0.distcp").stat().st_size), "sha256"),
+    (lambda p: os.truncate(p / "trainer_state.pt", 10), "truncated"),
+    (lambda p: (p / "rng_rank0.pt").unlink(), "missing"),
+    (lambda p: (p / ckpt.MANIFEST).unlink(), "interrupted"),
+    (lambda p: (p / ckpt.MANIFEST).write_text("{not json"), "unreadable"),
+])
+def test_verify_names_the_damaged_file(tmp_path, damage, reason):
+    path = _save(tmp_path, 3)
+    damage(path)
+    problem = ckpt.verify_checkpoint(path)
+    assert problem is not None and reason in problem
+
+
+def test_find_resume_takes_the_newest_verified_and_lists_the_skipped(tmp_path):
+    _save(tmp_path, 2)
+    newest = _save(tmp_path, 4)
+    (newest / "trainer_state.pt").write_bytes(b"")
+    found, skipped = ckpt.find_resume(tmp_path)
+    assert found == tmp_path / "step_2"
+    assert [p.name for p, _ in skipped] == ["step_4"] and "trainer_state.pt" in skipped[0][1]
+
+
+def test_resave_keeps_a_complete_copy_at_every_instant(tmp_path):
+    """The states a kill can leave during a re-save of step 4 each resume from a complete copy of step 4."""
+    _save(tmp_path, 2)
+    first = _save(tmp_path, 4, seed=0)
+    # killed after step_4 was renamed aside, before the new copy moved in:
+    os.replace(first, tmp_path / "old_step_4")
+    found, skipped = ckpt.find_resume(tmp_path)
+    assert found == tmp_path / "old_step_4" and not skipped
+    # a later save of step 4 completes the swap and removes the aside copy
+    again = _save(tmp_path, 4, seed=3)
+    assert ckpt.find_resume(tmp_path) == (again, [])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_2", "step_4"]
+    # killed after the new copy moved in, before the aside one was deleted: the new one wins
+    shutil.copytree(again, tmp_path / "old_step_4")
+    assert ckpt.find_resume(tmp_path)[0] == again
+
+
+def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
+    for step in (1, 2, 3, 4):
+        _save(tmp_path, step, keep=2)
+    (tmp_path / "tmp_step_9").mkdir()
+    _save(tmp_path, 5, keep=2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_4", "step_5"]
+
+
+def test_full_disk_says_so_removes_the_partial_save_and_names_the_intact_one(tmp_path, monkeypatch):
+    _save(tmp_path, 2)
+    real_save = torch.save
+
+    def full(obj, f, *a, **kw):
+        if str(f).endswith("trainer_state.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(ckpt.torch, "save", full)
+    with pytest.raises(ckpt.CheckpointError) as e:
+        _save(tmp_path, 4)
+    msg = str(e.value)
+    assert "no space left on device" in msg and "MiB free" in msg and "step_2 is intact" in msg
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["step_2"]
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("true",))
+
+
+def test_metadata_unpickler_admits_dcp_metadata_only(tmp_path):
+    path = _save(tmp_path, 1)
+    md = ckpt.SafeReader(path).read_metadata()
+    assert md.state_dict_metadata
+    (path / ".metadata").write_bytes(pickle.dumps({"x": _Evil()}))
+    with pytest.raises(ckpt.CheckpointError, match="not DCP metadata"):
+        ckpt.SafeReader(path).read_metadata()
+
+
+def test_trainer_state_holding_objects_is_refused(tmp_path):
+    path = _save(tmp_path, 1)
+    torch.save({"step": 1, "x": _Evil()}, path / "trainer_state.pt")
+    model, opt, sched = _model()
+    with pytest.raises(ckpt.CheckpointError, match="trainer_state.pt: holds objects"):
+        ckpt.load_resume(path, model, opt, sched)
+
+
+def test_archive_checks_catch_truncation_and_changed_bytes_without_a_manifest(tmp_path):
+    f = tmp_path / "policy.pt"
+    torch.save({"step_idx": 1, "state": {"w": torch.randn(4096)}, "metrics": {}}, f)
+    ckpt.verify_archive(f)
+    data = bytearray(f.read_bytes())
+    i = len(data) // 2  # inside the tensor's 16 KiB
+    data[i:i + 64] = b"\0" * 64
+    f.write_bytes(bytes(data))
+    with pytest.raises(ckpt.CheckpointError, match="CRC"):
+        ckpt.verify_archive(f)
+    f.write_bytes(bytes(data[: len(data) // 2]))
+    with pytest.raises(ckpt.CheckpointError, match="truncated"):
+        ckpt.verify_archive(f)
+
+
+def test_non_finite_weights_are_named():
+    assert ckpt.non_finite({"a": torch.ones(2), "b": torch.tensor([1.0, float("nan")]),
+                            "c": torch.tensor([float("inf")]), "n": torch.tensor([1])}) == ["b", "c"]
+
+
+def test_jsonl_repair_cuts_a_half_line_and_keeps_the_first_records(tmp_path):
+    f = tmp_path / "metrics.jsonl"
+    f.write_text('{"step": 1}\n{"step": 2}\n{"step": 3}\n{"step": 4, "lo')
+    assert prepare_jsonl(f) == 3 and f.read_text() == '{"step": 1}\n{"step": 2}\n{"step": 3}\n'
+    assert prepare_jsonl(f, keep=1) == 1 and f.read_text() == '{"step": 1}\n'
+    assert prepare_jsonl(tmp_path / "none.jsonl") == 0
