@@ -24,7 +24,7 @@ setup(
     extras_require={
         "triton": ["triton>=3.1"],
         "flash": ["flash-attn>=2.6"],
-        "test": ["pytest>=8", "triton>=3.1", "ninja", "ruff>=0.6"],
+        "test": ["pytest>=8", "triton>=3.1", "ninja", "ruff>=0.6", "tensorboard"],
         "native": ["ninja"],
         "bench": ["liger-kernel>=0.8.5", "cut-cross-entropy>=25.1.1"],
     },
