@@ -14,6 +14,12 @@ def cli(argv: list[str] | None = None) -> int:
               "the same command resumes, a changed option starts a run of its own.\n")
         print(describe_options())
         return 0
+    from .config import load_config
+    try:
+        load_config(argv)  # option errors in a fraction of a second, before torch and the models are imported
+    except ConfigError as e:
+        print(f"caldpo: config error: {e}", file=sys.stderr)
+        return 2
     from .checkpoint import CheckpointError
     from .data import DataError
     from .rundir import RunError

@@ -104,7 +104,7 @@ def main(overrides: list[str] | None = None) -> Path:
         load_tokenizer, model_path, DTYPES
 
     cfg = load_config(overrides)
-    validate(cfg, 1)
+    validate(cfg, 1, training=False)  # the preflight without the trainer-only checks
     device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     path = model_path(cfg)
     tokenizer = load_tokenizer(cfg, path)
