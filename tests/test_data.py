@@ -382,3 +382,25 @@ def test_split_of_name(name, split):
     from caldpo.train.data import split_of_name
 
     assert split_of_name(Path(name)) == split
+
+
+def test_cli_data_error_is_one_line_exit_2(tmp_path):
+    """`python -m caldpo.train` on a broken JSON line: one line naming data.paths.sample, the file and
+    line, and what to do; exit status 2, before any model loads. (A folder with no data files goes
+    the same way: its DataError is checked in test_folder_faults.)"""
+    import time
+
+    from conftest import TINY, run_train
+
+    bad = tmp_path / "bad"
+    for split in ("train", "test"):
+        write_jsonl(bad / f"{split}.jsonl", [hh(H1, " a", " b"), b'{"chosen": "\\n\\nHuman: x\\n\\nAssistant: y", '])
+    t = time.perf_counter()
+    proc = run_train([*TINY, f"data.paths.sample={bad}", f"run_dir={tmp_path / 'run'}"], check=False)
+    took = time.perf_counter() - t
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert lines[0].startswith(f"caldpo: data error: data.paths.sample: {bad / 'train.jsonl'}:2: bad JSON (")
+    assert lines[0].endswith("; fix or delete that row, or set data.on_error=skip to skip broken rows and count them")
+    assert took < 60 and not (tmp_path / "run" / "LATEST").exists()
