@@ -14,7 +14,10 @@ SEED_SFT = ["model=pythia28", "datasets=[hh]", "loss=sft", "exp_name=sft_hh", "g
             "model.fsdp_policy_mp=bfloat16"]
 
 
-def test_seed_command_lines_compose(tmp_path):
+def test_seed_command_lines_compose(tmp_path, monkeypatch):
+    from caldpo.train import config
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(config, "hub_reachable", lambda timeout=3.0: True)  # the hub check: tests/test_config.py
     archive = tmp_path / "LATEST" / "policy.pt"
     archive.parent.mkdir()
     torch.save({"step_idx": 0, "state": {}, "metrics": {}}, archive)
@@ -170,11 +173,12 @@ def test_eos_inside_data_is_rejected_at_load(tmp_path):
 
 def test_rerun_of_finished_run_changes_nothing(sft_run):
     before = (sft_run / "metrics.jsonl").read_text()
-    proc = run_train([*TINY, "loss=sft", f"run_dir={sft_run}", "n_examples=96", "batch_size=8",
-                      "optimizer=AdamW"])
+    same = [*TINY, "loss=sft", f"run_dir={sft_run}", "n_examples=96", "batch_size=8", "lr=2e-3",
+            "optimizer=AdamW", "eval_every=1000"]  # the sft_run fixture's command
+    proc = run_train(same)
     assert "already finished" in proc.stderr
     assert (sft_run / "metrics.jsonl").read_text() == before
-    proc = run_train([*TINY, "loss=sft", f"run_dir={sft_run}", "resume=never"], check=False)
+    proc = run_train([*same, "resume=never"], check=False)
     assert proc.returncode == 2 and "already holds a run" in proc.stderr
 
 
@@ -184,4 +188,4 @@ def test_resume_with_another_optimizer_is_a_clear_error(tmp_path):
     (tmp_path / "STOP").touch()
     run_train(args)
     proc = run_train([*args[:-1], "optimizer=RMSprop"], check=False)
-    assert proc.returncode == 2 and "cannot resume" in proc.stderr and "optimizer" in proc.stderr
+    assert proc.returncode == 2 and "other training options" in proc.stderr and "optimizer: AdamW -> RMSprop" in proc.stderr
