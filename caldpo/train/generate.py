@@ -53,8 +53,8 @@ def generate_responses(model, tokenizer, prompts: list[str], cfg: DictConfig, de
     if not prompts:
         return []
     lm = model.lm
-    max_new = int(cfg.max_new_tokens)
-    temperature = float(cfg.generate.temperature)
+    max_new = cfg.max_new_tokens
+    temperature = cfg.generate.temperature
     if temperature < 0:
         raise ConfigError(f"generate.temperature={temperature}: must be >= 0 (0: greedy)")
     positions = max_positions(lm.config)
@@ -68,7 +68,7 @@ def generate_responses(model, tokenizer, prompts: list[str], cfg: DictConfig, de
     ids = prompt_ids_for_generation(prompts, tokenizer, modes, limit)
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    sampling = {"do_sample": True, "temperature": temperature, "top_p": float(cfg.generate.top_p)} \
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": cfg.generate.top_p} \
         if temperature > 0 else {"do_sample": False}
     fsdp = hasattr(model, "unshard")
     synced = fsdp and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1
@@ -79,7 +79,7 @@ def generate_responses(model, tokenizer, prompts: list[str], cfg: DictConfig, de
     lm.eval()
     try:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(int(cfg.seed))
+            torch.manual_seed(cfg.seed)
             for s in tqdm(range(0, len(order), batch_size), desc="generate", disable=not progress):
                 chunk = order[s:s + batch_size]
                 width = max(len(ids[i]) for i in chunk)
@@ -114,7 +114,7 @@ def main(overrides: list[str] | None = None) -> Path:
     policy = LogProbModel(lm).to(device)
     items = Examples(cfg, cfg.generate.split, sft=True, verbose=True).items
     if cfg.generate.n_prompts is not None:
-        items = items[: int(cfg.generate.n_prompts)]
+        items = items[: cfg.generate.n_prompts]
     batch_size = int(cfg.generate.batch_size or cfg.eval_batch_size)
     responses = generate_responses(policy, tokenizer, [it.prompt for it in items], cfg, device, batch_size,
                                    [it.truncation_mode for it in items], progress=True)

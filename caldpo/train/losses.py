@@ -71,7 +71,7 @@ def batch_loss(cfg: DictConfig, policy, reference_logps, batch: dict,
         ref_rejected = torch.zeros_like(policy_rejected)
     else:
         ref_chosen, ref_rejected = reference_logps(batch, inputs)
-    beta = float(cfg.loss.beta)
+    beta = cfg.loss.beta
     losses, chosen_rewards, rejected_rewards = preference_loss(
         policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss=name, **loss_options(cfg))
     metrics = {

@@ -160,7 +160,7 @@ class MetricsWriter:
         self.records = prepare_jsonl(run_dir / "metrics.jsonl", keep_records) if enabled else 0
         self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115 (closed in close())
         self.tb = self.wandb = None
-        self.batch_size = int(cfg.batch_size)  # examples per optimizer step (examples_per_second)
+        self.batch_size = cfg.batch_size  # examples per optimizer step (examples_per_second)
         if not enabled:
             return
         if cfg.tensorboard:

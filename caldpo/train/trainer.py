@@ -109,7 +109,7 @@ class Examples:
             items = flatten(groups, sft=sft)
             if tokenizer is not None:
                 items, tok_report = tokenize_dataset(
-                    items, tokenizer, max_length=int(cfg.max_length), max_prompt_length=int(cfg.max_prompt_length),
+                    items, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                     on_error=cfg.data.on_error, dataset=name, split=split)
                 if verbose:
                     print(str(tok_report), flush=True)
@@ -197,8 +197,8 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg, path)
         check_vocab_and_positions(cfg, self.tokenizer, path)
         self.train_data = Examples(cfg, "train", self.sft, self.is_main, self.tokenizer)
-        planned = int(cfg.n_examples) if cfg.n_examples is not None else int(cfg.n_epochs) * len(self.train_data)
-        if planned < int(cfg.batch_size):
+        planned = cfg.n_examples if cfg.n_examples is not None else cfg.n_epochs * len(self.train_data)
+        if planned < cfg.batch_size:
             raise ConfigError(f"batch_size={cfg.batch_size}: the run would train on {planned} examples "
                               f"({len(self.train_data)} training examples after loading, n_epochs={cfg.n_epochs}, "
                               f"n_examples={cfg.n_examples}), not one full batch; lower batch_size or add data")
@@ -242,12 +242,12 @@ class Trainer:
                      "FSDP2" if self.fsdp else "single", self.world, self.device)
 
         self.optimizer = self._optimizer()
-        warmup = int(cfg.warmup_steps)
+        warmup = cfg.warmup_steps
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, lambda s: min(1.0, (s + 1) / (warmup + 1)))
         self.step = 0
         self.examples_seen = 0
-        self.next_eval = 0 if cfg.do_first_eval else int(cfg.eval_every)
+        self.next_eval = 0 if cfg.do_first_eval else cfg.eval_every
         self.resumed_from = None
         self.ckpt_root = self.run_dir / "checkpoints"
         self.keep_records = None  # metrics.jsonl lines to keep on resume (None: all)
@@ -258,10 +258,10 @@ class Trainer:
             raise ConfigError(f"resume=never but run_dir={self.run_dir} already holds a run; "
                               "choose a new run_dir, or resume=auto to continue it")
         if cfg.n_examples is not None:
-            self.total_examples = int(cfg.n_examples)
+            self.total_examples = cfg.n_examples
         else:
-            self.total_examples = int(cfg.n_epochs) * len(self.train_data)
-        self.total_steps = self.total_examples // int(cfg.batch_size)  # a partial final batch is dropped
+            self.total_examples = cfg.n_epochs * len(self.train_data)
+        self.total_steps = self.total_examples // cfg.batch_size  # a partial final batch is dropped
         self.writer = MetricsWriter(self.run_dir, cfg, enabled=self.is_main, keep_records=self.keep_records)
         self.throughput = Throughput(self.n_params, self.n_layers, self.hidden, self.device,
                                      with_reference=self.reference is not None, world=self.world)
@@ -284,7 +284,7 @@ class Trainer:
         A rank left with nothing (the last chunk) runs a dummy forward on the chunk's first
         example with weight 0: under FSDP2 every rank must run the same number of forwards.
         """
-        per_rank = int(self.cfg.eval_batch_size) // self.world
+        per_rank = self.cfg.eval_batch_size // self.world
         mine = chunk[self.rank * per_rank:(self.rank + 1) * per_rank]
         return (mine, 1.0) if mine else (chunk[:1], 0.0)
 
@@ -309,9 +309,9 @@ class Trainer:
 
     def _optimizer(self) -> torch.optim.Optimizer:
         cls = getattr(torch.optim, self.cfg.optimizer)
-        kw = {"lr": float(self.cfg.lr)}
+        kw = {"lr": self.cfg.lr}
         if self.cfg.weight_decay:
-            kw["weight_decay"] = float(self.cfg.weight_decay)
+            kw["weight_decay"] = self.cfg.weight_decay
         return cls([p for p in self.policy.parameters() if p.requires_grad], **kw)
 
     def _lock_run_dir(self) -> rundir.RunLock | None:
@@ -383,8 +383,8 @@ class Trainer:
 
     # -- batches
     def _tokenize(self, item: Example) -> dict:
-        return tokenized(item, self.tokenizer, max_length=int(self.cfg.max_length),
-                         max_prompt_length=int(self.cfg.max_prompt_length))
+        return tokenized(item, self.tokenizer, max_length=self.cfg.max_length,
+                         max_prompt_length=self.cfg.max_prompt_length)
 
     def _collate(self, items) -> dict:
         examples = [self._tokenize(it) for it in items]
@@ -452,7 +452,7 @@ class Trainer:
         out = {}
         for split, data in (("train", self.train_data), ("test", self.eval_data)):
             vals = torch.zeros(len(data), 2, dtype=torch.float32)
-            bs = int(cfg.eval_batch_size)
+            bs = cfg.eval_batch_size
             chunks = range(0, len(data), bs)
             for start in tqdm(chunks, desc=f"reference log-probs ({split})", disable=not self.is_main):
                 mine, weight = self._share(list(range(start, min(start + bs, len(data)))))
@@ -510,7 +510,7 @@ class Trainer:
     def _micro_batches(self, indices: list[int]):
         per_rank = len(indices) // self.world
         mine = indices[self.rank * per_rank:(self.rank + 1) * per_rank]
-        ga = int(self.cfg.gradient_accumulation_steps)
+        ga = self.cfg.gradient_accumulation_steps
         size = per_rank // ga
         for i in range(ga):
             chunk = mine[i * size:(i + 1) * size]
@@ -520,7 +520,7 @@ class Trainer:
 
     def train_step(self, indices: list[int]) -> dict:
         self.policy.train()
-        ga = int(self.cfg.gradient_accumulation_steps)
+        ga = self.cfg.gradient_accumulation_steps
         sums: dict[str, torch.Tensor] = {}
         tokens = sequences = backbone = 0
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # on the device: no sync per micro-batch
@@ -541,7 +541,7 @@ class Trainer:
                 masks = [batch[f"{k}_attention_mask"] for k in (("chosen",) if self.sft else ("chosen", "rejected"))]
                 backbone += sum(m.shape[0] for m in masks) * max(m.shape[1] for m in masks)
             self._accumulate(sums, metrics)
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), float(self.cfg.max_grad_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         fault_point("mid_step", self.step + 1)
@@ -571,7 +571,7 @@ class Trainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         self.policy.eval()
-        bs = int(self.cfg.eval_batch_size)
+        bs = self.cfg.eval_batch_size
         sums: dict[str, torch.Tensor] = {}
         idx = self.eval_indices
         n_batches = math.ceil(len(idx) / bs)
@@ -604,7 +604,7 @@ class Trainer:
         ckpt.save_policy(self.run_dir, self.policy.lm, self.examples_seen, metrics, export_hf=False,
                          dest=f"step-{self.examples_seen}")
         if self.is_main and cfg.keep_eval_exports is not None:
-            prune_eval_exports(self.run_dir, int(cfg.keep_eval_exports))
+            prune_eval_exports(self.run_dir, cfg.keep_eval_exports)
 
     def _write_samples(self) -> None:
         from .generate import generate_responses
@@ -615,7 +615,7 @@ class Trainer:
         items = [self.eval_data.items[i] for i in self.eval_indices[: self.cfg.n_eval_model_samples]]
         prompts = [it.prompt for it in items]
         modes = [it.truncation_mode for it in items]
-        bs = int(self.cfg.eval_batch_size) // self.world or 1
+        bs = self.cfg.eval_batch_size // self.world or 1
         responses = generate_responses(self.policy, self.tokenizer, prompts, self.cfg, self.device, bs, modes)
         ref_responses = None
         if self.reference is not None:
@@ -645,7 +645,7 @@ class Trainer:
                  "metrics_records": self.writer.records if self.is_main else None,
                  "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run}
         path = ckpt.save_resume(self.ckpt_root, self.step, self.policy, self.optimizer, self.scheduler, state,
-                                keep=int(self.cfg.keep_checkpoints))
+                                keep=self.cfg.keep_checkpoints)
         if self.is_main:
             log.info("resume checkpoint %s", path)
 
@@ -663,7 +663,7 @@ class Trainer:
             return
         self.nonfinite_total += 1
         self.nonfinite_run += 1
-        limit = int(self.cfg.max_nonfinite_steps)
+        limit = self.cfg.max_nonfinite_steps
         values = ", ".join(f"{k}={metrics[k]}" for k in ("loss", "grad_norm") if k in metrics)
         rows = [f"{i} ({src})" if (src := getattr(self.train_data.items[i], "source", "")) else str(i)
                 for i in indices[:8]]
@@ -706,16 +706,16 @@ class Trainer:
         tty = sys.stderr.isatty()
         bar = tqdm(total=self.total_steps, initial=self.step, desc=f"{cfg.loss.name}", unit="step",
                    disable=not (self.is_main and tty), dynamic_ncols=True,
-                   mininterval=float(cfg.minimum_log_interval_secs))
+                   mininterval=cfg.minimum_log_interval_secs)
         last_log = last_line = time.time()
         stopped = False
         while self.examples_seen < self.total_examples:
             if self.examples_seen >= self.next_eval:
                 last_eval = self._eval_and_log()
                 first_eval = first_eval or last_eval
-                self.next_eval += int(cfg.eval_every)
-            count = min(int(cfg.batch_size), self.total_examples - self.examples_seen)
-            if count < int(cfg.batch_size):
+                self.next_eval += cfg.eval_every
+            count = min(cfg.batch_size, self.total_examples - self.examples_seen)
+            if count < cfg.batch_size:
                 break  # a partial final batch would change the per-example weighting; drop it like the reference
             indices = self._global_indices(self.examples_seen, count)
             self.throughput.start()
@@ -733,7 +733,7 @@ class Trainer:
             self._count_nonfinite(skipped, metrics, indices)
             bar.update(1)
             now = time.time()
-            if now - last_log >= float(cfg.minimum_log_interval_secs):
+            if now - last_log >= cfg.minimum_log_interval_secs:
                 bar.set_postfix({k.split("/")[-1]: f"{metrics[k]:.3g}" for k in ("loss", "rewards/accuracies")
                                  if k in metrics}, refresh=False)
                 last_log = now
@@ -743,7 +743,7 @@ class Trainer:
                 log.info("step %d/%d examples %d loss %.4f%s %.0f tok/s", self.step, self.total_steps,
                          self.examples_seen, metrics["loss"], acc, metrics["tokens_per_second"])
                 last_line = now
-            if cfg.save_every and self.step % int(cfg.save_every) == 0:
+            if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save_resume()
             if self._should_stop():
                 stopped = True
@@ -762,7 +762,7 @@ class Trainer:
         summary = {"step": self.step, "examples": self.examples_seen, "run_dir": str(self.run_dir),
                    "eval_first": first_eval, "eval_last": last_eval, "peak_memory_gb": peak_memory_gb(self.device)}
         policy_pt = ckpt.save_policy(self.run_dir, self.policy.lm, self.step, last_eval, self.tokenizer,
-                                     export_hf=bool(cfg.export_hf) and not cfg.debug)
+                                     export_hf=cfg.export_hf and not cfg.debug)
         if self.is_main:
             summary["policy"] = str(policy_pt)
             fault_point("before_done")
