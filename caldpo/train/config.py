@@ -234,7 +234,7 @@ class Config:
     layout: str = opt("auto: prefix_shared where the attention takes 4D masks (sdpa, eager, flex_attention), "
                       "else padded | padded: two padded rows per pair (the oracle) | packed: padding-free rows "
                       "| prefix_shared: packed, one prompt | chosen | rejected sequence per pair",
-                      choices=("auto", "padded", "packed", "prefix_shared"), identity=False)
+                      choices=("auto", "padded", "packed", "prefix_shared"))  # numerics: part of the run identity
     sample_during_eval: bool = opt("generate samples from the policy and the reference at each evaluation",
                                    identity=False)
     n_eval_model_samples: int = opt("prompts sampled at each evaluation", identity=False)
