@@ -19,6 +19,7 @@ from caldpo.kernels import linear_logprobs, sequence_logprobs
 
 from .config import ConfigError
 from .layout import PackedBatch, segment_sum
+from .output_head import OutputHead, output_head
 
 log = logging.getLogger("caldpo")
 
@@ -36,19 +37,41 @@ def model_path(cfg: DictConfig) -> str:
 def load_tokenizer(cfg: DictConfig, path: str):
     from transformers import AutoTokenizer
     tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer_name_or_path or path,
-                                        trust_remote_code=bool(cfg.model.trust_remote_code))
+                                        trust_remote_code=cfg.model.trust_remote_code)
     if tok.pad_token_id is None:
         tok.pad_token_id = tok.eos_token_id
     return tok
 
 
+def _model_class(cfg: DictConfig):
+    """The transformers class ``AutoModelForCausalLM`` would build for this config, or None when
+    it cannot be told without loading (remote code, an unknown config)."""
+    try:
+        from transformers import AutoConfig, AutoModelForCausalLM
+        config = AutoConfig.from_pretrained(model_path(cfg), trust_remote_code=cfg.model.trust_remote_code)
+        return AutoModelForCausalLM._model_mapping[type(config)]
+    except Exception:
+        return None
+
+
 def check_attention(cfg: DictConfig, device: torch.device) -> str:
-    """The attention implementation to use: ``auto`` picks flash-attn on CUDA when it is installed,
-    else SDPA; an explicit ``flash_attention_2`` that cannot run is an error, never a silent fallback."""
+    """The attention implementation to use: ``auto`` picks flash-attn on CUDA when it is installed
+    and the model class supports it, else SDPA when the class supports it (its ``_supports_sdpa``:
+    Gemma-2 does not, its attention soft-cap needs eager), else eager, with a log line; an
+    explicit ``flash_attention_2`` or ``sdpa`` that cannot run is an error, never a silent fallback."""
     impl = cfg.model.attn_implementation
+    cls = _model_class(cfg)
     if impl == "auto":
-        return ("flash_attention_2" if device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
-                else "sdpa")
+        if (device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
+                and (cls is None or getattr(cls, "_supports_flash_attn", False))):
+            return "flash_attention_2"
+        if cls is None or getattr(cls, "_supports_sdpa", False):
+            return "sdpa"
+        log.info("model.attn_implementation=auto: %s does not support SDPA; using eager attention", cls.__name__)
+        return "eager"
+    if impl == "sdpa" and cls is not None and not getattr(cls, "_supports_sdpa", False):
+        raise ConfigError(f"model.attn_implementation=sdpa: {cls.__name__} does not support SDPA in this "
+                          "transformers; use model.attn_implementation=auto (or eager)")
     if impl == "flash_attention_2":
         if device.type != "cuda":
             raise ConfigError("model.attn_implementation=flash_attention_2 needs a CUDA device; "
@@ -91,7 +114,7 @@ def load_causal_lm(cfg: DictConfig, path: str, dtype: torch.dtype, attn: str) ->
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
-    trust = bool(cfg.model.trust_remote_code)
+    trust = cfg.model.trust_remote_code
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
     _zero_dropout_config(config)
     model = AutoModelForCausalLM.from_pretrained(
@@ -127,7 +150,7 @@ def check_vocab_and_positions(cfg: DictConfig, tokenizer, path: str) -> None:
       run out of the context it was trained for. A model that declares no limit is not checked.
     """
     from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(path, trust_remote_code=bool(cfg.model.trust_remote_code))
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     vocab = getattr(text, "vocab_size", None)
     where = f"model.name_or_path={path}" if cfg.model.name_or_path else f"model={cfg.model.preset} ({path})"
@@ -145,7 +168,7 @@ def check_vocab_and_positions(cfg: DictConfig, tokenizer, path: str) -> None:
                 "Use the model's own tokenizer, or resize the model to the tokenizer "
                 "(model.resize_token_embeddings(len(tokenizer)), then save_pretrained) and train that")
     limit = max_positions(config)
-    if limit is not None and int(cfg.max_length) > limit:
+    if limit is not None and cfg.max_length > limit:
         raise ConfigError(f"max_length={cfg.max_length} exceeds the {limit} positions of {where} "
                           f"(max_position_embeddings={limit}); set max_length<={limit} "
                           f"(and max_prompt_length below it)")
@@ -192,10 +215,14 @@ def apply_archive(model: nn.Module, state: dict[str, torch.Tensor], path: str) -
 class LogProbModel(nn.Module):
     """A causal LM whose forward returns per-sequence response log-probs via the fused head."""
 
-    def __init__(self, lm: nn.Module, backend: str = "auto"):
+    def __init__(self, lm: nn.Module, backend: str = "auto", head: OutputHead | None = None):
+        """``head``: the model's output head (bias, logit scale, soft-cap); by default read from
+        the model and checked against its own forward by ``output_head``, which raises ConfigError
+        for a head the fused kernels cannot reproduce."""
         super().__init__()
         self.lm = lm
         self.backend = backend
+        self.head = head if head is not None else output_head(lm)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, average_log_prob: bool = False,
@@ -213,7 +240,8 @@ class LogProbModel(nn.Module):
         weight = self.lm.get_output_embeddings().weight
         if packed is not None:
             return self.packed_logprobs(hidden, weight, packed, average_log_prob)
-        return sequence_logprobs(hidden, weight, labels, average_log_prob=average_log_prob, backend=self.backend)
+        return sequence_logprobs(hidden, weight, labels, average_log_prob=average_log_prob, backend=self.backend,
+                                 **self.head.kwargs(self.lm))
 
     def packed_logprobs(self, hidden: torch.Tensor, weight: torch.Tensor, packed: PackedBatch,
                         average_log_prob: bool = False) -> torch.Tensor:
@@ -221,7 +249,7 @@ class LogProbModel(nn.Module):
         listed twice, e.g. the last shared prompt row of a prefix-shared pair), score each against
         its target with ``linear_logprobs``, and sum (or average) per sequence -> [S] float32."""
         flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, packed.rows)
-        tok = linear_logprobs(flat, weight, packed.targets, backend=self.backend)
+        tok = linear_logprobs(flat, weight, packed.targets, backend=self.backend, **self.head.kwargs(self.lm))
         return segment_sum(tok, packed.sequence, packed.n_sequences, average=average_log_prob)
 
 
@@ -266,11 +294,18 @@ def shard(model: LogProbModel, cfg: DictConfig, mesh, *, trainable: bool) -> Log
 
 
 def count_matmul_params(lm: nn.Module) -> tuple[int, int, int, int]:
-    """(non-embedding matmul params incl. output head, layers, hidden size, vocab) for FLOP counting."""
+    """(matmul params, layers, hidden size, vocab) for FLOP counting (6 x params per token).
+
+    Matmul params: every parameter except the embedding tables (``nn.Embedding``: tokens and
+    learned positions are lookups), plus the output head's weight, counted once, also when it
+    is tied to the input embedding (the head is a [V, H] matmul either way).
+    """
     cfg = lm.config
-    emb = lm.get_input_embeddings()
-    n = sum(p.numel() for p in lm.parameters())
-    n -= emb.weight.numel() if emb is not None else 0
+    lookups = {id(p) for m in lm.modules() if isinstance(m, nn.Embedding) for p in m.parameters()}
+    n = sum(p.numel() for p in lm.parameters() if id(p) not in lookups)
+    head = lm.get_output_embeddings()
+    if head is not None and id(head.weight) in lookups:
+        n += head.weight.numel()
     layers = getattr(cfg, "num_hidden_layers", 0)
     hidden = getattr(cfg, "hidden_size", 0)
     return n, layers, hidden, getattr(cfg, "vocab_size", 0)
