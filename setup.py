@@ -20,11 +20,13 @@ setup(
         "safetensors>=0.4",
         "submitit>=1.5",
         "tqdm>=4.66",
+        "matplotlib>=3.7",  # caldpo.plot (reward dynamics; the demo writes one)
     ],
     extras_require={
         "triton": ["triton>=3.1"],
         "flash": ["flash-attn>=2.6"],
-        "test": ["pytest>=8", "triton>=3.1", "ninja", "ruff>=0.6", "tensorboard"],
+        "test": ["pytest>=8", "triton>=3.1", "ninja", "ruff>=0.6", "tensorboard", "openai>=1.40"],
+        "eval": ["openai>=1.40"],  # caldpo.eval --judge chat
         "native": ["ninja"],
         "bench": ["liger-kernel>=0.8.5", "cut-cross-entropy>=25.1.1"],
     },

@@ -1,0 +1,274 @@
+"""The judges: a reward model, an LLM over the chat-completions protocol, a local causal LM.
+
+Every judge maps a list of ``Comparison`` (prompt, response A, response B as shown) to a
+list of ``Judgement`` (verdict "A" / "B" / "tie" / None for unparsable, the raw text).
+Which of the two compared responses is shown as A is decided by ``shown_order``: a
+seeded hash of the item, so the order is random across items (cancelling a judge's
+position bias), reproducible, and the same on a resumed run.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import random
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+from .prompts import PROMPT_VERSION, judge_messages, parse_verdict
+
+
+class JudgeError(RuntimeError):
+    """A judge that cannot run (bad model folder, refused request, exhausted retries)."""
+
+
+@dataclass(frozen=True)
+class Comparison:
+    task: str   # "dialogue" | "summarization"
+    prompt: str
+    a: str      # response shown first
+    b: str      # response shown second
+
+
+@dataclass
+class Judgement:
+    verdict: str | None  # "A" | "B" | "tie" | None (unparsable)
+    raw: str
+    cached: bool = False
+
+
+def shown_order(seed: int, prompt: str, candidate: str, baseline: str) -> bool:
+    """True when the candidate is shown as A: one seeded coin flip per (prompt, candidate, baseline)."""
+    h = hashlib.sha256(json.dumps([seed, prompt, candidate, baseline]).encode()).digest()
+    return h[0] & 1 == 0
+
+
+def _device(device: str):
+    import torch
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+# ----------------------------------------------------------------------------- reward model
+
+class RewardModelJudge:
+    """A Hugging Face sequence-classification model scoring ``prompt + response``.
+
+    Score = the single logit (``num_labels == 1``) or logit[1] - logit[0] (two labels). Verdict:
+    A when score(A) - score(B) > ``tie_margin``, B when < -``tie_margin``, else tie. Texts are
+    right-padded in batches of ``batch_size`` and truncated to ``max_length`` tokens keeping the
+    end (the response); runs on CUDA when available (``device="auto"``).
+    """
+
+    def __init__(self, path: str, *, batch_size: int = 16, max_length: int | None = None, tie_margin: float = 0.0,
+                 device: str = "auto", dtype: str = "auto"):
+        import torch
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+        p = Path(path)
+        if not (p / "config.json").is_file():
+            raise JudgeError(f"--reward-model {path}: not a Hugging Face model folder (no config.json)")
+        self.device = _device(device)
+        torch_dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
+                       "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        self.tok = AutoTokenizer.from_pretrained(p)
+        self.model = AutoModelForSequenceClassification.from_pretrained(p, dtype=torch_dtype).to(self.device).eval()
+        if self.model.config.num_labels not in (1, 2):
+            raise JudgeError(f"--reward-model {path}: {self.model.config.num_labels} labels; a reward model has 1 "
+                             "(a score) or 2 (logit[1] - logit[0])")
+        if self.tok.pad_token is None:
+            self.tok.pad_token = self.tok.eos_token
+        if self.model.config.pad_token_id is None:
+            self.model.config.pad_token_id = self.tok.pad_token_id
+        self.tok.padding_side = "right"
+        self.tok.truncation_side = "left"
+        self.max_length = max_length or min(int(getattr(self.tok, "model_max_length", 1 << 30)),
+                                            int(getattr(self.model.config, "max_position_embeddings", 1 << 30)))
+        self.batch_size = batch_size
+        self.tie_margin = tie_margin
+        self.name = f"reward-model:{p.resolve()}"
+
+    def scores(self, texts: list[str]) -> list[float]:
+        """One float score per text (prompt + response)."""
+        import torch
+        out: list[float] = []
+        with torch.no_grad():
+            for s in range(0, len(texts), self.batch_size):
+                enc = self.tok(texts[s:s + self.batch_size], return_tensors="pt", padding=True, truncation=True,
+                               max_length=self.max_length).to(self.device)
+                logits = self.model(**enc).logits.float()
+                sc = logits[:, 0] if logits.shape[1] == 1 else logits[:, 1] - logits[:, 0]
+                out += sc.cpu().tolist()
+        return out
+
+    def judge(self, items: list[Comparison]) -> list[Judgement]:
+        sc = self.scores([c.prompt + x for c in items for x in (c.a, c.b)])
+        res = []
+        for i in range(len(items)):
+            sa, sb = sc[2 * i], sc[2 * i + 1]
+            if math.isnan(sa) or math.isnan(sb):
+                v = None
+            else:
+                v = "A" if sa - sb > self.tie_margin else "B" if sb - sa > self.tie_margin else "tie"
+            res.append(Judgement(v, json.dumps({"score_a": sa, "score_b": sb})))
+        return res
+
+
+# ----------------------------------------------------------------------------- local causal LM
+
+VERDICT_WORDS = {"A": " A", "B": " B", "tie": " tie"}
+
+
+class LocalLMJudge:
+    """A local causal LM prompted with the same judging prompt, read through its next-token probabilities.
+
+    The judging text is the chat template of ``judge_messages`` when the tokenizer has one,
+    else the system and user messages joined by blank lines; then ``"\\n\\nVerdict:"``. The
+    verdict is the likeliest of the first tokens of " A", " B" and " tie" (no sampling); the
+    raw text records the three log-probabilities (renormalised over the three).
+    """
+
+    def __init__(self, path: str, *, device: str = "auto", max_length: int | None = None, dtype: str = "auto"):
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        p = Path(path)
+        if not (p / "config.json").is_file():
+            raise JudgeError(f"--judge-lm {path}: not a Hugging Face model folder (no config.json)")
+        self.device = _device(device)
+        torch_dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
+                       "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+        self.tok = AutoTokenizer.from_pretrained(p)
+        self.model = AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype).to(self.device).eval()
+        self.max_length = max_length or int(getattr(self.model.config, "max_position_embeddings", 4096))
+        ids = {}
+        for k, w in VERDICT_WORDS.items():
+            t = self.tok(w, add_special_tokens=False)["input_ids"]
+            if not t:
+                raise JudgeError(f"--judge-lm {path}: its tokenizer encodes {w!r} as nothing")
+            ids[k] = t[0]
+        if len(set(ids.values())) != 3:
+            raise JudgeError(f"--judge-lm {path}: ' A', ' B' and ' tie' share a first token; cannot read a verdict")
+        self.verdict_ids = ids
+        self.name = f"local-lm:{p.resolve()}"
+
+    def judging_text(self, c: Comparison) -> str:
+        msgs = judge_messages(c.task, c.prompt, c.a, c.b)
+        if getattr(self.tok, "chat_template", None):
+            return self.tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) + "Verdict:"
+        return "\n\n".join(m["content"] for m in msgs) + "\n\nVerdict:"
+
+    def verdict_logprobs(self, c: Comparison) -> dict[str, float]:
+        """log P(verdict) renormalised over the three verdict tokens, at the position after "Verdict:"."""
+        import torch
+        ids = self.tok(self.judging_text(c), add_special_tokens=False)["input_ids"][-self.max_length:]
+        with torch.no_grad():
+            logits = self.model(input_ids=torch.tensor([ids], device=self.device)).logits[0, -1].float()
+        sel = torch.stack([logits[self.verdict_ids[k]] for k in VERDICT_WORDS])
+        lp = torch.log_softmax(sel, 0).cpu().tolist()
+        return dict(zip(VERDICT_WORDS, lp))
+
+    def judge(self, items: list[Comparison]) -> list[Judgement]:
+        res = []
+        for c in items:
+            lp = self.verdict_logprobs(c)
+            v = None if any(math.isnan(x) for x in lp.values()) else max(lp, key=lp.get)
+            res.append(Judgement(v, json.dumps({"logprobs": lp})))
+        return res
+
+
+# ----------------------------------------------------------------------------- chat completions
+
+class VerdictCache:
+    """Raw judge replies on disk (JSON lines), keyed by judge, prompt version and the text judged.
+
+    Appended and flushed after every reply, so an interrupted evaluation loses nothing it
+    paid for; a later run with the same cache file reads them back instead of asking again.
+    A torn last line (a kill mid-write) is ignored.
+    """
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+        self.data: dict[str, str] = {}
+        self.lock = threading.Lock()
+        if self.path and self.path.is_file():
+            for line in self.path.read_text(encoding="utf-8").splitlines():
+                try:
+                    rec = json.loads(line)
+                    self.data[rec["key"]] = rec["raw"]
+                except (json.JSONDecodeError, KeyError, TypeError):
+                    continue
+
+    @staticmethod
+    def key(judge: str, messages: list[dict]) -> str:
+        return hashlib.sha256(json.dumps([judge, PROMPT_VERSION, messages], sort_keys=True).encode()).hexdigest()
+
+    def get(self, key: str) -> str | None:
+        return self.data.get(key)
+
+    def put(self, key: str, raw: str) -> None:
+        with self.lock:
+            self.data[key] = raw
+            if self.path:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "a", encoding="utf-8") as f:
+                    f.write(json.dumps({"key": key, "raw": raw}) + "\n")
+
+
+class ChatJudge:
+    """An LLM judge over the OpenAI-compatible chat-completions protocol (the official ``openai`` client).
+
+    ``base_url`` None means OpenAI itself. Requests run ``concurrency`` at a time; a 429, a
+    5xx, a timeout or a dropped connection is retried up to ``retries`` times with
+    exponential backoff (``backoff`` s, doubling, with jitter); any other refusal (401,
+    404, 400...) stops the evaluation with the server's message. Decoding is greedy
+    (temperature 0). Replies are cached (``VerdictCache``) before they are parsed.
+    """
+
+    def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None,
+                 cache: VerdictCache | None = None, concurrency: int = 8, retries: int = 5, backoff: float = 1.0,
+                 max_tokens: int = 256, timeout: float = 120.0, seed: int = 0):
+        import openai
+        self.openai = openai
+        self.client = openai.OpenAI(base_url=base_url, api_key=api_key or "EMPTY", max_retries=0, timeout=timeout)
+        self.model, self.base_url = model, base_url
+        self.cache = cache or VerdictCache(None)
+        self.concurrency, self.retries, self.backoff = max(1, concurrency), retries, backoff
+        self.max_tokens = max_tokens
+        self.rng = random.Random(seed)
+        self.requests = 0
+        self._count_lock = threading.Lock()
+        self.name = f"chat:{base_url or 'https://api.openai.com/v1'}:{model}"
+
+    def _ask(self, messages: list[dict]) -> str:
+        o = self.openai
+        for attempt in range(self.retries + 1):
+            with self._count_lock:
+                self.requests += 1
+            try:
+                r = self.client.chat.completions.create(model=self.model, messages=messages, temperature=0.0,
+                                                        max_tokens=self.max_tokens)
+                return r.choices[0].message.content or ""
+            except (o.RateLimitError, o.InternalServerError, o.APITimeoutError, o.APIConnectionError) as e:
+                if attempt == self.retries:
+                    raise JudgeError(f"{self.name}: gave up after {attempt + 1} attempts: {e}") from None
+                time.sleep(self.backoff * 2 ** attempt * (0.5 + self.rng.random()))
+            except o.APIStatusError as e:
+                raise JudgeError(f"{self.name}: the server refused the request ({e.status_code}): {e.message}") from None
+        raise AssertionError("unreachable")
+
+    def _one(self, c: Comparison) -> Judgement:
+        messages = judge_messages(c.task, c.prompt, c.a, c.b)
+        key = self.cache.key(self.name, messages)
+        raw = self.cache.get(key)
+        cached = raw is not None
+        if raw is None:
+            raw = self._ask(messages)
+            self.cache.put(key, raw)
+        return Judgement(parse_verdict(raw), raw, cached)
+
+    def judge(self, items: list[Comparison]) -> list[Judgement]:
+        with ThreadPoolExecutor(self.concurrency) as pool:
+            return list(pool.map(self._one, items))

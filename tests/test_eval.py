@@ -1,0 +1,274 @@
+"""caldpo.eval: verdict parsing, the three judges, order randomisation, cache resume, head to head.
+
+The chat-completions judge talks to a server this test starts on 127.0.0.1 (http.server
+in a thread) backed by a programmatic judge: it prefers the response containing "good".
+"""
+from __future__ import annotations
+
+import json
+import math
+import re
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+import torch
+
+from caldpo.eval.__main__ import build_pairs, cli, main
+from caldpo.eval.prompts import judge_messages, parse_verdict
+from caldpo.eval.stats import wilson
+
+
+@pytest.mark.parametrize("text,verdict", [
+    ("A is clearer.\nVerdict: A", "A"), ("Verdict: B", "B"), ("both equal\nVerdict: tie", "tie"),
+    ("x\nVerdict: Tie.", "tie"), ("reasoning\n**Verdict: B**\n", "B"),
+    ("Verdict: A\nActually no.", None), ("I prefer A.", None), ("Verdict: A or B", None), ("", None),
+    ("Verdict: C", None), ("verdict A", None),
+])
+def test_verdicts_are_parsed_strictly(text, verdict):
+    assert parse_verdict(text) == verdict
+
+
+def test_wilson_interval_against_closed_form():
+    # 8 of 10, z = 1.96: the textbook interval, written out in float64.
+    z, n, p = 1.959963984540054, 10, 0.8
+    c = (p + z * z / (2 * n)) / (1 + z * z / n)
+    h = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / (1 + z * z / n)
+    lo, hi = wilson(8, 10)
+    assert abs(lo - (c - h)) < 1e-12 and abs(hi - (c + h)) < 1e-12
+    assert 0.49 < lo < 0.5 and 0.94 < hi < 0.95
+
+
+# ----------------------------------------------------------------------------- chat-completions judge
+
+class JudgeServer:
+    """A chat-completions endpoint: fails its first two requests (500, then 429), then judges."""
+
+    def __init__(self):
+        self.requests = 0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.requests += 1
+                    n = server.requests
+                if not self.path.endswith("/chat/completions"):
+                    return self._send(404, {"error": {"message": "no such route"}})
+                if body["model"] == "refuse":
+                    return self._send(401, {"error": {"message": "bad key", "type": "auth"}})
+                if n == 1:
+                    return self._send(500, {"error": {"message": "try again"}})
+                if n == 2:
+                    return self._send(429, {"error": {"message": "slow down"}}, {"retry-after": "0"})
+                user = body["messages"][-1]["content"]
+                a = re.search(r"\[Response A\]\n(.*?)\n\n\[Response B\]", user, re.S).group(1)
+                b = re.search(r"\[Response B\]\n(.*?)\n\nWhich", user, re.S).group(1)
+                if "MALFORMED" in user:
+                    text = "Both responses have merit; I cannot decide."
+                else:
+                    ga, gb = "good" in a, "good" in b
+                    text = "Comparison.\nVerdict: " + ("A" if ga and not gb else "B" if gb and not ga else "tie")
+                self._send(200, {"id": f"c{n}", "object": "chat.completion", "created": 0, "model": body["model"],
+                                 "choices": [{"index": 0, "finish_reason": "stop",
+                                              "message": {"role": "assistant", "content": text}}],
+                                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
+
+            def _send(self, code, obj, headers=None):
+                data = json.dumps(obj).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                for k, v in (headers or {}).items():
+                    self.send_header(k, v)
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.fixture
+def no_proxy(monkeypatch):
+    for k in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1,localhost")
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+
+
+def _samples(tmp_path, n=12):
+    rows = []
+    for i in range(n):
+        prompt = f"\n\nHuman: question {i}?\n\nAssistant:"
+        if i == 3:
+            prompt = "\n\nHuman: MALFORMED please\n\nAssistant:"
+        if i == 5:  # both good: the judge says tie
+            rows.append({"prompt": prompt, "response": " good one", "reference": " good too"})
+        elif i == 7:  # the reference wins
+            rows.append({"prompt": prompt, "response": " poor", "reference": " good answer"})
+        else:
+            rows.append({"prompt": prompt, "response": f" a good answer {i}", "reference": f" plain answer {i}"})
+    path = tmp_path / "samples.json"
+    path.write_text(json.dumps(rows))
+    return path
+
+
+def test_chat_judge_retries_counts_malformed_and_resumes_from_cache(tmp_path, no_proxy, capsys):
+    samples = _samples(tmp_path)
+    out = tmp_path / "report.json"
+    args = [str(samples), "--judge", "chat", "--model", "judge-x", "--out", str(out), "--concurrency", "3",
+            "--backoff", "0.01", "--retries", "3"]
+    with JudgeServer() as server:
+        base = ["--base-url", server.url]
+        report = main(args + base)
+        assert server.requests == 12 + 2  # every item once, plus the 500 and the 429 retried
+        s = report["summary"]
+        assert (s["wins"], s["ties"], s["losses"], s["unparsable"]) == (9, 1, 1, 1)
+        assert s["items"] == 12 and s["n"] == 11 and abs(s["win_rate"] - 9.5 / 11) < 1e-12
+        assert (s["ci_low"], s["ci_high"]) == pytest.approx(wilson(9.5, 11))
+        items = report["items"]
+        shown_first = [it["shown"][0] == "candidate" for it in items]
+        assert any(shown_first) and not all(shown_first)  # the order is randomised per item
+        for it in items:  # the verdict refers to the order shown; the outcome to the candidate
+            if it["outcome"] in ("win", "loss"):
+                cand_letter = "A" if it["shown"][0] == "candidate" else "B"
+                assert (it["verdict"] == cand_letter) == (it["outcome"] == "win")
+            assert it["raw"]
+        assert items[3]["outcome"] == "unparsable" and "cannot decide" in items[3]["raw"]
+        assert items[7]["outcome"] == "loss" and items[5]["outcome"] == "tie"
+        printed = capsys.readouterr().out
+        assert "unparsable" in printed and "Wilson" in printed
+
+        # Resume: the same command answers every item from the cache, making no request.
+        again = main(args + base)
+        assert server.requests == 14
+        assert [it["outcome"] for it in again["items"]] == [it["outcome"] for it in items]
+        assert all(it["cached"] for it in again["items"])
+
+        # Another seed shows other orders: new judging prompts, new requests (the cache is keyed by them).
+        main(args + base + ["--seed", "1", "--limit", "4"])
+        assert server.requests > 14
+
+        # A refusal that retrying cannot fix stops with one line and status 2.
+        assert cli([str(samples), "--judge", "chat", "--model", "refuse", "--out", str(tmp_path / "r2.json"),
+                    "--base-url", server.url, "--retries", "1", "--backoff", "0.01"]) == 2
+        assert "401" in capsys.readouterr().err
+
+
+def test_chat_judge_without_key_or_url_is_refused(tmp_path, no_proxy, capsys):
+    assert cli([str(_samples(tmp_path)), "--judge", "chat", "--model", "gpt-4o"]) == 2
+    assert "OPENAI_API_KEY" in capsys.readouterr().err
+
+
+def test_missing_field_names_the_fields_there(tmp_path, capsys):
+    assert cli([str(_samples(tmp_path)), "--judge", "lm", "--judge-lm", str(tmp_path),
+                "--baseline-field", "ref_model"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("caldpo: --baseline-field ref_model") and "'reference'" in err
+
+
+def test_head_to_head_matches_by_prompt(tmp_path):
+    a = [{"prompt": "p1", "response": "a1"}, {"prompt": "p2", "response": "a2"},
+         {"prompt": "p1", "response": "a1b"}, {"prompt": "p9", "response": "a9"}]
+    b = [{"prompt": "p2", "response": "b2"}, {"prompt": "p1", "response": "b1"}, {"prompt": "p1", "response": "b1b"}]
+    (tmp_path / "a.json").write_text(json.dumps(a))
+    (tmp_path / "b.json").write_text(json.dumps(b))
+    pairs, sides = build_pairs(str(tmp_path / "a.json"), "response", "reference", str(tmp_path / "b.json"))
+    assert pairs == [("p1", "a1", "b1"), ("p2", "a2", "b2"), ("p1", "a1b", "b1b")]
+    assert sides["unmatched"] == 1
+
+
+# ----------------------------------------------------------------------------- local models
+
+@pytest.fixture(scope="module")
+def tiny_dir():
+    from caldpo.train.tiny import tiny_model_dir
+    return tiny_model_dir()
+
+
+def _hf_samples(tmp_path):
+    rows = [{"prompt": "\n\nHuman: What is the capital of Spain?\n\nAssistant:", "response": " Madrid.",
+             "reference": " The capital of Spain is Madrid, a city in the centre of the country."},
+            {"prompt": "\n\nHuman: Hi there.\n\nAssistant:", "response": " Hello! How can I help you today?",
+             "reference": " Hi."},
+            {"prompt": "\n\nHuman: What is 6 minus 3?\n\nAssistant:", "response": " 3", "reference": " 6 minus 3 is 3."},
+            {"prompt": "SUBREDDIT: r/cats\nTITLE: My cat\nPOST: My cat sleeps all day.\nTL;DR:",
+             "response": " cat sleeps", "reference": " My cat sleeps a lot and I wonder why."},
+            {"prompt": "\n\nHuman: Name a colour.\n\nAssistant:", "response": " Blue.", "reference": " Red, or blue."}]
+    path = tmp_path / "samples.json"
+    path.write_text(json.dumps(rows))
+    return path, rows
+
+
+def test_reward_model_judge_scores_like_the_models_own_forward(tmp_path, tiny_dir):
+    from transformers import AutoConfig, AutoTokenizer, GPTNeoXForSequenceClassification
+
+    cfg = AutoConfig.from_pretrained(tiny_dir)
+    cfg.num_labels = 1
+    torch.manual_seed(0)
+    rm = GPTNeoXForSequenceClassification(cfg).eval()
+    with torch.no_grad():  # a score head with a spread worth comparing
+        rm.score.weight.normal_(0, 1.0)
+    rm.save_pretrained(tmp_path / "rm")
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    tok.save_pretrained(tmp_path / "rm")
+    samples, rows = _hf_samples(tmp_path)
+    report = main([str(samples), "--judge", "reward-model", "--reward-model", str(tmp_path / "rm"),
+                   "--batch-size", "3", "--device", "cpu", "--out", str(tmp_path / "rm.json")])
+
+    def score(text):  # one unpadded sequence at a time: the last token's score
+        ids = torch.tensor([tok(text)["input_ids"]])
+        with torch.no_grad():
+            return rm(input_ids=ids).logits[0, 0].double().item()
+
+    for row, it in zip(rows, report["items"]):
+        sc, sb = score(row["prompt"] + row["response"]), score(row["prompt"] + row["reference"])
+        raw = json.loads(it["raw"])
+        shown = dict(zip(it["shown"], (raw["score_a"], raw["score_b"])))
+        assert shown["candidate"] == pytest.approx(sc, abs=1e-4) and shown["baseline"] == pytest.approx(sb, abs=1e-4)
+        assert it["outcome"] == ("win" if sc > sb else "loss")
+    s = report["summary"]
+    assert s["wins"] + s["losses"] == 5 and s["unparsable"] == 0
+
+
+def test_local_lm_judge_reads_the_verdict_tokens(tmp_path, tiny_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    samples, rows = _hf_samples(tmp_path)
+    report = main([str(samples), "--judge", "lm", "--judge-lm", str(tiny_dir), "--device", "cpu",
+                   "--out", str(tmp_path / "lm.json")])
+    tok = AutoTokenizer.from_pretrained(tiny_dir)
+    lm = AutoModelForCausalLM.from_pretrained(tiny_dir).eval()
+    words = {"A": " A", "B": " B", "tie": " tie"}
+    tasks = set()
+    for row, it in zip(rows, report["items"]):
+        a, b = (row["response"], row["reference"]) if it["shown"][0] == "candidate" else (row["reference"], row["response"])
+        tasks.add(it["task"])
+        msgs = judge_messages(it["task"], row["prompt"], a, b)
+        text = msgs[0]["content"] + "\n\n" + msgs[1]["content"] + "\n\nVerdict:"
+        ids = tok(text)["input_ids"][-lm.config.max_position_embeddings:]
+        with torch.no_grad():
+            logits = lm(input_ids=torch.tensor([ids])).logits[0, -1].double()
+        sel = torch.stack([logits[tok(w)["input_ids"][0]] for w in words.values()])
+        expected = torch.log_softmax(sel, 0).tolist()
+        got = json.loads(it["raw"])["logprobs"]
+        assert [got[k] for k in words] == pytest.approx(expected, abs=1e-4)
+        verdict = list(words)[int(sel.argmax())]
+        assert it["verdict"] == verdict
+        cand = "A" if it["shown"][0] == "candidate" else "B"
+        assert it["outcome"] == ("tie" if verdict == "tie" else "win" if verdict == cand else "loss")
+    assert tasks == {"dialogue", "summarization"}
