@@ -28,6 +28,6 @@ setup(
         "test": ["pytest>=8", "triton>=3.1", "ninja", "ruff>=0.6", "tensorboard", "openai>=1.40"],
         "eval": ["openai>=1.40"],  # caldpo.eval --judge chat
         "native": ["ninja"],
-        "bench": ["liger-kernel>=0.8.5", "cut-cross-entropy>=25.1.1"],
+        "bench": ["liger-kernel>=0.8.5", "cut-cross-entropy>=25.1.1", "trl>=1.16"],  # trl: bench_e2e.py's peer
     },
 )

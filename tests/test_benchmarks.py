@@ -167,3 +167,24 @@ def test_profile_head_imports_and_refuses_cpu():
     proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "profile_head.py"), "--reps", "1"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "needs a CUDA device" in proc.stderr, proc.stderr[-2000:]
+
+
+def test_e2e_cpu_dry_run(tmp_path):
+    """benchmarks/bench_e2e.py --dry-run: one step per column on a tiny model (no TRL); the layouts
+    see the same batches (same tokens counted, same first-step loss) and prefix sharing runs fewer
+    backbone tokens than the padded rows."""
+    out = tmp_path / "e2e.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_e2e.py"), "--dry-run", "--out", str(out)],
+                   check=True, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    report = json.loads(out.read_text())
+    res = report["results"]
+    assert set(res) == {"dpo/caldpo/prefix_shared", "dpo/caldpo/padded",
+                        "caldpo/caldpo/prefix_shared", "caldpo/caldpo/padded"}
+    for loss in ("dpo", "caldpo"):
+        ps, pad = res[f"{loss}/caldpo/prefix_shared"], res[f"{loss}/caldpo/padded"]
+        assert ps["tokens_per_step"] == pad["tokens_per_step"] > 0
+        assert ps["backbone_tokens_per_step"] < pad["backbone_tokens_per_step"]
+        assert ps["first_step_loss"] == pytest.approx(pad["first_step_loss"], rel=1e-5)
+        assert ps["tokens_per_second"] > 0 and ps["peak_rss_mib"] > 0
+    assert "lscpu" in report["machine"] or report["machine"]["cpus"]
