@@ -114,10 +114,9 @@ def test_fsdp_outside_torchrun_with_several_gpus_stops_with_the_torchrun_line(mo
 
 
 def test_unreachable_hub_stops_in_seconds(monkeypatch, tmp_path):
-    import datasets.config
-    import huggingface_hub.constants
-    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", tmp_path / "datasets")
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # an empty cache
+    for var in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "HF_DATASETS_CACHE"):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     t = time.time()
     with pytest.raises(ConfigError, match=r"model.name_or_path: 'EleutherAI/pythia-70m' is not a local path.*"

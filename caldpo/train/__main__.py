@@ -14,9 +14,9 @@ def cli(argv: list[str] | None = None) -> int:
               "the same command resumes, a changed option starts a run of its own.\n")
         print(describe_options())
         return 0
-    from .config import load_config
+    from .config import load_config, validate
     try:
-        load_config(argv)  # option errors in a fraction of a second, before torch and the models are imported
+        validate(load_config(argv), argv=argv)  # the preflight, before the trainer, data and models are imported
     except ConfigError as e:
         print(f"caldpo: config error: {e}", file=sys.stderr)
         return 2

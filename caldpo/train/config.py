@@ -409,15 +409,12 @@ def _offline() -> bool:
 
 def _in_cache(repo: str, kind: str, cache_dir: str | None) -> bool:
     """Whether a hub repo has a local copy the libraries can use offline."""
-    try:
-        from huggingface_hub.constants import HF_HUB_CACHE
-    except ImportError:  # pragma: no cover
-        return False
+    home = Path(os.environ.get("HF_HOME", "~/.cache/huggingface")).expanduser()
+    hub = Path(os.environ.get("HF_HUB_CACHE") or os.environ.get("HUGGINGFACE_HUB_CACHE") or home / "hub")
     folder = f"{kind}s--{repo.replace('/', '--')}"
-    roots = [Path(HF_HUB_CACHE)] + ([Path(cache_dir)] if cache_dir else [])
+    roots = [hub] + ([Path(cache_dir)] if cache_dir else [])
     if kind == "dataset":
-        from datasets import config as ds_config
-        roots.append(Path(cache_dir or ds_config.HF_DATASETS_CACHE))
+        roots.append(Path(cache_dir or os.environ.get("HF_DATASETS_CACHE") or home / "datasets"))
         if any((r / repo.replace("/", "___")).exists() for r in roots):
             return True
     return any((r / folder / "snapshots").is_dir() for r in roots)
