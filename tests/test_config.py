@@ -87,6 +87,7 @@ def test_choices_and_values_checked_by_the_preflight():
                              (["loss=cal_dpo", "loss.shift=1.5"], "loss.shift=1.5"),
                              (["datasets=[hhh]"], "did you mean hh"),
                              (["exp_name=../x"], "exp_name"),
+                             (["loss=caldpo", "loss.name=dpo"], "loss=dpo"),
                              (["batch_size=6", "gradient_accumulation_steps=4"], "not divisible")]:
         with pytest.raises(ConfigError, match=match.replace("(", r"\(")):
             validate(load_config(["device=cpu", *overrides]), 1)
@@ -177,7 +178,7 @@ def test_stored_run_with_other_options_stops_and_lists_them(tmp_path):
     C.write_run_config(cfg, run)
     stored = (run / "config.yaml").read_text()
     assert C.check_run_dir(cfg, run) == {}
-    changed = load_config(["device=cpu", "lr=1e-5", "loss.name=sft", "save_every=2", "max_length=128"])
+    changed = load_config(["device=cpu", "lr=1e-5", "save_every=2", "max_length=128"])
     with pytest.raises(ConfigError) as e:
         C.check_run_dir(changed, run)
     assert "lr: 0.001 -> 1e-05" in str(e.value) and "max_length: 512 -> 128" in str(e.value)

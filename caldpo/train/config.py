@@ -514,6 +514,9 @@ def validate(cfg: DictConfig, world_size: int | None = None, *, argv: list[str] 
     if TRAINERS[cfg.trainer] == "basic" and world_size > 1:
         raise ConfigError(f"trainer={cfg.trainer} runs in one process; use trainer=FSDPTrainer under torchrun "
                           f"(WORLD_SIZE={world_size})")
+    if OmegaConf.get_type(cfg.loss) is not LOSS_SCHEMAS.get(cfg.loss.name):
+        raise ConfigError(f"loss.name={cfg.loss.name}: choose the loss with loss={cfg.loss.name} (the group "
+                          "brings that loss's options), not loss.name=")
     if cfg.loss.name != "sft" and not cfg.loss.beta > 0:
         raise ConfigError(f"loss.beta={cfg.loss.beta}: must be > 0")
     if cfg.loss.name == "cal_dpo" and not 0.0 <= cfg.loss.shift <= 1.0:
