@@ -637,7 +637,13 @@ def check_run_dir(cfg: DictConfig, path: Path) -> dict[str, tuple[Any, Any]]:
     if stored.exists():
         old = json.loads(stored.read_text())["options"]
     elif (path / "config.yaml").exists():  # a run written before identity.json existed
-        old_cfg = OmegaConf.load(path / "config.yaml")
+        try:
+            old_cfg = OmegaConf.load(path / "config.yaml")
+        except Exception as e:  # noqa: BLE001 - any unreadable file means the same to the user
+            old_cfg = e
+        if not isinstance(old_cfg, DictConfig) or "model" not in old_cfg:
+            raise ConfigError(f"run_dir={path} holds a config.yaml that is not a caldpo run's; "
+                              "choose another run_dir")
         old = {k: OmegaConf.select(old_cfg, k, default="<absent>") for k in run_identity(cfg)}
         old["model.archive"] = _archive_identity(old["model.archive"]) if old["model.archive"] != "<absent>" else None
         new_arch = run_identity(cfg)["model.archive"]
