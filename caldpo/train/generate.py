@@ -100,14 +100,15 @@ def generate_responses(model, tokenizer, prompts: list[str], cfg: DictConfig, de
 def main(overrides: list[str] | None = None) -> Path:
     """Load the policy (``model.archive``), generate for ``generate.n_prompts`` prompts, write JSON."""
     from .trainer import Examples
-    from .model import LogProbModel, apply_archive, check_attention, load_archive_state, load_causal_lm, \
-        load_tokenizer, model_path, DTYPES
+    from .model import LogProbModel, apply_archive, check_attention, check_vocab_and_positions, load_archive_state, \
+        load_causal_lm, load_tokenizer, model_path, DTYPES
 
     cfg = load_config(overrides)
     validate(cfg, 1, training=False)  # the preflight without the trainer-only checks
     device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     path = model_path(cfg)
     tokenizer = load_tokenizer(cfg, path)
+    check_vocab_and_positions(cfg, tokenizer, path, positions=False)
     lm = load_causal_lm(cfg, path, DTYPES[cfg.model.policy_dtype], check_attention(cfg, device))
     if cfg.model.archive:
         apply_archive(lm, load_archive_state(cfg.model.archive), cfg.model.archive)

@@ -140,7 +140,7 @@ def max_positions(config) -> int | None:
     return None
 
 
-def check_vocab_and_positions(cfg: DictConfig, tokenizer, path: str) -> None:
+def check_vocab_and_positions(cfg: DictConfig, tokenizer, path: str, *, positions: bool = True) -> None:
     """Config errors, before any data or weights load, naming both sizes, when:
 
     * a token id can fall outside the output head's rows: the tokenizer's largest id
@@ -148,6 +148,7 @@ def check_vocab_and_positions(cfg: DictConfig, tokenizer, path: str) -> None:
     * ``max_length`` exceeds the model's declared positions (``max_positions``). A model
       with a learned position table fails with an index error there; a rotary model would
       run out of the context it was trained for. A model that declares no limit is not checked.
+      ``positions=False`` (generation, which fits prompts to the positions itself) skips this.
     """
     from transformers import AutoConfig
     config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
@@ -167,7 +168,7 @@ def check_vocab_and_positions(cfg: DictConfig, tokenizer, path: str) -> None:
                 f"but the model's output head has {vocab} rows (vocab_size={vocab}): ids >= {vocab} have no logit. "
                 "Use the model's own tokenizer, or resize the model to the tokenizer "
                 "(model.resize_token_embeddings(len(tokenizer)), then save_pretrained) and train that")
-    limit = max_positions(config)
+    limit = max_positions(config) if positions else None
     if limit is not None and cfg.max_length > limit:
         raise ConfigError(f"max_length={cfg.max_length} exceeds the {limit} positions of {where} "
                           f"(max_position_embeddings={limit}); set max_length<={limit} "
