@@ -13,12 +13,13 @@ def check_head(gen, hidden, weight, targets, head, backend, need=("h", "w", "b")
     """Values and the gradients of hidden, weight and bias against the float64 formula
     (inputs moved to `device` for the backend, results compared on the CPU)."""
     g = torch.randn(hidden.shape[0], generator=gen, dtype=torch.float64)
-    h64 = hidden.double().requires_grad_()
-    w64 = weight.double().requires_grad_()
-    b64 = head["bias"].double().requires_grad_() if head["bias"] is not None else None
-    ref = oracle_head_logprobs(h64, w64, targets, b64, head["scale"], head["softcap"])
+    h64 = hidden.to(device, torch.float64).requires_grad_()
+    w64 = weight.to(device, torch.float64).requires_grad_()
+    b64 = head["bias"].to(device, torch.float64).requires_grad_() if head["bias"] is not None else None
+    ref = oracle_head_logprobs(h64, w64, targets.to(device), b64, head["scale"], head["softcap"])
     leaves = [x for x in (h64, w64, b64) if x is not None]
-    refs = dict(zip("hwb", torch.autograd.grad((ref * g).sum(), leaves)))
+    refs = {k: r.cpu() for k, r in zip("hwb", torch.autograd.grad((ref * g.to(device)).sum(), leaves))}
+    ref = ref.detach().cpu()
 
     h = hidden.to(device).requires_grad_("h" in need)
     w = weight.to(device).requires_grad_("w" in need)
