@@ -33,21 +33,12 @@ class PlotError(ValueError):
 
 
 def calibration_targets(loss: dict) -> tuple[float, float] | None:
-    """Cal-DPO's targets (t_w, t_l) for h of chosen and rejected, or None for losses without them.
+    """Cal-DPO's targets (t_w, t_l) for h of chosen and rejected of a run's loss config, or None."""
+    from caldpo.kernels.losses import calibration_targets as targets
+    from caldpo.train.losses import calibration_shift
 
-    ``caldpo``: (1/(2 beta), -1/(2 beta)); ``cal_dpo`` with shift s (default 0.5):
-    ((1-s)/beta, -s/beta), none when s = 0 (the authors' plain DPO).
-    """
-    name, beta = loss.get("name"), loss.get("beta")
-    if beta is None:
-        return None
-    beta = float(beta)
-    if name == "caldpo":
-        return 0.5 / beta, -0.5 / beta
-    if name == "cal_dpo":
-        s = float(loss.get("shift", 0.5) if loss.get("shift") is not None else 0.5)
-        return ((1.0 - s) / beta, -s / beta) if s != 0 else None
-    return None
+    s = calibration_shift(loss)
+    return None if s is None or loss.get("beta") is None else targets(float(loss["beta"]), s)
 
 
 def read_run(run_dir) -> dict:

@@ -43,8 +43,14 @@ def calibrated_terms(h_w: torch.Tensor, h_l: torch.Tensor, beta: float, shift: f
     both come from here.
     """
     preference = -F.logsigmoid(h_w - h_l)
-    calibration = (h_w - (1.0 - shift) / beta) ** 2 + (h_l + shift / beta) ** 2
+    target_w, target_l = calibration_targets(beta, shift)
+    calibration = (h_w - target_w) ** 2 + (h_l - target_l) ** 2
     return preference, calibration
+
+
+def calibration_targets(beta: float, shift: float = 0.5) -> tuple[float, float]:
+    """Cal-DPO's targets (t_w, t_l) = ((1-s)/beta, -s/beta) for h_w and h_l (s = 0.5: +-1/(2 beta))."""
+    return (1.0 - shift) / beta, -shift / beta
 
 
 def _pair_losses(policy_chosen, policy_rejected, ref_chosen, ref_rejected,

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from caldpo.kernels import preference_loss
-from caldpo.kernels.losses import calibrated_terms
+from caldpo.kernels.losses import calibrated_terms, calibration_targets
 
 
 def concatenated(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
@@ -39,6 +39,15 @@ def loss_options(cfg: DictConfig) -> dict:
     if cfg.loss.name == "cal_dpo":
         return {"shift": cfg.loss.shift}
     return {}
+
+
+def calibration_shift(loss_cfg) -> float | None:
+    """Cal-DPO's shift s of a loss config (``caldpo``: 0.5, ``cal_dpo``: ``loss.shift``), None without targets."""
+    if loss_cfg.get("name") == "caldpo":
+        return 0.5
+    if loss_cfg.get("name") == "cal_dpo" and float(loss_cfg.get("shift", 0.5)) != 0:
+        return float(loss_cfg.get("shift", 0.5))
+    return None
 
 
 def batch_loss(cfg: DictConfig, policy, reference_logps, batch: dict,
@@ -83,6 +92,17 @@ def batch_loss(cfg: DictConfig, policy, reference_logps, batch: dict,
         "logps/rejected": policy_rejected.detach().float(),
         "loss": losses.detach().float(),
     }
+    # What calibration means, per evaluation: mean h of each side next to its Cal-DPO target
+    # (constant columns, present for the losses that have targets), and how often the chosen
+    # reward is positive (the paper's claim: DPO drives it below zero, Cal-DPO keeps it above).
+    metrics["calibration/h_chosen"] = (policy_chosen - ref_chosen).detach().float()
+    metrics["calibration/h_rejected"] = (policy_rejected - ref_rejected).detach().float()
+    metrics["rewards/chosen_positive"] = (chosen_rewards > 0).float()
+    s = calibration_shift(cfg.loss)
+    if s is not None:
+        t_w, t_l = calibration_targets(beta, s)
+        metrics["calibration/target_chosen"] = torch.full_like(metrics["calibration/h_chosen"], t_w)
+        metrics["calibration/target_rejected"] = torch.full_like(metrics["calibration/h_rejected"], t_l)
     if name == "caldpo" or (name == "cal_dpo" and cfg.loss.shift != 0):
         h_w = (policy_chosen - ref_chosen).detach().float()
         h_l = (policy_rejected - ref_rejected).detach().float()
