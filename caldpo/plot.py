@@ -88,6 +88,7 @@ def plot_runs(run_dirs, out, labels: list[str] | None = None, title: str | None 
             r["label"] = lab
     fig, axes = plt.subplots(2, 4, figsize=(18, 8), constrained_layout=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    target_labelled = False
     for i, run in enumerate(runs):
         color = colors[i % len(colors)]
         name = f"{run['label']} ({run['loss']}" + (f", beta={run['beta']:g})" if run["beta"] else ")")
@@ -101,8 +102,10 @@ def plot_runs(run_dirs, out, labels: list[str] | None = None, title: str | None 
                             **style)
             if run["targets"] and key.split("/")[0] in ("h", "rewards") and key.split("/")[1] in ("chosen", "rejected"):
                 t = run["targets"][0 if key.endswith("chosen") else 1]
+                first = key == PANELS[0][0] and not target_labelled
+                target_labelled = target_labelled or first
                 ax.axhline(t * (run["beta"] if key.startswith("rewards") else 1.0), color=color, ls="--", lw=1,
-                           label="Cal-DPO target" if i == 0 or not runs[0]["targets"] else None)
+                           label="Cal-DPO target" if first else None)
     for ax, (key, _) in zip(axes.flat, PANELS):
         if not key.startswith("logps/"):
             ax.axhline(0.0, color="0.6", lw=0.6, zorder=0)

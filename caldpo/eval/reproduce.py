@@ -67,13 +67,20 @@ def _test_prompts(data_dir: Path) -> list[str]:
     return list(seen)
 
 
-def sample(model_dir: Path, prompts: list[str], n: int, seed: int, max_new_tokens: int) -> list[list[str]]:
-    """``n`` responses per prompt (temperature 1) from a Hugging Face export; the same seed, the same draws."""
+def sample(model_dir: Path, prompts: list[str], n: int, seed: int, max_new_tokens: int,
+           policy_pt: Path | None = None) -> list[list[str]]:
+    """``n`` responses per prompt (temperature 1) from a Hugging Face export (weights replaced by
+    ``policy_pt``'s state when given); the same seed, the same random draws."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(model_dir)
     lm = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    if policy_pt is not None:
+        lm.load_state_dict(torch.load(policy_pt, map_location="cpu", weights_only=True)["state"])
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]
     width = max(map(len, ids))
     pad = tok.pad_token_id
@@ -86,6 +93,11 @@ def sample(model_dir: Path, prompts: list[str], n: int, seed: int, max_new_token
                           pad_token_id=pad, eos_token_id=tok.eos_token_id)
     texts = tok.batch_decode(gen[:, width:], skip_special_tokens=True)
     return [texts[i * n:(i + 1) * n] for i in range(len(prompts))]
+
+
+def _mean(rows: list[list[float]]) -> float:
+    flat = [x for row in rows for x in row]
+    return sum(flat) / len(flat)
 
 
 def _eval_curve(run_dir: Path) -> list[dict]:
@@ -114,16 +126,27 @@ def run_seed(seed: int, out: Path, a: argparse.Namespace) -> dict:
         _train([*common, f"loss={loss}", *PREFERENCE, f"n_epochs={a.epochs}", f"eval_every={every}",
                 f"model.archive={archive}", f"run_dir={root / loss}"], logs / f"seed{seed}_{loss}.log")
     prompts = _test_prompts(data)[: a.prompts]
+    gen = dict(n=a.samples, seed=10_000 + seed, max_new_tokens=synthetic.LENGTH + 2)
     rewards = {}
     for name in ("sft", *LOSSES):
-        texts = sample(root / name / "LATEST" / "hf", prompts, a.samples, seed=10_000 + seed,
-                       max_new_tokens=synthetic.LENGTH + 2)
+        texts = sample(root / name / "LATEST" / "hf", prompts, **gen)
         rewards[name] = [[synthetic.reward(x) for x in row] for row in texts]
         if name != "sft":
             (root / name / "ground_truth_samples.json").write_text(json.dumps(
                 [{"prompt": p, "responses": r} for p, r in zip(prompts, texts)], indent=1))
-    result = {"seed": seed, "seconds": time.time() - t, "rewards": rewards,
-              "curves": {loss: _eval_curve(root / loss) for loss in LOSSES}}
+    curves = {loss: _eval_curve(root / loss) for loss in LOSSES}
+    sft_gt = _mean(rewards["sft"])
+    for loss in LOSSES:  # the ground truth at every evaluation: the step-<examples>/policy.pt exports
+        for point in curves[loss]:
+            ckpt = root / loss / f"step-{point['examples']}" / "policy.pt"
+            if point["examples"] == 0:
+                point["gt_reward"] = sft_gt
+            elif point is curves[loss][-1]:
+                point["gt_reward"] = _mean(rewards[loss])
+            elif ckpt.is_file():
+                texts = sample(root / loss / "LATEST" / "hf", prompts, policy_pt=ckpt, **gen)
+                point["gt_reward"] = _mean([[synthetic.reward(x) for x in row] for row in texts])
+    result = {"seed": seed, "seconds": time.time() - t, "rewards": rewards, "curves": curves}
     print(f"  seed {seed}: {result['seconds']:.0f} s; mean ground-truth reward " +
           ", ".join(f"{k} {sum(map(sum, v)) / sum(map(len, v)):.2f}" for k, v in rewards.items()), flush=True)
     return result
@@ -137,8 +160,10 @@ def summarise(results: list[dict], header: str) -> tuple[str, dict]:
     """The printed table and its numbers."""
     lines = [header, ""]
     summary: dict = {"losses": {}}
-    lines.append("Eval rewards (beta*h) over training, mean over seeds [min, max]:")
-    lines.append(f"  {'loss':<8}{'examples':>9}  {'chosen reward':<28}{'rejected reward':<28}{'accuracy':>8}")
+    lines.append("Eval rewards (beta*h, on the test pairs) and the ground-truth (GT) reward of samples over training,"
+                 " mean over seeds [min, max]:")
+    lines.append(f"  {'loss':<8}{'examples':>9}  {'chosen reward':<28}{'rejected reward':<28}{'accuracy':>8}"
+                 f"  {'GT reward of samples':<22}")
     for loss in LOSSES:
         curves = [r["curves"][loss] for r in results]
         for i, point in enumerate(curves[0]):
@@ -146,8 +171,10 @@ def summarise(results: list[dict], header: str) -> tuple[str, dict]:
                                                                           "rewards/accuracies")}
             cell = {k: f"{sum(v) / len(v):+.3f} [{min(v):+.3f}, {max(v):+.3f}]" for k, v in vals.items()}
             acc = vals["rewards/accuracies"]
+            gt = [c[i]["gt_reward"] for c in curves if i < len(c) and "gt_reward" in c[i]]
+            gt_cell = f"{sum(gt) / len(gt):.2f} [{min(gt):.2f}, {max(gt):.2f}]" if gt else "-"
             lines.append(f"  {loss:<8}{point['examples']:>9}  {cell['rewards/chosen']:<28}"
-                         f"{cell['rewards/rejected']:<28}{sum(acc) / len(acc):>8.3f}")
+                         f"{cell['rewards/rejected']:<28}{sum(acc) / len(acc):>8.3f}  {gt_cell:<22}")
     lines += ["", "Final policies, judged by the ground-truth reward (0-%d high digits), pooled over seeds:"
               % synthetic.LENGTH,
               f"  {'policy':<8}{'GT reward, 95% CI':<26}{'per seed':<22}{'win rate vs SFT, 95% Wilson':<30}"
@@ -210,9 +237,9 @@ def main(argv: list[str] | None = None) -> dict:
                                 epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default=None, help="output folder (default: runs/reproduce_<time>)")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--n-train", type=int, default=1024, help="preference pairs (and SFT prompts) per seed")
+    p.add_argument("--n-train", type=int, default=2048, help="preference pairs (and SFT prompts) per seed")
     p.add_argument("--n-test", type=int, default=128, help="test pairs (eval metrics) per seed")
-    p.add_argument("--sft-epochs", type=int, default=2)
+    p.add_argument("--sft-epochs", type=int, default=1)
     p.add_argument("--epochs", type=int, default=1, help="DPO / Cal-DPO epochs")
     p.add_argument("--n-evals", type=int, default=4, help="evaluations during preference training")
     p.add_argument("--prompts", type=int, default=64, help="test prompts sampled for the ground-truth judge")
