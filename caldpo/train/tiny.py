@@ -39,7 +39,7 @@ GENERIC_CORPUS = "\n".join([
 ])
 
 DEFAULTS = dict(hidden_size=64, num_layers=2, num_heads=4, vocab_size=512,
-                max_position_embeddings=256, seed=0)
+                max_position_embeddings=2048, seed=0)  # Pythia's context: the default max_length=512 fits
 
 
 def _training_texts() -> list[str]:
