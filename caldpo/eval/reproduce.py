@@ -182,7 +182,7 @@ def summarise(results: list[dict], header: str) -> tuple[str, dict]:
     for name in ("sft", *LOSSES):
         flat = [x for r in results for row in r["rewards"][name] for x in row]
         m, lo, hi = mean_ci(flat)
-        per_seed = " ".join(f"{sum(map(sum, r['rewards'][name])) / len(flat) * len(results):.2f}" for r in results)
+        per_seed = " ".join(f"{_mean(r['rewards'][name]):.2f}" for r in results)
         entry = {"gt_reward": m, "gt_ci": [lo, hi], "gt_per_seed": [float(x) for x in per_seed.split()]}
         wr = ""
         wtl = ""
@@ -208,6 +208,8 @@ def summarise(results: list[dict], header: str) -> tuple[str, dict]:
     diffs = [x - y for r in results for ra, rb in zip(r["rewards"]["caldpo"], r["rewards"]["dpo"])
              for x, y in zip(ra, rb)]
     d, dlo, dhi = mean_ci(diffs)
+    per_seed = {loss: [_mean(r["rewards"][loss]) for r in results] for loss in LOSSES}
+    cal_ge = sum(c >= x for c, x in zip(per_seed["caldpo"], per_seed["dpo"]))
     if dlo > 0:
         third = "holds: Cal-DPO higher (interval above 0)"
     elif dhi < 0:
@@ -218,6 +220,7 @@ def summarise(results: list[dict], header: str) -> tuple[str, dict]:
         "dpo_chosen_below_zero": f"{dpo_neg}/{n} seeds",
         "caldpo_chosen_stays_positive": f"{cal_pos}/{n} seeds",
         "caldpo_minus_dpo_gt_reward": [d, dlo, dhi],
+        "caldpo_at_least_dpo_seeds": f"{cal_ge}/{n} seeds",
     }
     lines += ["", "The claim, part by part:",
               f"  1. DPO: final eval chosen reward below zero in {dpo_neg}/{n} seeds "
@@ -227,7 +230,10 @@ def summarise(results: list[dict], header: str) -> tuple[str, dict]:
               f"(final {', '.join(f'{x:+.3f}' for x in final['caldpo'])}) -> "
               + ("holds" if cal_pos == n else "does NOT hold" if cal_pos == 0 else "holds in some seeds only"),
               f"  3. Cal-DPO at least as good in ground-truth reward: Cal-DPO - DPO = {_fmt_ci(d, dlo, dhi, 3)} "
-              f"(paired by prompt and sample index) -> {third}"]
+              f"(paired by prompt and sample index) -> {third}",
+              f"     per seed: Cal-DPO >= DPO in {cal_ge}/{n} seeds; the interval is over samples, and the seeds "
+              f"vary more: DPO {min(per_seed['dpo']):.2f}..{max(per_seed['dpo']):.2f}, "
+              f"Cal-DPO {min(per_seed['caldpo']):.2f}..{max(per_seed['caldpo']):.2f}"]
     summary["verdicts"] = verdicts
     return "\n".join(lines), summary
 
