@@ -88,8 +88,8 @@ def baseline(server, tmp_path_factory) -> Path:
 # ----------------------------------------------------------------------------- kill, rerun, compare
 
 POINTS = ["data_load", "mid_step:1", "mid_step:4", "save_dcp_written:4", "save_before_marker:4",
-          "save_before_rename:4", "resave_aside:6", "resave_before_delete:6", "policy_tmp", "hf_export",
-          "before_done", "after_done"]
+          "save_before_rename:4", "resave_aside:6", "resave_before_delete:6", "eval_policy_tmp", "policy_tmp",
+          "hf_export", "before_done", "after_done"]
 
 
 @pytest.mark.parametrize("point", POINTS)
@@ -376,3 +376,16 @@ def test_reference_cache_key_follows_the_data_content(server, ref_cache_run, tmp
     first = next(r for r in records(tmp_path / "run") if r.get("split") == "train" and "loss" in r)
     assert first["loss"] == pytest.approx(math.log(2), abs=1e-5)
     assert first["rewards/chosen"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_broken_data_row_is_one_line_with_exit_2(server, tmp_path):
+    from caldpo.train.data import SAMPLE_DIR
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLE_DIR, data)
+    lines = (data / "train.jsonl").read_text().splitlines()
+    lines[6] = lines[6][: len(lines[6]) // 2]
+    (data / "train.jsonl").write_text("\n".join(lines) + "\n")
+    codes, log = train(server, tmp_path / "run", f"data.paths.sample={data}")
+    last = log.strip().splitlines()[-1]
+    assert codes == [2] and last.startswith("caldpo: data error:") and "train.jsonl:7" in last
+    assert "Traceback" not in log

@@ -494,7 +494,7 @@ def save_policy(run_dir: Path, lm, step: int, metrics: dict, tokenizer=None, exp
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             torch.save({"step_idx": step, "state": state, "metrics": metrics}, tmp / "policy.pt")
-            fault_point("policy_tmp")
+            fault_point("policy_tmp" if dest == "LATEST" else "eval_policy_tmp")
             if export_hf:
                 hf_dir = tmp / "hf"
                 lm.save_pretrained(hf_dir, state_dict=state, safe_serialization=True)

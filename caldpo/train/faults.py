@@ -11,7 +11,8 @@ rank under torch.distributed (default: every rank that reaches the point).
 Points (see tests/test_faults.py): ``data_load``, ``mid_step`` (after backward, before the
 optimizer step of step N), ``save_dcp_written``, ``save_before_marker``,
 ``save_before_rename``, ``resave_aside``, ``resave_before_delete`` (steps of a resume save),
-``policy_tmp``, ``hf_export`` (inside the final export), ``before_done``, ``after_done``.
+``policy_tmp``, ``hf_export`` (inside the final export), ``eval_policy_tmp`` (inside an
+evaluation's ``step-<examples>`` export), ``before_done``, ``after_done``.
 """
 from __future__ import annotations
 
