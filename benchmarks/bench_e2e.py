@@ -64,8 +64,13 @@ def build_model(out: Path, hidden: int, layers: int, heads: int, vocab: int, max
     return out
 
 
-def synthesize_hh(out_dir: Path, n_train: int, n_test: int, seed: int = 0) -> dict:
-    """HH-format ``train.jsonl``/``test.jsonl``: 1-5 turns, log-normal lengths (in words), unique prompts."""
+def synthesize_hh(out_dir: Path, n_train: int, n_test: int, tokenizer, max_length: int, seed: int = 0) -> dict:
+    """HH-format ``train.jsonl``/``test.jsonl``: 1-5 turns, log-normal lengths (in words), unique prompts.
+
+    A prompt is redrawn until it has fewer than ``max_length - 8`` tokens: TRL drops a pair whose
+    prompt alone fills ``max_length`` (caldpo cuts it), which would change the batches. Prompt +
+    response still exceeds ``max_length`` in some pairs (each trainer truncates by its own rule).
+    """
     from caldpo.train.sample import sample_path
     words = []
     with open(sample_path("train"), encoding="utf-8") as f:
@@ -83,14 +88,17 @@ def synthesize_hh(out_dir: Path, n_train: int, n_test: int, seed: int = 0) -> di
     for split, n in (("train", n_train), ("test", n_test)):
         with open(out_dir / f"{split}.jsonl", "w", encoding="utf-8") as f:
             for i in range(n):
-                turns = min(5, 1 + int(rng.expovariate(0.8)))
-                prompt = ""
-                for t in range(turns):
-                    prompt += "\n\nHuman: " + (f"({split} {i}) " if t == 0 else "")  # unique prompts
-                    prompt += text(18, 0.8, 200)
-                    if t < turns - 1:
-                        prompt += "\n\nAssistant: " + text(35, 0.8, 250)
-                prompt += "\n\nAssistant:"
+                while True:
+                    turns = min(5, 1 + int(rng.expovariate(0.8)))
+                    prompt = ""
+                    for t in range(turns):
+                        prompt += "\n\nHuman: " + (f"({split} {i}) " if t == 0 else "")  # unique prompts
+                        prompt += text(18, 0.8, 200)
+                        if t < turns - 1:
+                            prompt += "\n\nAssistant: " + text(35, 0.8, 250)
+                    prompt += "\n\nAssistant:"
+                    if len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) < max_length - 8:
+                        break
                 chosen, rejected = " " + text(40, 0.9, 400), " " + text(35, 0.9, 400)
                 stats["prompt_words"].append(len(prompt.split()))
                 stats["response_words"].append(len(chosen.split()))
@@ -205,6 +213,8 @@ def worker_trl(args) -> None:
                     dataloader_num_workers=0, seed=0, disable_tqdm=True, precompute_ref_log_probs=False)
     trainer = Sequential(model=policy, ref_model=ref, args=cfg, train_dataset=Dataset.from_list(order),
                          processing_class=tok, callbacks=[Clock()])
+    if len(trainer.train_dataset) != len(order):
+        raise RuntimeError(f"TRL kept {len(trainer.train_dataset)} of {len(order)} pairs: the batches would differ")
     setup = time.perf_counter() - t_start
     trainer.train()
     Path(args.out_json).write_text(json.dumps({
@@ -289,7 +299,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--vocab", type=int, default=8192)
-    p.add_argument("--threads", type=int, default=min(os.cpu_count() or 1, 2))
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads per trainer (1: robust when other processes share the cores)")
     p.add_argument("--no-trl", action="store_true", help="skip TRL even when installed")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: print only)")
     for k in ("model-dir", "data-dir", "scratch", "order", "out-json", "loss", "layout"):
@@ -315,7 +326,9 @@ def main(argv: list[str] | None = None) -> dict:
         args.model_dir = build_model(tmp / "model", args.hidden, args.layers, args.heads, args.vocab,
                                      max(1024, 2 * args.max_length))
         n_train = args.pairs * (args.steps + args.warmup) + 8
-        data_stats = synthesize_hh(tmp / "data", n_train, 8)
+        from transformers import AutoTokenizer
+        data_stats = synthesize_hh(tmp / "data", n_train, 8, AutoTokenizer.from_pretrained(args.model_dir),
+                                   args.max_length)
         args.data_dir = tmp / "data"
         args.order = tmp / "order.json"
         _spawn(args, "order", args.order)

@@ -83,11 +83,11 @@ class PackedBatch:
         seg, br = self.segment, self.branch
         L = seg.shape[1]
         idx = torch.arange(L, device=seg.device)
-        causal = idx[None, :, None] >= idx[None, None, :]
-        same = seg[:, :, None] == seg[:, None, :]
-        cross = (br[:, :, None] == REJECTED) & (br[:, None, :] == CHOSEN)
-        pad_self = (seg[:, :, None] < 0) & (idx[None, :, None] == idx[None, None, :])
-        ok = (causal & same & ~cross & (seg[:, :, None] >= 0)) | pad_self
+        # each padding position is a segment of its own, so it sees only itself
+        key = torch.where(seg >= 0, seg, -1 - idx)
+        ok = key[:, :, None] == key[:, None, :]
+        ok &= torch.ones(L, L, dtype=torch.bool, device=seg.device).tril_()
+        ok &= ~((br[:, :, None] == REJECTED) & (br[:, None, :] == CHOSEN))
         return ok[:, None]
 
     def attention_mask(self, attn: str, dtype: torch.dtype = torch.float32):
