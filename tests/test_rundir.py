@@ -80,3 +80,37 @@ def test_first_interrupt_requests_a_stop_and_a_second_exits_at_once():
 def test_exp_name_must_be_a_name(name):
     with pytest.raises(ConfigError, match="exp_name"):
         validate(load_config([f"exp_name={name}", "device=cpu"]), 1)
+
+
+def test_torchrun_workers_exit_when_torchrun_is_killed(tmp_path):
+    """torchrun starts its workers in sessions of their own: killing torchrun's process group (kill -9 of the
+    launcher, a lost agent) leaves them running unless they watch their parent."""
+    run = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "caldpo.train",
+           "model=tiny", "datasets=[sample]", "loss=sft", "n_examples=400", "batch_size=4", "max_length=64",
+           "max_prompt_length=32", "device=cpu", "trainer=FSDPTrainer", "do_first_eval=false", f"run_dir={run}"]
+    p = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.PIPE, text=True)
+    metrics = run / "metrics.jsonl"
+    deadline = time.time() + 240
+    while (not metrics.exists() or metrics.stat().st_size == 0) and p.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    workers = [int(x) for x in subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True,
+                                              text=True).stdout.split()]
+    assert len(workers) == 2
+    os.killpg(os.getpgid(p.pid), signal.SIGKILL)
+    p.wait()
+
+    def alive(pid):
+        stat = Path(f"/proc/{pid}/stat")
+        return stat.exists() and not stat.read_text().split(") ")[1].startswith("Z")
+
+    deadline = time.time() + 10
+    while any(alive(w) for w in workers) and time.time() < deadline:
+        time.sleep(0.1)
+    left = [w for w in workers if alive(w)]
+    for w in left:
+        os.kill(w, signal.SIGKILL)
+    assert not left, "torchrun workers outlived their launcher"
+    assert "the launcher (pid" in p.stderr.read()
