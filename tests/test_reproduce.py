@@ -46,14 +46,14 @@ def test_task_rows_are_hh_and_labelled_by_bradley_terry(tmp_path):
 
 def test_reduced_reproduction_prints_the_table_and_writes_the_plot(tmp_path):
     out = tmp_path / "rep"
-    cmd = [sys.executable, "-m", "caldpo.eval.reproduce", "--out", str(out), "--seeds", "0", "--n-train", "64",
-           "--n-test", "16", "--sft-epochs", "1", "--epochs", "1", "--n-evals", "2", "--prompts", "6",
+    cmd = [sys.executable, "-m", "caldpo.eval.reproduce", "--out", str(out), "--seeds", "0", "--n-train", "256",
+           "--n-test", "16", "--sft-epochs", "2", "--epochs", "1", "--n-evals", "2", "--prompts", "6",
            "--samples", "2"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     table = proc.stdout
-    for needle in ("Eval rewards (beta*h) over training", "win rate vs SFT", "The claim, part by part",
+    for needle in ("Eval rewards (beta*h", "GT reward of samples", "win rate vs SFT", "The claim, part by part",
                    "1. DPO", "2. Cal-DPO", "3. Cal-DPO at least as good"):
         assert needle in table, needle
     assert (out / "table.txt").read_text().strip() in table
@@ -72,9 +72,14 @@ def test_reduced_reproduction_prints_the_table_and_writes_the_plot(tmp_path):
         assert (summ[loss]["wins"], summ[loss]["ties"], summ[loss]["losses"]) == (
             sum(x > y for x, y in pairs), sum(x == y for x, y in pairs), sum(x < y for x, y in pairs))
         flat = [x for row in res["rewards"][loss] for x in row]
+        assert any(flat)  # SFT taught the format: some digits 5-8 appear, the rescoring check has teeth
         assert abs(summ[loss]["gt_reward"] - sum(flat) / len(flat)) < 1e-12
         # the curve is the run's own eval records
         evals = [json.loads(x) for x in (out / "seed0" / loss / "metrics.jsonl").read_text().splitlines()]
         evals = [e for e in evals if e.get("split") == "eval"]
         assert res["curves"][loss][-1]["rewards/chosen"] == evals[-1]["rewards/chosen"]
         assert "calibration/h_chosen" in evals[-1] and "rewards/chosen_positive" in evals[-1]
+        # the ground truth at every evaluation: SFT's at the start, the final policy's at the end
+        curve = res["curves"][loss]
+        assert len(curve) == 3 and all("gt_reward" in p for p in curve)
+        assert curve[0]["gt_reward"] == sum(map(sum, sft)) / 12 and curve[-1]["gt_reward"] == sum(flat) / len(flat)
