@@ -88,30 +88,27 @@ def plot_runs(run_dirs, out, labels: list[str] | None = None, title: str | None 
             r["label"] = lab
     fig, axes = plt.subplots(2, 4, figsize=(18, 8), constrained_layout=True)
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    target_labelled = False
+    handles = []
     for i, run in enumerate(runs):
         color = colors[i % len(colors)]
         name = f"{run['label']} ({run['loss']}" + (f", beta={run['beta']:g})" if run["beta"] else ")")
+        handles.append(matplotlib.lines.Line2D([], [], color=color, lw=2, marker="o", ms=3, label=name))
         for ax, (key, title_) in zip(axes.flat, PANELS):
             ax.set_title(title_, fontsize=10)
             for split, style in (("train", dict(lw=0.8, alpha=0.45)), ("eval", dict(lw=2.0, marker="o", ms=3))):
                 pts = [(r["examples"], r[key]) for r in run[split] if key in r]
                 if pts:
                     xs, ys = zip(*pts)
-                    ax.plot(xs, ys, color=color, label=name if (split == "eval" and key == PANELS[0][0]) else None,
-                            **style)
+                    ax.plot(xs, ys, color=color, **style)
             if run["targets"] and key.split("/")[0] in ("h", "rewards") and key.split("/")[1] in ("chosen", "rejected"):
                 t = run["targets"][0 if key.endswith("chosen") else 1]
-                first = key == PANELS[0][0] and not target_labelled
-                target_labelled = target_labelled or first
-                ax.axhline(t * (run["beta"] if key.startswith("rewards") else 1.0), color=color, ls="--", lw=1,
-                           label="Cal-DPO target" if first else None)
+                ax.axhline(t * (run["beta"] if key.startswith("rewards") else 1.0), color=color, ls="--", lw=1)
     for ax, (key, _) in zip(axes.flat, PANELS):
         if not key.startswith("logps/"):
             ax.axhline(0.0, color="0.6", lw=0.6, zorder=0)
         ax.set_xlabel("examples seen", fontsize=9)
         ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8)
+    axes.flat[0].legend(handles=handles, fontsize=8)
     axes.flat[1].legend(fontsize=8, handles=[
         matplotlib.lines.Line2D([], [], color="k", lw=0.8, alpha=0.45, label="train (per step)"),
         matplotlib.lines.Line2D([], [], color="k", lw=2, marker="o", ms=3, label="eval"),

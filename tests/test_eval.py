@@ -149,6 +149,7 @@ def test_chat_judge_retries_counts_malformed_and_resumes_from_cache(tmp_path, no
                 assert (it["verdict"] == cand_letter) == (it["outcome"] == "win")
             assert it["raw"]
         assert items[3]["outcome"] == "unparsable" and "cannot decide" in items[3]["raw"]
+        assert s["decisive"] == 10 and s["first_shown_preferred"] == sum(it["verdict"] == "A" for it in items)
         assert items[7]["outcome"] == "loss" and items[5]["outcome"] == "tie"
         printed = capsys.readouterr().out
         assert "unparsable" in printed and "Wilson" in printed

@@ -115,7 +115,10 @@ def evaluate(pairs: list[tuple[str, str, str]], judge, *, task: str = "auto", se
     stats = win_rate(counts["win"], counts["tie"], counts["loss"], ties)
     summary = {"wins": counts["win"], "ties": counts["tie"], "losses": counts["loss"],
                "unparsable": counts["unparsable"], "items": len(items), **stats, "ties_rule": ties,
-               "ci": "95% Wilson score interval", "candidate_shown_first": sum(firsts)}
+               "ci": "95% Wilson score interval", "candidate_shown_first": sum(firsts),
+               # position bias, visible: how often a decisive verdict picked the response shown first
+               "first_shown_preferred": sum(j.verdict == "A" for j in judgements),
+               "decisive": sum(j.verdict in ("A", "B") for j in judgements)}
     return {"judge": judge.name, "seed": seed, "summary": summary, "items": items}
 
 
@@ -129,7 +132,8 @@ def format_table(report: dict, sides: dict | None = None) -> str:
     lines += [f"{'items':>6}{'wins':>6}{'ties':>6}{'losses':>8}{'unparsable':>12}{'win rate':>10}   95% CI (Wilson, {ties})",
               f"{s['items']:>6}{s['wins']:>6}{s['ties']:>6}{s['losses']:>8}{s['unparsable']:>12}{s['win_rate']:>10.3f}"
               f"   [{s['ci_low']:.3f}, {s['ci_high']:.3f}]",
-              f"candidate shown first in {s['candidate_shown_first']}/{s['items']} items (seed {report['seed']})"]
+              f"candidate shown first in {s['candidate_shown_first']}/{s['items']} items (seed {report['seed']}); "
+              f"the response shown first preferred in {s['first_shown_preferred']}/{s['decisive']} decisive verdicts"]
     return "\n".join(lines)
 
 
