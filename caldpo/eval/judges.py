@@ -48,6 +48,9 @@ def shown_order(seed: int, prompt: str, candidate: str, baseline: str) -> bool:
 
 def _device(device: str):
     import torch
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
