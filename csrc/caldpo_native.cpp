@@ -152,8 +152,9 @@ Head make_head(const c10::optional<at::Tensor>& bias, int64_t v, double scale, d
   return hd;
 }
 
-// Bytes of fp32 logits per block and the narrowest vocabulary block (GEMM width).
-constexpr int64_t kDefaultChunkBytes = int64_t(1) << 20;
+// Bytes of fp32 logits per block and the narrowest vocabulary block (GEMM width), when the
+// caller passes 0 for them (caldpo/kernels/options.py passes its KernelOptions values).
+constexpr int64_t kDefaultChunkBytes = int64_t(16) << 20;
 constexpr int64_t kMinCols = 256;
 // Most token rows per block: bounds the block when there are many tokens.
 constexpr int64_t kMaxRows = 4096;
@@ -162,10 +163,11 @@ struct Tiling {
   int64_t rows, cols;
 };
 
-Tiling tiling(int64_t m, int64_t v, int64_t chunk_bytes) {
+Tiling tiling(int64_t m, int64_t v, int64_t chunk_bytes, int64_t min_cols) {
   const int64_t budget = chunk_bytes > 0 ? chunk_bytes : kDefaultChunkBytes;
+  const int64_t narrowest = min_cols > 0 ? min_cols : kMinCols;
   const int64_t rows = std::max<int64_t>(1, std::min(m, kMaxRows));
-  const int64_t cols = std::max<int64_t>(1, std::min(v, std::max(kMinCols, budget / (4 * rows))));
+  const int64_t cols = std::max<int64_t>(1, std::min(v, std::max(narrowest, budget / (4 * rows))));
   return {rows, cols};
 }
 
@@ -198,7 +200,8 @@ void check_inputs(const at::Tensor& hidden, const at::Tensor& weight, const at::
 
 std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weight,
                                 const at::Tensor& targets, int64_t chunk_bytes,
-                                const c10::optional<at::Tensor>& bias, double scale, double softcap) {
+                                const c10::optional<at::Tensor>& bias, double scale, double softcap,
+                                int64_t min_cols) {
   check_inputs(hidden, weight, targets);
   torch::NoGradGuard no_grad;  // out= GEMMs refuse inputs that require grad
   const int64_t m = hidden.size(0), v = weight.size(0), hd = hidden.size(1);
@@ -216,7 +219,7 @@ std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weig
   for (int64_t i = 0; i < m; ++i)
     TORCH_CHECK(tp[i] >= 0 && tp[i] < v, "caldpo_native: target ", tp[i], " out of range [0, ", v, ")");
 
-  const Tiling tl = tiling(m, v, chunk_bytes);
+  const Tiling tl = tiling(m, v, chunk_bytes, min_cols);
   at::Tensor buf = at::empty({tl.rows * tl.cols}, f32);
   at::Tensor wbuf;
   if (w.scalar_type() != at::kFloat) wbuf = at::empty({tl.cols * hd}, f32);
@@ -269,7 +272,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& hidde
                                  const at::Tensor& weight, const at::Tensor& targets,
                                  const at::Tensor& lse, bool need_hidden, bool need_weight,
                                  int64_t chunk_bytes, const c10::optional<at::Tensor>& bias,
-                                 double scale, double softcap, bool need_bias) {
+                                 double scale, double softcap, bool need_bias, int64_t min_cols) {
   check_inputs(hidden, weight, targets);
   torch::NoGradGuard no_grad;
   const int64_t m = hidden.size(0), v = weight.size(0), hd = hidden.size(1);
@@ -299,7 +302,7 @@ std::vector<at::Tensor> backward(const at::Tensor& grad, const at::Tensor& hidde
   for (int64_t i = 0; i < m; ++i)
     TORCH_CHECK(tp[i] >= 0 && tp[i] < v, "caldpo_native: target ", tp[i], " out of range [0, ", v, ")");
 
-  const Tiling tl = tiling(m, v, chunk_bytes);
+  const Tiling tl = tiling(m, v, chunk_bytes, min_cols);
   at::Tensor buf = at::empty({tl.rows * tl.cols}, f32);
   at::Tensor wbuf;
   if (w.scalar_type() != at::kFloat) wbuf = at::empty({tl.cols * hd}, f32);
@@ -360,10 +363,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, mod) {
   mod.doc() = "caldpo native CPU log-probs of a linear head (chunked GEMM + fused row passes)";
   mod.def("forward", &forward, "(logp [M] fp32, lse [M] fp32)", py::arg("hidden"), py::arg("weight"),
           py::arg("targets"), py::arg("chunk_bytes") = 0, py::arg("bias") = py::none(),
-          py::arg("scale") = 1.0, py::arg("softcap") = 0.0);
+          py::arg("scale") = 1.0, py::arg("softcap") = 0.0, py::arg("min_cols") = 0);
   mod.def("backward", &backward, "(grad_hidden [M,H] fp32, grad_weight [V,H] fp32, grad_bias [V] fp32)",
           py::arg("grad"), py::arg("hidden"), py::arg("weight"), py::arg("targets"), py::arg("lse"),
           py::arg("need_hidden"), py::arg("need_weight"), py::arg("chunk_bytes") = 0,
           py::arg("bias") = py::none(), py::arg("scale") = 1.0, py::arg("softcap") = 0.0,
-          py::arg("need_bias") = false);
+          py::arg("need_bias") = false, py::arg("min_cols") = 0);
 }

@@ -8,11 +8,16 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import os
+import threading
 
 import torch
 
 BACKENDS = ("reference", "torch", "triton", "native")
+
+log = logging.getLogger("caldpo")
+_fallback_logged = threading.Event()
 
 
 @functools.lru_cache(maxsize=None)
@@ -52,18 +57,36 @@ def available_backends(device: torch.device | str | None = None) -> list[str]:
     return names
 
 
+def _auto_cpu() -> str:
+    """"native" when the C++ extension is built or builds now, else "torch", saying why once
+    (on the "caldpo" logger, at WARNING)."""
+    from . import native
+    if native.available():
+        return "native"
+    if not _fallback_logged.is_set():
+        _fallback_logged.set()
+        log.warning("caldpo.kernels: backend 'auto' on CPU uses the chunked torch path, not the native "
+                    "extension (%s); set CALDPO_NATIVE_DISABLE=1 to choose this without trying",
+                    native.unavailable_reason())
+    return "torch"
+
+
 def resolve_backend(backend: str, device: torch.device | str) -> str:
     """Map a requested backend ("auto" included) to a concrete one for `device`.
 
-    "auto" is Triton on CUDA when Triton imports, otherwise the chunked torch
-    path. "native" (3-14% faster than "torch" on CPU, measured in
-    benchmarks/results/native_*.txt) is explicit only: choosing it would make the
-    first CPU call on a machine compile C++. An explicit request that cannot run
-    raises instead of silently falling back.
+    "auto" is Triton on CUDA when Triton imports. On CPU it is "native" (csrc/, the
+    fastest CPU path, and the one that stays fast when other processes share the
+    cores: benchmarks/README.md, CPU section) when the extension is cached or builds
+    now (the first call on a machine compiles it, 30-60 s, under a file lock), and
+    the chunked torch path otherwise (no compiler or ninja, a failed build, or
+    CALDPO_NATIVE_DISABLE=1), which is logged once with the reason. An explicit
+    request that cannot run raises instead of silently falling back.
     """
     dev = torch.device(device)
     if backend == "auto":
-        return "triton" if dev.type == "cuda" and triton_importable() else "torch"
+        if dev.type == "cuda":
+            return "triton" if triton_importable() else "torch"
+        return _auto_cpu() if dev.type == "cpu" else "torch"
     if backend not in BACKENDS:
         raise ValueError(f"unknown backend {backend!r}; expected 'auto' or one of {BACKENDS}")
     if backend == "triton" and backend not in available_backends(dev):

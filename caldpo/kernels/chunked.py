@@ -20,7 +20,7 @@ Two chunking axes, picked by which gradient must be accumulated across chunks:
   grad_weight [V, H] accumulates; a 16-bit weight is cast to fp32 once.
 Either way the accumulator is fp32 and logits are never rounded to 16 bits.
 
-GEMM precision for 16-bit inputs (`GEMM`): on CPU the operands are cast to
+GEMM precision for 16-bit inputs (`KernelOptions.gemm`): on CPU the operands are cast to
 fp32 one chunk at a time (its 16-bit GEMMs are slow) and all chunk buffers are
 allocated once per call and reused (ragged last chunks use a contiguous prefix
 of the same storage). On CUDA the GEMMs run in the input dtype on the tensor
@@ -30,7 +30,7 @@ d = g * (onehot - softmax) in fp32 and rounds it to the input dtype once, as the
 operand of the two gradient GEMMs (d @ W, d^T @ X), the same numerics as the
 fused Triton kernel. Over the vocabulary a grad_weight block is final after its
 GEMM and is stored in the weight's dtype, so no [V, H] fp32 buffer exists.
-Chunks are larger on CUDA (`CUDA_CHUNK_BYTES`) so that each GEMM is big enough
+Chunks are larger on CUDA (`options.CUDA_BLOCK_BYTES`) so that each GEMM is big enough
 to hide the launches of the elementwise passes between them.
 """
 from __future__ import annotations
@@ -40,55 +40,53 @@ import warnings
 import torch
 
 from .head import PLAIN, Head, chain_, transform_
+from .options import KernelOptions
+from .options import get as get_options
 
-# Bytes of fp32 logits per chunk, and the smallest chunk edge (GEMM efficiency).
-# Measured with benchmarks/bench_logprob_loss.py-shaped steps on a shared 2-core
-# Xeon (fp32, M ~ 1000 scored tokens, H 256-512, V 8-16k; fastest of
-# interleaved reps): budgets from 0.5 to 32 MiB time within a few percent of
-# each other, while the chunk buffer adds its full size to the peak memory.
-# 1 MiB with at least 256 columns keeps the buffer small and the GEMMs wide.
-CHUNK_BYTES = 1 << 20
-MIN_CHUNK = 256
-# On CUDA: [M, Cv] fp32 chunks of 128 MiB (Cv = 4096 columns at 8192 tokens).
-CUDA_CHUNK_BYTES = 128 << 20
+# Block budgets, the smallest block edge, the chunking axis and the 16-bit GEMM rule are
+# settings: caldpo.kernels.options.KernelOptions (block_bytes, min_block, axis, gemm), passed
+# as `options=` to forward / backward. The torch backend's CPU blocks were measured with
+# benchmarks/bench_logprob_loss.py-shaped steps on a shared 2-core Xeon: from 0.5 to 32 MiB
+# they timed within a few percent of each other on a quiet machine (V 8-16k), but at V = 50304
+# 1 MiB blocks (~200 per call, each a dozen parallel regions) ran 4x slower than 8-32 MiB
+# ones once other processes shared the cores (benchmarks/results/cpu_20261129_*).
+# On CUDA, chunk widths are a multiple of this (see chunk_size).
 CUDA_ALIGN = 128
 # On CUDA the 16-bit GEMM forms pad the token count to a multiple of this (zero rows).
 ROW_ALIGN = 16
-# "auto": 16-bit operands stay 16-bit on CUDA and are cast to fp32 on CPU; "fp32" or
-# "input" force one rule everywhere (tests run the CUDA rule on CPU with "input").
-GEMM = "auto"
 # The fp32-output GEMM forms this torch's CUDA build supports (cleared on first failure).
 _CUDA_FORMS = {"mm": True, "mm_out": True, "addmm_out": True}
 # Rows per block when finishing grad_hidden / the target-row gathers (bounds temporaries).
 ROW_BLOCK = 512
-# "auto" chooses by shape; tests force each axis.
-AXIS = "auto"
 
 
-def chunk_size(rows: int, width: int, chunk_bytes: int | None = None, cuda: bool = False) -> int:
-    """How many of `rows` fit one chunk when each is `width` fp32 values wide.
+def chunk_size(rows: int, width: int, chunk_bytes: int | None = None, cuda: bool = False,
+               options: KernelOptions | None = None) -> int:
+    """How many of `rows` fit one chunk when each is `width` fp32 values wide: the options'
+    block budget (`chunk_bytes` overrides it) over the row size, at least `min_block`.
 
     On CUDA the count is a multiple of CUDA_ALIGN: a chunk's row count becomes the
     leading dimension of the next GEMM's operand, and cuBLAS's tensor-core kernels
     need 16-byte aligned rows (on an H100, widths that were not a multiple of 8
     ran 2.6-2.9x slower; benchmarks/results/h100_20261128/NOTES.md).
     """
-    budget = chunk_bytes if chunk_bytes is not None else (CUDA_CHUNK_BYTES if cuda else CHUNK_BYTES)
-    size = max(MIN_CHUNK, budget // (4 * max(width, 1)))
+    opts = get_options(options)
+    budget = chunk_bytes if chunk_bytes else opts.budget(cuda)
+    size = max(opts.min_block, budget // (4 * max(width, 1)))
     if cuda and size >= CUDA_ALIGN:
         size -= size % CUDA_ALIGN
     return max(1, min(rows, size))
 
 
-def _axis(m: int, v: int) -> str:
-    if AXIS != "auto":
-        return AXIS
+def _axis(m: int, v: int, opts: KernelOptions) -> str:
+    if opts.axis != "auto":
+        return opts.axis
     return "vocab" if m <= v else "tokens"
 
 
-def _lowp(x: torch.Tensor, gemm: str | None = None) -> bool:
-    """Whether GEMMs on this 16-bit tensor run in its own dtype (fp32 results)."""
-    rule = gemm or GEMM
+def _lowp(x: torch.Tensor, gemm: str) -> bool:
+    """Whether GEMMs on this 16-bit tensor run in its own dtype (fp32 results) under `gemm`."""
+    rule = gemm
     if x.dtype == torch.float32:
         return False
     return x.is_cuda if rule == "auto" else rule == "input"
@@ -152,20 +150,30 @@ def _block_lse(x: torch.Tensor) -> torch.Tensor:
     return x.sum(dim=1).log_().add_(mx)
 
 
+def _opts(options: KernelOptions | None, chunk_bytes: int | None) -> KernelOptions:
+    """The options, with `chunk_bytes` (the older keyword) as their block budget when given."""
+    opts = get_options(options)
+    return opts.replace(block_bytes=int(chunk_bytes)) if chunk_bytes else opts
+
+
 def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
-            chunk_bytes: int | None = None, head: Head = PLAIN) -> tuple[torch.Tensor, torch.Tensor]:
+            chunk_bytes: int | None = None, head: Head = PLAIN, options: KernelOptions | None = None
+            ) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-prob of target, logsumexp) per token, both [M] float32, of the logits
-    head(hidden @ weight.T) (`head`: bias, scale, soft-cap; caldpo.kernels.head)."""
+    head(hidden @ weight.T) (`head`: bias, scale, soft-cap; caldpo.kernels.head).
+    `options`: block budget, min_block, axis, gemm (KernelOptions; `chunk_bytes` overrides
+    the budget)."""
+    opts = _opts(options, chunk_bytes)
     m, v = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     if m == 0:
         e = torch.empty(0, dtype=torch.float32, device=dev)
         return e, e.clone()
-    if _lowp(hidden):
-        return _forward_lowp(hidden, weight.to(hidden.dtype), targets, chunk_bytes, head)
+    if _lowp(hidden, opts.gemm):
+        return _forward_lowp(hidden, weight.to(hidden.dtype), targets, opts, head)
     h = _f32(hidden)
-    if _axis(m, v) == "vocab":
-        cv = chunk_size(v, m, chunk_bytes, hidden.is_cuda)
+    if _axis(m, v, opts) == "vocab":
+        cv = chunk_size(v, m, None, hidden.is_cuda, opts)
         buf = torch.empty(m * cv, dtype=torch.float32, device=dev)
         wbuf = None if weight.dtype == torch.float32 else torch.empty(
             cv * weight.shape[1], dtype=torch.float32, device=dev)
@@ -177,7 +185,7 @@ def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
             lse = _pick_lse(transform_(logits, head, s), targets - s, tgt, lse)
         return tgt.sub_(lse), lse
     w = _f32(weight)
-    c = chunk_size(m, v, chunk_bytes, hidden.is_cuda)
+    c = chunk_size(m, v, None, hidden.is_cuda, opts)
     buf = torch.empty(c * v, dtype=torch.float32, device=dev)
     logp = torch.empty(m, dtype=torch.float32, device=dev)
     lse = torch.empty(m, dtype=torch.float32, device=dev)
@@ -202,22 +210,22 @@ def _pick_lse(logits: torch.Tensor, rel: torch.Tensor, tgt: torch.Tensor, lse: t
     return part if lse is None else torch.logaddexp(lse, part, out=lse)
 
 
-def _forward_lowp(hidden, weight, targets, chunk_bytes, head=PLAIN):
+def _forward_lowp(hidden, weight, targets, opts, head=PLAIN):
     """`forward` with 16-bit GEMMs into fp32 logits blocks (see the module doc); on CUDA
     the token count is padded to a multiple of ROW_ALIGN (zero rows, results dropped)."""
     m, v = hidden.shape[0], weight.shape[0]
     rows = aligned_rows(m)
     if hidden.is_cuda and rows != m:
-        logp, lse = _forward_lowp(pad_rows(hidden, rows), weight, pad_rows(targets, rows), chunk_bytes, head)
+        logp, lse = _forward_lowp(pad_rows(hidden, rows), weight, pad_rows(targets, rows), opts, head)
         return logp[:m], lse[:m]
     tgt = torch.zeros(m, dtype=torch.float32, device=hidden.device)
     lse = None
-    if _axis(m, v) == "vocab":
-        cv = chunk_size(v, m, chunk_bytes, hidden.is_cuda)
+    if _axis(m, v, opts) == "vocab":
+        cv = chunk_size(v, m, None, hidden.is_cuda, opts)
         for s in range(0, v, cv):
             lse = _pick_lse(transform_(mm32(hidden, weight[s:s + cv].T), head, s), targets - s, tgt, lse)
         return tgt.sub_(lse), lse
-    c = chunk_size(m, v, chunk_bytes, hidden.is_cuda)
+    c = chunk_size(m, v, None, hidden.is_cuda, opts)
     lse = torch.empty(m, dtype=torch.float32, device=hidden.device)
     for s in range(0, m, c):
         e = min(s + c, m)
@@ -250,7 +258,7 @@ def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
     return torch.cat([x, x.new_zeros((rows - x.shape[0],) + tuple(x.shape[1:]))]) if rows > x.shape[0] else x
 
 
-def _backward_lowp(g, hidden, weight, targets, lse, need_hidden, need_weight, chunk_bytes, block_fn,
+def _backward_lowp(g, hidden, weight, targets, lse, need_hidden, need_weight, opts, block_fn,
                    grad_weight_dtype, head=PLAIN, need_bias=False):
     """`backward` with 16-bit GEMMs, and the form every backward with a non-plain head takes
     (fp32 inputs then give fp32 blocks). Each block of d = g * (onehot - softmax) * dl/dz is
@@ -267,7 +275,7 @@ def _backward_lowp(g, hidden, weight, targets, lse, need_hidden, need_weight, ch
     rows = aligned_rows(m)
     if hidden.is_cuda and rows != m:
         gh, gw, gb = _backward_lowp(pad_rows(g, rows), pad_rows(hidden, rows), weight, pad_rows(targets, rows),
-                                    pad_rows(lse, rows), need_hidden, need_weight, chunk_bytes, block_fn,
+                                    pad_rows(lse, rows), need_hidden, need_weight, opts, block_fn,
                                     grad_weight_dtype, head, need_bias)
         return (gh[:m] if need_hidden else None), gw, gb
     dt, h = hidden.dtype, hidden.shape[1]
@@ -276,8 +284,8 @@ def _backward_lowp(g, hidden, weight, targets, lse, need_hidden, need_weight, ch
     grad_h = grad_w = None
     grad_b = torch.zeros(v, **f32) if need_bias else None
     kw = {} if head.plain else {"head": head}  # block functions that predate heads take 7 arguments
-    if _axis(m, v) == "vocab":
-        cv = chunk_size(v, m, chunk_bytes, hidden.is_cuda)
+    if _axis(m, v, opts) == "vocab":
+        cv = chunk_size(v, m, None, hidden.is_cuda, opts)
         if need_hidden:
             grad_h = torch.zeros(m, h, **f32)
         if need_weight:
@@ -297,7 +305,7 @@ def _backward_lowp(g, hidden, weight, targets, lse, need_hidden, need_weight, ch
                 else:
                     grad_w[s:e].copy_(mm32(d.T, hidden, out=_view(wbuf, e - s, h)))
         return grad_h, grad_w, grad_b
-    c = chunk_size(m, v, chunk_bytes, hidden.is_cuda)
+    c = chunk_size(m, v, None, hidden.is_cuda, opts)
     if need_hidden:
         grad_h = torch.empty(m, h, **f32)
     if need_weight:
@@ -328,16 +336,17 @@ def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
              targets: torch.Tensor, lse: torch.Tensor, need_hidden: bool = True,
              need_weight: bool = True, chunk_bytes: int | None = None,
              dlogits_block=None, gemm: str | None = None, head: Head | None = None,
-             need_bias: bool = False) -> tuple[torch.Tensor | None, ...]:
+             need_bias: bool = False, options: KernelOptions | None = None) -> tuple[torch.Tensor | None, ...]:
     """Gradients of sum(grad * logp) w.r.t. hidden [M,H] and weight [V,H], in fp32 (in the
     16-bit GEMM rule, grad_weight may come in the weight's dtype; callers cast to it anyway).
 
-    `gemm` overrides the module's GEMM rule; `dlogits_block(x, w, shift, g, targets, col0, dtype)`
+    `options`: as in `forward`; `gemm` overrides the options' GEMM rule; `dlogits_block(x, w, shift, g, targets, col0, dtype)`
     replaces the torch ops that form g * (onehot - exp(x @ w.T + shift)) in the 16-bit
     rule (the Triton backend passes a one-pass kernel). With `head` given (the forward's),
     a third item follows: grad_bias [V] fp32 when `need_bias`, else None; a non-plain head
     takes the explicit-d form of `_backward_lowp` (its block function then gets `head=`).
     """
+    opts = _opts(options, chunk_bytes)
     m, v = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     h = _f32(hidden)
@@ -354,19 +363,19 @@ def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
         return (grad_h, grad_w) + extra
     g = _f32(grad).unsqueeze(1)
     block_fn = dlogits_block or _dlogits_block
-    if _lowp(hidden, gemm):
+    if _lowp(hidden, gemm or opts.gemm):
         out = _backward_lowp(g, hidden, weight.to(hidden.dtype), targets, lse, need_hidden, need_weight,
-                             chunk_bytes, block_fn, weight.dtype, head or PLAIN, need_bias)
+                             opts, block_fn, weight.dtype, head or PLAIN, need_bias)
         return out if head is not None else out[:2]
     if head is not None and not head.plain:
         # fp32 blocks (16-bit operands are upcast per GEMM by mm32 on CPU).
-        return _backward_lowp(g, h, weight, targets, lse, need_hidden, need_weight, chunk_bytes,
+        return _backward_lowp(g, h, weight, targets, lse, need_hidden, need_weight, opts,
                               block_fn, torch.float32, head, need_bias)
     neg_lse = lse.neg().unsqueeze(1)
     ngx = h * g.neg() if need_weight else None  # rows of X scaled by minus their upstream grad
 
-    if _axis(m, v) == "vocab":
-        cv = chunk_size(v, m, chunk_bytes, hidden.is_cuda)
+    if _axis(m, v, opts) == "vocab":
+        cv = chunk_size(v, m, None, hidden.is_cuda, opts)
         buf = torch.empty(m * cv, dtype=torch.float32, device=dev)
         wbuf = None if weight.dtype == torch.float32 else torch.empty(
             cv * weight.shape[1], dtype=torch.float32, device=dev)
@@ -389,7 +398,7 @@ def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
         return (grad_h, grad_w) + extra
 
     w = _f32(weight)
-    c = chunk_size(m, v, chunk_bytes, hidden.is_cuda)
+    c = chunk_size(m, v, None, hidden.is_cuda, opts)
     buf = torch.empty(c * v, dtype=torch.float32, device=dev)
     if need_hidden:
         grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=dev)

@@ -15,6 +15,8 @@ from . import chunked
 from . import head as head_mod
 from .backends import resolve_backend
 from .head import Head
+from .options import KernelOptions, decode
+from .options import get as get_options
 from .reference import reference_linear_logprobs
 
 
@@ -86,16 +88,17 @@ def _head(bias: torch.Tensor | None, scale: float, softcap: float) -> Head:
 
 @torch.library.custom_op("caldpo::linear_logprobs_fwd", mutates_args=())
 def _fwd_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None,
-            ignore_index: int, backend: str, scale: float, softcap: float
+            ignore_index: int, backend: str, scale: float, softcap: float, options: str
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp [N], lse [N], kept index [K]) in fp32 / int64; ignored tokens are dropped
     before any matmul. The index is returned so that backward reuses it without a sync.
-    `bias`, `scale`, `softcap` (0.0: none) describe the head (caldpo.kernels.head)."""
+    `bias`, `scale`, `softcap` (0.0: none) describe the head (caldpo.kernels.head);
+    `options` is a KernelOptions.encode() string."""
     n = hidden.shape[0]
     idx = _kept(targets, ignore_index, weight.shape[0])
     impl = _impl(backend)
     head = _head(bias, scale, softcap)
-    kw = {} if head.plain else {"head": head}
+    kw = {"options": decode(options)} if head.plain else {"head": head, "options": decode(options)}
     if idx.numel() == n:
         logp, lse = impl.forward(hidden, weight, targets, **kw)
         return logp, lse, idx
@@ -109,7 +112,7 @@ def _fwd_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, b
 
 
 @_fwd_op.register_fake
-def _(hidden, weight, targets, bias, ignore_index, backend, scale, softcap):
+def _(hidden, weight, targets, bias, ignore_index, backend, scale, softcap, options):
     n = hidden.shape[0]
     k = torch.library.get_ctx().new_dynamic_size()
     f32 = dict(dtype=torch.float32)
@@ -119,7 +122,7 @@ def _(hidden, weight, targets, bias, ignore_index, backend, scale, softcap):
 @torch.library.custom_op("caldpo::linear_logprobs_bwd", mutates_args=())
 def _bwd_op(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
             lse: torch.Tensor, idx: torch.Tensor, bias: torch.Tensor | None, backend: str, scale: float,
-            softcap: float, need_hidden: bool, need_weight: bool, need_bias: bool
+            softcap: float, options: str, need_hidden: bool, need_weight: bool, need_bias: bool
             ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(grad_hidden, grad_weight, grad_bias) in the inputs' dtypes; an unneeded one is an
     empty tensor.
@@ -128,7 +131,9 @@ def _bwd_op(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targ
     """
     impl = _impl(backend)
     head = _head(bias, scale, softcap)
-    kw = {} if head.plain else {"head": head, "need_bias": need_bias}
+    kw = {"options": decode(options)}
+    if not head.plain:
+        kw.update(head=head, need_bias=need_bias)
     if idx.numel() == hidden.shape[0]:
         gh, gw, *gb = impl.backward(grad, hidden, weight, targets, lse, need_hidden, need_weight, **kw)
     else:
@@ -148,8 +153,8 @@ def _bwd_op(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor, targ
 
 
 @_bwd_op.register_fake
-def _(grad, hidden, weight, targets, lse, idx, bias, backend, scale, softcap, need_hidden, need_weight,
-      need_bias):
+def _(grad, hidden, weight, targets, lse, idx, bias, backend, scale, softcap, options, need_hidden,
+      need_weight, need_bias):
     gh = torch.empty_like(hidden) if need_hidden else hidden.new_empty(0)
     gw = torch.empty_like(weight) if need_weight else weight.new_empty(0)
     gb = torch.empty_like(bias) if need_bias and bias is not None else hidden.new_empty(0)
@@ -157,10 +162,10 @@ def _(grad, hidden, weight, targets, lse, idx, bias, backend, scale, softcap, ne
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, targets, bias, ignore_index, backend, scale, softcap = inputs
+    hidden, weight, targets, bias, ignore_index, backend, scale, softcap, options = inputs
     ctx.save_for_backward(hidden, weight, targets, output[1], output[2], bias)
     ctx.set_materialize_grads(False)
-    ctx.backend, ctx.scale, ctx.softcap = backend, scale, softcap
+    ctx.backend, ctx.scale, ctx.softcap, ctx.options = backend, scale, softcap, options
 
 
 def _backward(ctx, grad_logp, grad_lse, grad_idx):
@@ -168,11 +173,11 @@ def _backward(ctx, grad_logp, grad_lse, grad_idx):
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = bias is not None and ctx.needs_input_grad[3]
     if grad_logp is None or not (need_h or need_w or need_b):
-        return (None,) * 8
+        return (None,) * 9
     gh, gw, gb = _bwd_op(grad_logp.contiguous(), hidden, weight, targets, lse, idx, bias,
-                         ctx.backend, ctx.scale, ctx.softcap, need_h, need_w, need_b)
+                         ctx.backend, ctx.scale, ctx.softcap, ctx.options, need_h, need_w, need_b)
     return (gh if need_h else None), (gw if need_w else None), None, (gb if need_b else None), \
-        None, None, None, None
+        None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -185,10 +190,15 @@ def _resolve(backend: str, device: str) -> str:
     return resolve_backend(backend, torch.device(device))
 
 
+def _backend(backend: str, opts: KernelOptions) -> str:
+    """The backend argument wins over the options' unless it is "auto"."""
+    return opts.backend if backend == "auto" else backend
+
+
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                     ignore_index: int = -100, backend: str = "auto", *,
                     bias: torch.Tensor | None = None, scale: float = 1.0,
-                    softcap: float | None = None) -> torch.Tensor:
+                    softcap: float | None = None, options: KernelOptions | None = None) -> torch.Tensor:
     """log_softmax(logits)[targets] per token -> [N] float32, where
     logits = softcap * tanh(scale * (hidden @ weight.T + bias) / softcap)
     (no bias / scale 1 / softcap None leave out that step; caldpo.kernels.head).
@@ -196,7 +206,9 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     hidden [N,H], weight [V,H], targets [N] (int64), bias [V] or None, scale a non-zero
     float, softcap a float > 0 or None. 0.0 where targets == ignore_index.
     Differentiable w.r.t. hidden, weight and bias. Only the reference backend allocates
-    [N, V]; the others keep a logsumexp per token. Raises ValueError for bad shapes or head
+    [N, V]; the others keep a logsumexp per token. `options` (caldpo.kernels.KernelOptions;
+    None: the defaults) sets the backend, block budget and forms; a `backend` other than
+    "auto" overrides `options.backend`. Raises ValueError for bad shapes or head
     values, and for a target outside [0, V) that is not ignore_index (on every backend;
     on CUDA without a host sync of its own, see `_kept`).
     """
@@ -205,25 +217,27 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     if targets.shape != hidden.shape[:1]:
         raise ValueError(f"targets {tuple(targets.shape)} must be [N] with N={hidden.shape[0]}")
     head = head_mod.make(bias, scale, softcap, weight.shape[0])
-    name = _resolve(backend, str(hidden.device))
+    opts = get_options(options)
+    name = _resolve(_backend(backend, opts), str(hidden.device))
     if name == "reference":
         check_targets(targets, weight.shape[0], ignore_index)
         return reference_linear_logprobs(hidden, weight, targets, ignore_index, head=head)
     return _fwd_op(hidden.contiguous(), weight, targets.long().contiguous(), bias, int(ignore_index), name,
-                   head.scale, head.softcap or 0.0)[0]
+                   head.scale, head.softcap or 0.0, opts.encode())[0]
 
 
 def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                       average_log_prob: bool = False, backend: str = "auto",
                       ignore_index: int = -100, *, bias: torch.Tensor | None = None,
-                      scale: float = 1.0, softcap: float | None = None) -> torch.Tensor:
+                      scale: float = 1.0, softcap: float | None = None,
+                      options: KernelOptions | None = None) -> torch.Tensor:
     """Per-sequence log-prob of the labels -> [B] float32.
 
     Hugging Face shift: hidden[:, t] predicts labels[:, t+1]; labels equal to
     `ignore_index` (and the first position) are skipped. Sum over the scored
     tokens, or their mean when `average_log_prob`; a sequence with no scored
-    token gives 0.0 either way. `bias`, `scale`, `softcap`: the output head, as in
-    `linear_logprobs`.
+    token gives 0.0 either way. `bias`, `scale`, `softcap`: the output head, and `options`
+    (KernelOptions), as in `linear_logprobs`.
     """
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(f"expected hidden [B,T,H] and labels [B,T], got {tuple(hidden.shape)} and {tuple(labels.shape)}")
@@ -231,7 +245,7 @@ def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     targets = torch.full_like(labels, ignore_index, dtype=torch.long)
     targets[:, :-1] = labels[:, 1:]
     tok = linear_logprobs(hidden.reshape(b * t, h), weight, targets.reshape(-1), ignore_index, backend,
-                          bias=bias, scale=scale, softcap=softcap)
+                          bias=bias, scale=scale, softcap=softcap, options=options)
     total = tok.view(b, t).sum(dim=1)
     if not average_log_prob:
         return total

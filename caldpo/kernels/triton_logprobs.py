@@ -1,7 +1,7 @@
 """Triton backend: the output head's log-softmax at the targets, forward and backward.
 
 Both entry points take *compacted* inputs (ignored tokens already removed). Each
-step has two forms; `FORWARD` / `BACKWARD` pick them for 16-bit inputs (fp32
+step has two forms; `KernelOptions.forward_form` / `backward_form` pick them for 16-bit inputs (fp32
 inputs always take the fused kernels, with IEEE fp32 products, no TF32).
 
 Forward, "fused" (default; `_fwd_kernel`, grid = token tiles x vocab splits):
@@ -21,7 +21,7 @@ pass (`_dlogits_block_kernel`), then grad_hidden += d @ W_block and
 grad_weight[block] = d^T @ X as cuBLAS GEMMs with fp32 outputs (the
 accumulation rides in the GEMM's beta; each grad_weight block is final at once
 and stored in the weight's dtype). No atomics, and the tensor-core work is
-cuBLAS's. The price is one fp32 block of `chunked.CUDA_CHUNK_BYTES` (128 MiB)
+cuBLAS's. The price is one fp32 block of `KernelOptions.block_bytes` (128 MiB on CUDA by default)
 and a bf16 copy of it, never [N, V].
 Backward, "fused" (`_bwd_kernel`, one program per (token tile, vocab tile)):
 recompute the logit tile, form d = g * (onehot - softmax), then for each H-chunk
@@ -49,15 +49,17 @@ import triton.language as tl
 from . import chunked
 from .backends import triton_interpreting
 from .head import PLAIN, Head
+from .options import DEFAULT as _DEFAULT_OPTIONS
+from .options import KernelOptions
+from .options import get as get_options
 
-# Forms for 16-bit inputs (fp32 inputs always take the fused kernels); see the module doc
-# for the measurements behind the defaults.
-# FORWARD: "fused" (one Triton kernel, online logsumexp over vocab tiles) or "gemm" (cuBLAS
-# GEMMs into fp32 vocab blocks, one Triton reduction pass each).
-# BACKWARD: "gemm" (recompute each logits block with cuBLAS, one Triton pass for
-# d = g * (onehot - p), two cuBLAS GEMMs for the gradients) or "fused" (one Triton kernel, atomics).
-DEFAULT_FORMS = ("fused", "gemm")
-FORWARD, BACKWARD = DEFAULT_FORMS
+# Forms for 16-bit inputs (fp32 inputs always take the fused kernels), chosen per call by
+# KernelOptions.forward_form / backward_form; see the module doc for the measurements behind
+# the defaults. Forward: "fused" (one Triton kernel, online logsumexp over vocab tiles) or
+# "gemm" (cuBLAS GEMMs into fp32 vocab blocks, one Triton reduction pass each). Backward:
+# "gemm" (recompute each logits block with cuBLAS, one Triton pass for d = g * (onehot - p),
+# two cuBLAS GEMMs for the gradients) or "fused" (one Triton kernel, atomics).
+DEFAULT_FORMS = (_DEFAULT_OPTIONS.forward_form, _DEFAULT_OPTIONS.backward_form)
 
 
 @triton.jit
@@ -283,18 +285,20 @@ def _head_args(head: Head, device) -> tuple[tuple, dict]:
             dict(HAS_BIAS=head.bias is not None, SOFTCAP=head.softcap is not None))
 
 
-def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, head: Head = PLAIN
-            ) -> tuple[torch.Tensor, torch.Tensor]:
+def forward(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, head: Head = PLAIN,
+            options: KernelOptions | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(log-prob of target, logsumexp) per token, both [M] float32, of the logits
-    head(hidden @ weight.T) (caldpo.kernels.head)."""
+    head(hidden @ weight.T) (caldpo.kernels.head); `options.forward_form` picks the form
+    for 16-bit inputs."""
+    opts = get_options(options)
     weight = _check(hidden, weight)
     m, h = hidden.shape
     v = weight.shape[0]
     if m == 0:
         e = hidden.new_empty(0, dtype=torch.float32)
         return e, e.clone()
-    if FORWARD == "gemm" and hidden.dtype != torch.float32:
-        return _forward_gemm(hidden, weight, targets, head)
+    if opts.forward_form == "gemm" and hidden.dtype != torch.float32:
+        return _forward_gemm(hidden, weight, targets, head, opts)
     splits = _n_splits(hidden, m, v)
     part = _parts(m, splits, hidden.device)
     hargs, hflags = _head_args(head, hidden.device)
@@ -349,17 +353,18 @@ def _lse_block_kernel(z_ptr, t_ptr, m_out, s_out, tgt_out, cols, col0, n_parts, 
     tl.store(tgt_out + out, t_i)
 
 
-def _forward_gemm(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, head: Head = PLAIN
-                  ) -> tuple[torch.Tensor, torch.Tensor]:
+def _forward_gemm(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, head: Head = PLAIN,
+                  opts: KernelOptions = _DEFAULT_OPTIONS) -> tuple[torch.Tensor, torch.Tensor]:
     """Forward for 16-bit inputs as cuBLAS GEMMs into fp32 vocab blocks of the chunked
     backend's size, each reduced by one Triton pass; on CUDA the tokens are padded to a
     multiple of chunked.ROW_ALIGN (zero rows, dropped) so that every GEMM edge stays aligned."""
     m, v = hidden.shape[0], weight.shape[0]
     rows = chunked.aligned_rows(m)
     if _on_gpu(hidden) and rows != m:
-        logp, lse = _forward_gemm(chunked.pad_rows(hidden, rows), weight, chunked.pad_rows(targets, rows), head)
+        logp, lse = _forward_gemm(chunked.pad_rows(hidden, rows), weight, chunked.pad_rows(targets, rows), head,
+                                  opts)
         return logp[:m], lse[:m]
-    cv = chunked.chunk_size(v, m, cuda=hidden.is_cuda)
+    cv = chunked.chunk_size(v, m, cuda=hidden.is_cuda, options=opts)
     n = triton.cdiv(v, cv)
     part = _parts(m, n, hidden.device)
     block = 1024 if _on_gpu(hidden) else 32
@@ -405,19 +410,22 @@ def _dlogits_block(x: torch.Tensor, w: torch.Tensor, shift: torch.Tensor, g: tor
 
 def backward(grad: torch.Tensor, hidden: torch.Tensor, weight: torch.Tensor,
              targets: torch.Tensor, lse: torch.Tensor, need_hidden: bool = True,
-             need_weight: bool = True, head: Head | None = None, need_bias: bool = False
-             ) -> tuple[torch.Tensor | None, ...]:
+             need_weight: bool = True, head: Head | None = None, need_bias: bool = False,
+             options: KernelOptions | None = None) -> tuple[torch.Tensor | None, ...]:
     """Gradients of sum(grad * logp) w.r.t. hidden [M,H] and weight [V,H], in fp32 (the GEMM
     form gives grad_weight in the weight's dtype: see chunked.backward); with `head` given
-    (the forward's), a third item: grad_bias [V] fp32 when `need_bias`, else None."""
+    (the forward's), a third item: grad_bias [V] fp32 when `need_bias`, else None.
+    `options.backward_form` picks the form for 16-bit inputs."""
+    opts = get_options(options)
     m, h = hidden.shape
     v = weight.shape[0]
     hd = head or PLAIN
     need_bias = need_bias and hd.bias is not None
-    if BACKWARD == "gemm" and hidden.dtype in (torch.bfloat16, torch.float16) and m > 0:
+    if opts.backward_form == "gemm" and hidden.dtype in (torch.bfloat16, torch.float16) and m > 0:
         # chunked.backward casts the weight to the hidden dtype itself, once.
         return chunked.backward(grad, hidden, weight, targets, lse, need_hidden, need_weight,
-                                dlogits_block=_dlogits_block, gemm="input", head=head, need_bias=need_bias)
+                                dlogits_block=_dlogits_block, gemm="input", head=head, need_bias=need_bias,
+                                options=opts)
     w_in = _check(hidden, weight)
     gx = torch.zeros(m, h, dtype=torch.float32, device=hidden.device) if need_hidden else None
     gw = torch.zeros(v, h, dtype=torch.float32, device=hidden.device) if need_weight else None

@@ -156,8 +156,20 @@ class DataConfig:
 @dataclass
 class KernelsConfig:
     """``kernels.*``: the fused log-prob kernels."""
-    backend: str = opt("auto (triton on CUDA, torch on CPU) | torch | native (C++, CPU) | triton | reference",
+    backend: str = opt("auto (triton on CUDA; on CPU native when the C++ extension builds, else torch) | "
+                       "torch | native (C++, CPU) | triton | reference",
                        choices=("auto", "torch", "native", "triton", "reference"))
+    block_bytes: Optional[int] = opt("bytes of fp32 logits per vocabulary block (torch, native, Triton GEMM "
+                                     "forms); null: 16 MiB on CPU, 128 MiB on CUDA")
+    min_block: int = opt("narrowest block edge in rows or columns (GEMM efficiency)")
+    axis: str = opt("torch backend: chunk over the vocab or the tokens; auto: vocab when tokens <= vocab",
+                    choices=("auto", "vocab", "tokens"))
+    gemm: str = opt("torch backend, 16-bit inputs: auto (16-bit GEMMs on CUDA, fp32 on CPU) | fp32 | input",
+                    choices=("auto", "fp32", "input"))
+    forward_form: str = opt("triton, 16-bit inputs: fused (one kernel) | gemm (cuBLAS + a Triton pass)",
+                            choices=("fused", "gemm"))
+    backward_form: str = opt("triton, 16-bit inputs: gemm (cuBLAS + a Triton pass) | fused (one kernel, atomics)",
+                             choices=("gemm", "fused"))
 
 
 @dataclass

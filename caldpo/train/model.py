@@ -15,7 +15,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from caldpo.kernels import linear_logprobs, sequence_logprobs
+from caldpo.kernels import KernelOptions, linear_logprobs, sequence_logprobs
 
 from .config import ConfigError
 from .layout import PackedBatch, segment_sum
@@ -216,13 +216,17 @@ def apply_archive(model: nn.Module, state: dict[str, torch.Tensor], path: str) -
 class LogProbModel(nn.Module):
     """A causal LM whose forward returns per-sequence response log-probs via the fused head."""
 
-    def __init__(self, lm: nn.Module, backend: str = "auto", head: OutputHead | None = None):
+    def __init__(self, lm: nn.Module, backend: str = "auto", head: OutputHead | None = None,
+                 options: KernelOptions | None = None):
         """``head``: the model's output head (bias, logit scale, soft-cap); by default read from
         the model and checked against its own forward by ``output_head``, which raises ConfigError
-        for a head the fused kernels cannot reproduce."""
+        for a head the fused kernels cannot reproduce. ``options``: the kernel settings passed on
+        every call (caldpo.kernels.KernelOptions; None: the defaults); a ``backend`` other than
+        "auto" overrides ``options.backend``."""
         super().__init__()
         self.lm = lm
         self.backend = backend
+        self.options = options if options is not None else KernelOptions()
         self.head = head if head is not None else output_head(lm)
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
@@ -242,7 +246,7 @@ class LogProbModel(nn.Module):
         if packed is not None:
             return self.packed_logprobs(hidden, weight, packed, average_log_prob)
         return sequence_logprobs(hidden, weight, labels, average_log_prob=average_log_prob, backend=self.backend,
-                                 **self.head.kwargs(self.lm))
+                                 options=self.options, **self.head.kwargs(self.lm))
 
     def packed_logprobs(self, hidden: torch.Tensor, weight: torch.Tensor, packed: PackedBatch,
                         average_log_prob: bool = False) -> torch.Tensor:
@@ -250,7 +254,8 @@ class LogProbModel(nn.Module):
         listed twice, e.g. the last shared prompt row of a prefix-shared pair), score each against
         its target with ``linear_logprobs``, and sum (or average) per sequence -> [S] float32."""
         flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, packed.rows)
-        tok = linear_logprobs(flat, weight, packed.targets, backend=self.backend, **self.head.kwargs(self.lm))
+        tok = linear_logprobs(flat, weight, packed.targets, backend=self.backend, options=self.options,
+                              **self.head.kwargs(self.lm))
         return segment_sum(tok, packed.sequence, packed.n_sequences, average=average_log_prob)
 
 

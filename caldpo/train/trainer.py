@@ -25,6 +25,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from caldpo.kernels import resolve_backend
+from caldpo.kernels.options import from_config as kernel_options_from_config
 
 from . import checkpoint as ckpt
 from . import rundir
@@ -193,6 +194,10 @@ class Trainer:
             self.backend = resolve_backend(cfg.kernels.backend, self.device)
         except RuntimeError as e:
             raise ConfigError(f"kernels.backend={cfg.kernels.backend}: {e}") from None
+        try:  # every kernel setting, passed to the head on each call (caldpo.kernels.KernelOptions)
+            self.kernel_options = kernel_options_from_config(cfg.kernels).replace(backend=self.backend)
+        except ValueError as e:
+            raise ConfigError(f"kernels: {e}") from None
         path = model_path(cfg)
         self.tokenizer = load_tokenizer(cfg, path)
         check_vocab_and_positions(cfg, self.tokenizer, path)
@@ -220,7 +225,7 @@ class Trainer:
             apply_activation_checkpointing(lm, cfg.model.block_name)
         if cfg.compile:
             lm.base_model.compile()
-        self.policy = LogProbModel(lm, self.backend)
+        self.policy = LogProbModel(lm, self.backend, options=self.kernel_options)
         self.reference = None
         self.ref_cache = None
         needs_ref = not self.sft and not cfg.loss.get("reference_free", False)
@@ -305,7 +310,7 @@ class Trainer:
         if archive is not None:
             apply_archive(lm, archive, cfg.model.archive)
         lm.requires_grad_(False).eval()
-        return LogProbModel(lm, self.backend)
+        return LogProbModel(lm, self.backend, options=self.kernel_options)
 
     def _optimizer(self) -> torch.optim.Optimizer:
         cls = getattr(torch.optim, self.cfg.optimizer)

@@ -8,7 +8,7 @@ token counts, half the tokens ignored, and bf16/fp16/fp32 inputs.
 import pytest
 import torch
 
-from caldpo.kernels import linear_logprobs, preference_loss, sequence_logprobs
+from caldpo.kernels import KernelOptions, linear_logprobs, preference_loss, sequence_logprobs
 from caldpo.kernels.backends import triton_interpreting
 
 from .conftest import eager_and_compiled, make_inputs, oracle_logprobs, rel_err, tol
@@ -20,17 +20,15 @@ BACKENDS = ["triton", "triton-gemm", "triton-fused", "torch"]
 FORMS = {"triton-gemm": ("gemm", "gemm"), "triton-fused": ("fused", "fused")}
 
 
-@pytest.fixture(autouse=True)
-def _forms(request, monkeypatch):
-    backend = getattr(request.node, "callspec", None) and request.node.callspec.params.get("backend")
-    if backend in FORMS:
-        from caldpo.kernels import triton_logprobs
-        monkeypatch.setattr(triton_logprobs, "FORWARD", FORMS[backend][0])
-        monkeypatch.setattr(triton_logprobs, "BACKWARD", FORMS[backend][1])
-
-
 def _name(backend):
     return "triton" if backend.startswith("triton") else backend
+
+
+def _options(backend) -> KernelOptions:
+    """The Triton variant's forms as options (the defaults for the others)."""
+    if backend in FORMS:
+        return KernelOptions(forward_form=FORMS[backend][0], backward_form=FORMS[backend][1])
+    return KernelOptions()
 
 
 def compare(gen, backend, n, h, v, dtype, scale=1.0):
@@ -42,7 +40,7 @@ def compare(gen, backend, n, h, v, dtype, scale=1.0):
     ref = oracle_logprobs(h64, w64, targets)
     ref_gh, ref_gw = torch.autograd.grad((ref * g).sum(), (h64, w64))
     x, w = hidden.clone().requires_grad_(), weight.clone().requires_grad_()
-    out = linear_logprobs(x, w, targets, backend=_name(backend))
+    out = linear_logprobs(x, w, targets, backend=_name(backend), options=_options(backend))
     out.backward(g.float())
     errs = {"logp": rel_err(out, ref), "grad_hidden": rel_err(x.grad, ref_gh), "grad_weight": rel_err(w.grad, ref_gw)}
     print(f"{backend} n={n} h={h} v={v} {dtype}: " + ", ".join(f"{k} {e:.2e}" for k, e in errs.items()))
@@ -82,7 +80,7 @@ def test_compiled_training_step(gen, backend):
     ref = torch.randn(b, generator=gen).cuda() * 5 - 100
 
     def step(e):
-        lp = sequence_logprobs(torch.tanh(e[ids]), e, labels, backend=_name(backend))
+        lp = sequence_logprobs(torch.tanh(e[ids]), e, labels, backend=_name(backend), options=_options(backend))
         losses, _, _ = preference_loss(lp[:2], lp[2:], ref[:2], ref[2:], 0.1, loss="caldpo", backend="compiled")
         return losses.mean()
 
@@ -126,7 +124,7 @@ def test_head_bias_scale_softcap(gen, backend):
     from .test_head import check_head
     hidden, weight, targets = make_inputs(gen, 777, 1024, 50304, torch.bfloat16, scale=60.0, ignore_frac=0.5)
     head = make_head(gen, 50304, torch.bfloat16, 1.0, 0.5, 30.0)
-    check_head(gen, hidden, weight, targets, head, _name(backend), device="cuda")
+    check_head(gen, hidden, weight, targets, head, _name(backend), device="cuda", options=_options(backend))
 
 
 def test_out_of_range_target_without_extra_sync(gen):

@@ -3,13 +3,13 @@ targets, on the CPU backends, against the float64 formula in conftest (Triton: t
 import pytest
 import torch
 
-from caldpo.kernels import chunked, linear_logprobs, sequence_logprobs
+from caldpo.kernels import KernelOptions, linear_logprobs, sequence_logprobs
 
 from .conftest import HEADS, make_head, make_inputs, oracle_head_logprobs, rel_err, tol
 from .test_linear_logprobs import BACKENDS
 
 
-def check_head(gen, hidden, weight, targets, head, backend, need=("h", "w", "b"), device="cpu"):
+def check_head(gen, hidden, weight, targets, head, backend, need=("h", "w", "b"), device="cpu", options=None):
     """Values and the gradients of hidden, weight and bias against the float64 formula
     (inputs moved to `device` for the backend, results compared on the CPU)."""
     g = torch.randn(hidden.shape[0], generator=gen, dtype=torch.float64)
@@ -25,7 +25,7 @@ def check_head(gen, hidden, weight, targets, head, backend, need=("h", "w", "b")
     w = weight.to(device).requires_grad_("w" in need)
     b = head["bias"].to(device).requires_grad_("b" in need) if head["bias"] is not None else None
     out = linear_logprobs(h, w, targets.to(device), backend=backend, bias=b, scale=head["scale"],
-                          softcap=head["softcap"])
+                          softcap=head["softcap"], options=options)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
     out.backward(g.float().to(device))
     out = out.cpu()
@@ -49,17 +49,26 @@ def test_head_matches_oracle(gen, backend, spec, dtype):
 
 @pytest.mark.parametrize("axis", ["vocab", "tokens"])
 @pytest.mark.parametrize("gemm", ["auto", "input"])
-def test_head_across_chunks(gen, monkeypatch, axis, gemm):
+def test_head_across_chunks(gen, axis, gemm):
     """7-wide chunks on each axis (the bias slice and the logsumexp merge per block), in the CPU
-    rule and in the CUDA rule for 16-bit operands (GEMM="input")."""
+    rule and in the CUDA rule for 16-bit operands (gemm="input")."""
     n, v = 60, 131
-    monkeypatch.setattr(chunked, "AXIS", axis)
-    monkeypatch.setattr(chunked, "GEMM", gemm)
-    monkeypatch.setattr(chunked, "CHUNK_BYTES", 7 * 4 * (v if axis == "tokens" else n))
-    monkeypatch.setattr(chunked, "MIN_CHUNK", 1)
+    opts = KernelOptions(axis=axis, gemm=gemm, block_bytes=7 * 4 * (v if axis == "tokens" else n), min_block=1)
     dtype = torch.bfloat16 if gemm == "input" else torch.float32
     hidden, weight, targets = make_inputs(gen, n, 16, v, dtype, scale=8.0)
-    check_head(gen, hidden, weight, targets, make_head(gen, v, dtype, 1.0, 0.5, 2.0), "torch")
+    check_head(gen, hidden, weight, targets, make_head(gen, v, dtype, 1.0, 0.5, 2.0), "torch", options=opts)
+
+
+@pytest.mark.parametrize("spec", [(1.0, 0.5, 2.0), (2.0, 1.0, None)], ids=["bias-scale-cap", "bias"])
+def test_head_across_native_blocks(gen, spec):
+    """The native backend's vocabulary blocks (13 columns: the bias offset per block, the online
+    logsumexp merge) with a head."""
+    if "native" not in BACKENDS:
+        pytest.skip("native backend unavailable")
+    n, v = 40, 131
+    opts = KernelOptions(block_bytes=13 * 4 * n, min_block=1)
+    hidden, weight, targets = make_inputs(gen, n, 16, v, torch.float32, scale=8.0)
+    check_head(gen, hidden, weight, targets, make_head(gen, v, torch.float32, *spec), "native", options=opts)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -3,7 +3,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from caldpo.kernels import available_backends, linear_logprobs, resolve_backend
+from caldpo.kernels import KernelOptions, available_backends, linear_logprobs, resolve_backend
 from caldpo.kernels import chunked
 
 from .conftest import make_inputs, oracle_logprobs, rel_err, tol
@@ -18,7 +18,7 @@ except ImportError:
 SHAPES = [(37, 16, 131), (64, 32, 37), (5, 8, 1000), (1, 4, 3)]
 
 
-def check(hidden, weight, targets, backend, gen, atol_dtype=None):
+def check(hidden, weight, targets, backend, gen, atol_dtype=None, options=None):
     """Run backend and oracle with the same random upstream grad; compare all three results."""
     dtype = atol_dtype or hidden.dtype
     g = torch.randn(hidden.shape[0], generator=gen, dtype=torch.float64)
@@ -29,7 +29,7 @@ def check(hidden, weight, targets, backend, gen, atol_dtype=None):
 
     h = hidden.detach().clone().requires_grad_()
     w = weight.detach().clone().requires_grad_()
-    out = linear_logprobs(h, w, targets, backend=backend)
+    out = linear_logprobs(h, w, targets, backend=backend, options=options)
     assert out.dtype == torch.float32 and out.shape == targets.shape
     out.backward(g.float())
     assert h.grad.dtype == hidden.dtype and w.grad.dtype == weight.dtype
@@ -61,14 +61,12 @@ def test_fp16_inputs(gen):
 
 @pytest.mark.parametrize("axis", ["vocab", "tokens"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_many_ragged_chunks(gen, monkeypatch, axis, dtype):
+def test_many_ragged_chunks(gen, axis, dtype):
     """Force 7-row chunks on each axis so every boundary and a ragged last chunk are exercised."""
     n, v = 100, 131
-    monkeypatch.setattr(chunked, "AXIS", axis)
-    monkeypatch.setattr(chunked, "CHUNK_BYTES", 7 * 4 * (v if axis == "tokens" else n))
-    monkeypatch.setattr(chunked, "MIN_CHUNK", 1)
-    assert chunked.chunk_size(v if axis == "vocab" else n, n if axis == "vocab" else v) == 7
-    check(*make_inputs(gen, n, 16, v, dtype), "torch", gen)
+    opts = KernelOptions(axis=axis, block_bytes=7 * 4 * (v if axis == "tokens" else n), min_block=1)
+    assert chunked.chunk_size(v if axis == "vocab" else n, n if axis == "vocab" else v, options=opts) == 7
+    check(*make_inputs(gen, n, 16, v, dtype), "torch", gen, options=opts)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -161,14 +159,13 @@ class _MaxAlloc(TorchDispatchMode):
 
 
 @pytest.mark.parametrize("n,v", [(1024, 1000), (800, 1024)])
-def test_torch_backend_never_allocates_full_logits(gen, monkeypatch, n, v):
-    monkeypatch.setattr(chunked, "CHUNK_BYTES", 64 * 4 * 1024)
-    monkeypatch.setattr(chunked, "MIN_CHUNK", 1)
+def test_torch_backend_never_allocates_full_logits(gen, n, v):
+    opts = KernelOptions(block_bytes=64 * 4 * 1024, min_block=1)
     h = 8
     hidden, weight, targets = make_inputs(gen, n, h, v, torch.float32, ignore_frac=0.0)
     with _MaxAlloc() as mode:
-        _, lse = chunked.forward(hidden, weight, targets)
-        chunked.backward(torch.ones(n), hidden, weight, targets, lse)
+        _, lse = chunked.forward(hidden, weight, targets, options=opts)
+        chunked.backward(torch.ones(n), hidden, weight, targets, lse, options=opts)
     assert mode.largest <= 64 * 1024 < n * v
 
 
@@ -189,7 +186,8 @@ def test_torch_compile_matches(gen):
 
 
 def test_backend_policy():
-    assert resolve_backend("auto", "cpu") == "torch"
+    # auto on CPU: the native extension when it builds, else the torch path (tests/kernels/test_options.py)
+    assert resolve_backend("auto", "cpu") == ("native" if "native" in BACKENDS else "torch")
     assert resolve_backend("reference", "cpu") == "reference"
     assert {"reference", "torch"} <= set(available_backends("cpu"))
     with pytest.raises(ValueError):
@@ -234,14 +232,12 @@ def test_one_compaction_per_forward_none_in_backward(gen, monkeypatch, ignore_fr
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("need", [("h", "w"), ("h",), ("w",)])
 @pytest.mark.parametrize("fp32_weight", [False, True], ids=["same", "fp32weight"])
-def test_16bit_gemm_rule(gen, monkeypatch, axis, dtype, need, fp32_weight):
+def test_16bit_gemm_rule(gen, axis, dtype, need, fp32_weight):
     """The CUDA rule (16-bit GEMM operands, fp32 results) run on CPU, across ragged chunks;
     an fp32 weight with 16-bit hidden states gets its gradient in fp32."""
     n, v = 90, 131
-    monkeypatch.setattr(chunked, "GEMM", "input")
-    monkeypatch.setattr(chunked, "AXIS", axis)
-    monkeypatch.setattr(chunked, "CHUNK_BYTES", 11 * 4 * (v if axis == "tokens" else n))
-    monkeypatch.setattr(chunked, "MIN_CHUNK", 1)
+    opts = KernelOptions(gemm="input", axis=axis, block_bytes=11 * 4 * (v if axis == "tokens" else n),
+                         min_block=1)
     hidden, weight, targets = make_inputs(gen, n, 16, v, dtype)
     if fp32_weight:
         weight = weight.float()
@@ -251,7 +247,7 @@ def test_16bit_gemm_rule(gen, monkeypatch, axis, dtype, need, fp32_weight):
     ref_gh, ref_gw = torch.autograd.grad((ref * g).sum(), (h64, w64))
     h = hidden.clone().requires_grad_("h" in need)
     w = weight.clone().requires_grad_("w" in need)
-    out = linear_logprobs(h, w, targets, backend="torch")
+    out = linear_logprobs(h, w, targets, backend="torch", options=opts)
     out.backward(g.float())
     assert rel_err(out, ref) < tol(dtype)
     if "h" in need:

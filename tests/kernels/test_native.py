@@ -116,3 +116,26 @@ def test_requires_grad_inputs_work(gen):
     ref_lp = oracle(hidden, weight, targets, up)[0]
     lp, _ = native.forward(hidden.requires_grad_(), weight.requires_grad_(), targets)
     assert rel(lp, ref_lp) < 1e-5
+
+
+def test_cached_build_loads_without_tools(tmp_path, monkeypatch, gen):
+    """A finished build is imported as it is (no compiler, ninja or rebuild check: processes whose
+    PATH finds another ninja version must not rebuild it); an empty build folder without tools
+    is unavailable with the reason."""
+    import shutil
+
+    built = native.cache_dir()
+    monkeypatch.setattr(native, "_missing_tools", lambda: "no C++ compiler ('c++' not on PATH)")
+    monkeypatch.setattr("torch.utils.cpp_extension.load", lambda *a, **k: pytest.fail("rebuilt"))
+    copy = tmp_path / "built"
+    copy.mkdir()
+    for name in (native.NAME + ".so", native.BUILT):
+        shutil.copy(f"{built}/{name}", copy / name)
+    mod = native._build(str(copy))
+    hidden, weight, targets, _ = inputs(gen, 9, 8, 300, torch.float32)
+    lp, _ = mod.forward(hidden, weight, targets, 0, None, 1.0, 0.0, 1)
+    ref_lp = oracle(hidden, weight, targets, torch.ones(9))[0]
+    assert rel(lp, ref_lp) < 1e-5
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(native._Unavailable, match="no C\\+\\+ compiler"):
+        native._build(str(tmp_path / "empty"))

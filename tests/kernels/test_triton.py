@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from caldpo.kernels import available_backends, linear_logprobs, sequence_logprobs
+from caldpo.kernels import KernelOptions, available_backends, linear_logprobs, sequence_logprobs
 from caldpo.kernels.backends import triton_interpreting
 
 from .conftest import HEADS, eager_and_compiled, make_head, make_inputs, oracle_logprobs, rel_err, tol
@@ -39,7 +39,7 @@ def test_triton_under_interpreter():
     assert " passed" in summary and "skipped" not in summary, proc.stdout[-2000:]
 
 
-def run_case(gen, hidden, weight, targets, grad=None, need=("h", "w")):
+def run_case(gen, hidden, weight, targets, grad=None, need=("h", "w"), options=None):
     """Triton result vs float64 oracle; values and the requested gradients."""
     g = torch.randn(hidden.shape[0], generator=gen, dtype=torch.float64) if grad is None else grad
     h64, w64 = hidden.double().requires_grad_(), weight.double().requires_grad_()
@@ -47,7 +47,7 @@ def run_case(gen, hidden, weight, targets, grad=None, need=("h", "w")):
     ref_gh, ref_gw = torch.autograd.grad((ref * g).sum(), (h64, w64))
     h = hidden.to(DEVICE).requires_grad_("h" in need)
     w = weight.to(DEVICE).requires_grad_("w" in need)
-    out = linear_logprobs(h, w, targets.to(DEVICE), backend="triton")
+    out = linear_logprobs(h, w, targets.to(DEVICE), backend="triton", options=options)
     out.backward(g.float().to(DEVICE))
     limit = tol(hidden.dtype)
     assert out.dtype == torch.float32 and torch.isfinite(out).all()
@@ -61,19 +61,17 @@ def run_case(gen, hidden, weight, targets, grad=None, need=("h", "w")):
 
 
 @pytest.fixture(params=[("fused", "gemm"), ("gemm", "gemm"), ("fused", "fused")], ids=lambda f: "fwd_%s-bwd_%s" % f)
-def backward_form(request, monkeypatch):
-    """The forms for 16-bit inputs: the fused kernels, or GEMMs into fp32 blocks with one Triton pass."""
-    from caldpo.kernels import triton_logprobs
-    monkeypatch.setattr(triton_logprobs, "FORWARD", request.param[0])
-    monkeypatch.setattr(triton_logprobs, "BACKWARD", request.param[1])
-    return request.param
+def backward_form(request):
+    """The forms for 16-bit inputs (KernelOptions): the fused kernels, or GEMMs into fp32 blocks
+    with one Triton pass."""
+    return KernelOptions(forward_form=request.param[0], backward_form=request.param[1])
 
 
 @cases
 @pytest.mark.parametrize("shape", [(37, 20, 131), (5, 16, 37), (40, 33, 17)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_matches_oracle(gen, shape, dtype, backward_form):
-    run_case(gen, *make_inputs(gen, *shape, dtype))
+    run_case(gen, *make_inputs(gen, *shape, dtype), options=backward_form)
 
 
 @cases
@@ -95,7 +93,7 @@ def test_zero_grad_tiles_are_skipped_exactly(gen):
 @pytest.mark.parametrize("need", [("h",), ("w",)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_one_side_frozen(gen, need, dtype, backward_form):
-    run_case(gen, *make_inputs(gen, 19, 16, 37, dtype), need=need)
+    run_case(gen, *make_inputs(gen, 19, 16, 37, dtype), need=need, options=backward_form)
 
 
 @cases
@@ -136,23 +134,21 @@ def test_sequence_tied_bf16(gen, backward_form):
     (ref_g,) = torch.autograd.grad(ref.sum(), emb64)
 
     emb = emb64.detach().to(DEVICE, torch.bfloat16).requires_grad_()
-    out = sequence_logprobs(emb[ids.to(DEVICE)].cos(), emb, labels.to(DEVICE), backend="triton")
+    out = sequence_logprobs(emb[ids.to(DEVICE)].cos(), emb, labels.to(DEVICE), backend="triton",
+                            options=backward_form)
     out.sum().backward()
     assert out[-1].item() == 0.0
     assert rel_err(out.cpu(), ref) < 1e-2 and rel_err(emb.grad.cpu(), ref_g) < 1e-2
 
 
 @cases
-def test_gemm_forms_across_vocab_blocks(gen, monkeypatch):
+def test_gemm_forms_across_vocab_blocks(gen):
     """The GEMM forms with 16-column vocab blocks (9 of them, the last ragged): the merge and the
     per-block softmax shifts are exercised, not only a single block."""
-    from caldpo.kernels import chunked, triton_logprobs
-    monkeypatch.setattr(triton_logprobs, "FORWARD", "gemm")
-    monkeypatch.setattr(triton_logprobs, "BACKWARD", "gemm")
-    monkeypatch.setattr(chunked, "MIN_CHUNK", 1)
-    monkeypatch.setattr(chunked, "CHUNK_BYTES", 4 * 16 * 40)
-    assert chunked.chunk_size(131, 40) == 16
-    run_case(gen, *make_inputs(gen, 40, 16, 131, torch.bfloat16, ignore_frac=0.0))
+    from caldpo.kernels import chunked
+    opts = KernelOptions(forward_form="gemm", backward_form="gemm", min_block=1, block_bytes=4 * 16 * 40)
+    assert chunked.chunk_size(131, 40, options=opts) == 16
+    run_case(gen, *make_inputs(gen, 40, 16, 131, torch.bfloat16, ignore_frac=0.0), options=opts)
 
 
 @cases
@@ -200,7 +196,8 @@ def test_head_matches_oracle(gen, spec):
 def test_head_16bit_forms(gen, spec, backward_form):
     """A head through each 16-bit form (fused kernels, GEMM + one Triton pass per block)."""
     hidden, weight, targets = make_inputs(gen, 37, 16, 131, torch.bfloat16, scale=8.0)
-    check_head(gen, hidden, weight, targets, make_head(gen, 131, torch.bfloat16, *spec), "triton", device=DEVICE)
+    check_head(gen, hidden, weight, targets, make_head(gen, 131, torch.bfloat16, *spec), "triton", device=DEVICE,
+               options=backward_form)
 
 
 @cases
