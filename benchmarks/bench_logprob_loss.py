@@ -30,6 +30,15 @@ count tensors, not allocator caches or process RSS.
 Work counted per step: 8*N*H*V (policy fwd+bwd) + 2*N*H*V (reference fwd),
 with N the number of scored (non-prompt) tokens, compared with the measured
 rate of a plain matmul [N,H] @ [H,V] in the same dtype.
+
+Variants of ours are caldpo.kernels.KernelOptions values, one per method, so several
+settings run side by side in one process: a backend name ("auto", "torch", "native"),
+"triton-gemm" / "triton-fused" (the Triton forms), and "@<MiB>" for a block budget
+("native@1": the native backend with 1 MiB logits blocks).
+
+`--contend N` starts N competing CPU-bound processes (each a single-threaded fp32 matmul
+loop) for the whole run, as when other jobs share the cores; the JSON and the table
+say so, with the load average at the start and end of each shape.
 """
 from __future__ import annotations
 
@@ -74,6 +83,15 @@ PRESETS = {
              Shape("pythia-2.8b", 8, 1024, 2560, 50304)],
     "cpu": [Shape("cpu-s", 2, 512, 256, 8192),
             Shape("cpu-m", 2, 512, 512, 8192)],
+    # Real vocabularies on a 2-core CPU, at the presets' widths: Pythia (V 50304; H 512 = 70m,
+    # 768 = 160m), Llama-3 (V 128256, H 2048 = Llama-3.2-1B) and Qwen2 (V 151936, H 896 =
+    # Qwen2-0.5B); 8 sequences of 256 tokens (2 of 256 and 2 of 128 for the two largest heads,
+    # to keep a step of every method within seconds), about half of each sequence prompt.
+    "cpu-vocab": [Shape("cpu-v8k", 4, 256, 512, 8192),
+                  Shape("pythia-70m-cpu", 4, 256, 512, 50304),
+                  Shape("pythia-160m-cpu", 4, 256, 768, 50304),
+                  Shape("llama3-1b-cpu", 1, 128, 2048, 128256),
+                  Shape("qwen2-0.5b-cpu", 1, 256, 896, 151936)],
     "quick": [Shape("tiny", 2, 64, 32, 512)],
 }
 
@@ -230,26 +248,37 @@ def _version(mod_name: str, dist_name: str) -> str:
 TRITON_FORMS = {"triton-gemm": ("gemm", "gemm"), "triton-fused": ("fused", "fused")}
 
 
-def setup_ours(variant: str):
-    backend = "triton" if variant in TRITON_FORMS else variant
+def ours_options(variant: str):
+    """KernelOptions for a variant: "<backend>[@<MiB>]", or "triton-gemm" / "triton-fused"."""
+    from caldpo.kernels import KernelOptions
+    name, _, mib = variant.partition("@")
+    kw = {}
+    if mib:
+        kw["block_bytes"] = int(float(mib) * 2**20)
+    if name in TRITON_FORMS:
+        kw.update(backend="triton", forward_form=TRITON_FORMS[name][0], backward_form=TRITON_FORMS[name][1])
+    else:
+        kw["backend"] = name
+    return KernelOptions(**kw)
 
+
+def setup_ours(variant: str):
     def setup(shape, device, dtype):
         try:
             from caldpo.kernels import preference_loss, resolve_backend, sequence_logprobs
         except Exception as e:  # pragma: no cover - the package is part of this repo
             raise Missing(f"caldpo.kernels import failed: {e}")
-        resolved = resolve_backend(backend, device)
-        forms = None
-        if resolved == "triton":
+        opts = ours_options(variant)
+        resolved = resolve_backend(opts.backend, device)
+        opts = opts.replace(backend=resolved)
+        forms = (opts.forward_form, opts.backward_form) if resolved == "triton" else None
+        if forms is not None:
             from caldpo.kernels import triton_logprobs
-            forms = TRITON_FORMS.get(variant, triton_logprobs.DEFAULT_FORMS)
 
         def step(inp):
-            if forms is not None:  # variants share the module: set this one's forms each call
-                triton_logprobs.FORWARD, triton_logprobs.BACKWARD = forms
-            pol = sequence_logprobs(inp["hidden"], inp["weight"], inp["labels"], backend=backend)
+            pol = sequence_logprobs(inp["hidden"], inp["weight"], inp["labels"], options=opts)
             with torch.no_grad():
-                ref = sequence_logprobs(inp["ref_hidden"], inp["ref_weight"], inp["labels"], backend=backend)
+                ref = sequence_logprobs(inp["ref_hidden"], inp["ref_weight"], inp["labels"], options=opts)
             p = pol.shape[0] // 2
             losses, _, _ = preference_loss(pol[:p], pol[p:], ref[:p], ref[p:], BETA, loss="caldpo")
             if forms is not None and "triton" not in info:  # what the autotuners settled on (first call)
@@ -257,7 +286,9 @@ def setup_ours(variant: str):
                     f"{k} tile {getattr(getattr(triton_logprobs, f'_{k}_kernel_tuned'), 'best_config', None)}"
                     for k, form in (("fwd", forms[0]), ("bwd", forms[1])) if form == "fused")
             return losses.mean(), pol
-        info = {"computes": "caldpo", "backend": resolved}
+        budget = opts.budget(device.type == "cuda")
+        info = {"computes": "caldpo", "backend": resolved, "options": opts.encode(),
+                "impl": f"{resolved}, {budget / 2**20:g} MiB blocks"}
         return step, info
     return setup
 
@@ -489,14 +520,55 @@ def environment(device) -> dict:
     return env
 
 
+# ----------------------------------------------------------------------------- contention
+
+# One competing process: a single-threaded fp32 matmul loop (CPU and memory traffic, like another
+# job's training step) that exits when its parent is gone or after `limit` seconds.
+CONTENDER = """
+import os, sys, time
+import torch
+torch.set_num_threads(1)
+parent, limit, t0 = int(sys.argv[1]), float(sys.argv[2]), time.time()
+a, b = torch.randn(256, 256), torch.randn(256, 256)
+while os.getppid() == parent and time.time() - t0 < limit:
+    for _ in range(50):
+        torch.mm(a, b)
+"""
+
+
+def start_contenders(n: int, limit_s: float = 3600.0) -> list:
+    """Starts `n` competing CPU-bound processes (see CONTENDER); returns their Popen objects."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1")
+    procs = [subprocess.Popen([sys.executable, "-c", CONTENDER, str(os.getpid()), str(limit_s)], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL) for _ in range(n)]
+    time.sleep(3.0 if n else 0.0)  # past their torch import: they are computing when timing starts
+    dead = [p.pid for p in procs if p.poll() is not None]
+    if dead:
+        stop_contenders(procs)
+        raise SystemExit(f"--contend: competing process(es) {dead} exited at once")
+    return procs
+
+
+def stop_contenders(procs: list) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
+
+
 # ----------------------------------------------------------------------------- driver
 
 def bench_shape(shape, methods, device, dtype, reps, warmup, gen, deadline, log) -> dict:
+    load0 = os.getloadavg() if hasattr(os, "getloadavg") else None
     inp = make_inputs(shape, device, dtype, gen)
     n_scored = scored_tokens(inp["labels"])
     flops = 10.0 * n_scored * shape.hidden * shape.vocab
     res = {"shape": asdict(shape), "tokens": shape.tokens, "scored_tokens": n_scored, "flops_per_step": flops,
-           "methods": {}}
+           "methods": {}, "loadavg_start": load0}
     t0 = time.perf_counter()
     refs = {kind: reference64(inp, kind) for kind in ("caldpo", "dpo")}
     res["reference_s"] = time.perf_counter() - t0
@@ -579,6 +651,7 @@ def bench_shape(shape, methods, device, dtype, reps, warmup, gen, deadline, log)
     del inp
     if device.type == "cuda":
         torch.cuda.empty_cache()
+    res["loadavg_end"] = os.getloadavg() if hasattr(os, "getloadavg") else None
     return res
 
 
@@ -588,12 +661,18 @@ def fmt_table(results: dict) -> str:
     unit = "TFLOP/s" if results["device"] == "cuda" else "GFLOP/s"
     lines = [f"# {dev['device_name']} | torch {dev['torch']} | {results['dtype']} | "
              f"reps {results['reps']} (median) | {dev['date']}"]
+    if results.get("contend"):
+        lines.append(f"# contended: {results['contend']['processes']} competing processes "
+                     f"({results['contend']['kind']}) ran for the whole benchmark")
     for sr in results["shapes"]:
         s = sr["shape"]
         lines.append("")
+        load = ""
+        if sr.get("loadavg_start") and sr.get("loadavg_end"):
+            load = f"; load average (1 min) {sr['loadavg_start'][0]:.1f} -> {sr['loadavg_end'][0]:.1f}"
         lines.append(f"## {s['name']}: P={s['pairs']} pairs, T={s['seq']}, H={s['hidden']}, V={s['vocab']}; "
                      f"{sr['tokens']} tokens, {sr['scored_tokens']} scored; "
-                     f"matmul {sr['matmul_flops_per_s'] / tflop_unit:.1f} {unit}")
+                     f"matmul {sr['matmul_flops_per_s'] / tflop_unit:.1f} {unit}{load}")
         hdr = (f"{'method':<12} {'loss':<6} {'time ms':>9} {'x ours':>7} {'min ms':>9} {'x ours':>7} "
                f"{'peak MiB':>9} {'x ours':>7} "
                f"{unit:>8} {'%mm':>5} {'err loss':>9} {'err logp':>9} {'err dH':>9} {'err dW':>9}")
@@ -616,6 +695,8 @@ def fmt_table(results: dict) -> str:
         for name, e in sr["methods"].items():
             if e.get("triton"):
                 lines.append(f"  ({name}: Triton {e['triton']})")
+            elif e.get("impl") and name.startswith("ours"):
+                lines.append(f"  ({name}: {e['impl']})")
     missing = results.get("missing_peers")
     if missing:
         lines.append("")
@@ -646,6 +727,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=None, help="input seed (default: fresh, recorded)")
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     ap.add_argument("--json", default=None, help="write all results here")
+    ap.add_argument("--contend", type=int, default=0, metavar="N",
+                    help="start N competing CPU-bound processes (single-threaded matmul loops) for the run")
     args = ap.parse_args(argv)
 
     device = torch.device(args.device)
@@ -658,7 +741,8 @@ def main(argv=None) -> int:
     if args.shapes:
         shapes = [s for text in args.shapes for s in parse_shape(text)]
     else:
-        shapes = PRESETS["quick" if args.quick else device.type]
+        shapes = PRESETS["quick"] if args.quick else (PRESETS["cpu"] + PRESETS["cpu-vocab"] if device.type == "cpu"
+                                                       else PRESETS[device.type])
     reps = args.reps if args.reps is not None else (2 if args.quick else (20 if device.type == "cuda" else 5))
     warmup = args.warmup if args.warmup is not None else (1 if args.quick or device.type == "cpu" else 3)
     seed = args.seed if args.seed is not None else int.from_bytes(os.urandom(4), "little")
@@ -669,6 +753,7 @@ def main(argv=None) -> int:
 
     methods = {}
     for i, be in enumerate(b.strip() for b in args.ours_backends.split(",") if b.strip()):
+        ours_options(be)  # a bad variant stops here, before any work
         methods["ours" if i == 0 else f"ours_{be}"] = setup_ours(be)
     for name in (m.strip() for m in args.methods.split(",") if m.strip()):
         if name not in PEERS:
@@ -689,16 +774,29 @@ def main(argv=None) -> int:
                 json.dump(results, f, indent=1)
             os.replace(args.json + ".tmp", args.json)
 
-    for shape in shapes:
-        log(f"[{time.perf_counter() - t_start:6.1f}s] shape {shape.name} ({shape.tokens} tokens, H={shape.hidden}, "
-            f"V={shape.vocab}, {results['dtype']})")
-        if time.perf_counter() > deadline:
-            results["shapes"].append({"shape": asdict(shape), "skipped": "time budget exhausted"})
-            continue
-        results["shapes"].append(bench_shape(shape, methods, device, dtype, reps, warmup, gen, deadline, log))
-        results["missing_peers"] = {n: e["reason"] for sr in results["shapes"] for n, e in sr.get("methods", {}).items()
-                                    if e.get("status") == "missing"}
-        save()
+    contenders = start_contenders(args.contend) if args.contend else []
+    if contenders:
+        results["contend"] = {"processes": len(contenders), "pids": [p.pid for p in contenders],
+                              "kind": "single-threaded fp32 256x256 matmul loop each"}
+        log(f"contending: started {len(contenders)} competing CPU-bound processes (pids "
+            f"{', '.join(str(p.pid) for p in contenders)}), running until the benchmark ends")
+    try:
+        for shape in shapes:
+            log(f"[{time.perf_counter() - t_start:6.1f}s] shape {shape.name} ({shape.tokens} tokens, "
+                f"H={shape.hidden}, V={shape.vocab}, {results['dtype']})")
+            if time.perf_counter() > deadline:
+                results["shapes"].append({"shape": asdict(shape), "skipped": "time budget exhausted"})
+                continue
+            results["shapes"].append(bench_shape(shape, methods, device, dtype, reps, warmup, gen, deadline, log))
+            results["missing_peers"] = {n: e["reason"] for sr in results["shapes"]
+                                        for n, e in sr.get("methods", {}).items() if e.get("status") == "missing"}
+            save()
+    finally:
+        if contenders:
+            alive = sum(p.poll() is None for p in contenders)
+            stop_contenders(contenders)
+            results["contend"]["alive_at_end"] = alive
+            log(f"contending: stopped the {len(contenders)} competing processes ({alive} still running at the end)")
     results["shapes"] = [s for s in results["shapes"] if "methods" in s] + \
                         [s for s in results["shapes"] if "methods" not in s]
     results["wall_s"] = time.perf_counter() - t_start
