@@ -114,7 +114,7 @@ def caldpo_overrides(args, model_dir: Path, data_dir: Path, loss: str, layout: s
             f"max_length={args.max_length}", f"max_prompt_length={args.max_length // 2}",
             f"n_examples={args.pairs * (args.steps + args.warmup)}", "do_first_eval=false",
             "eval_every=100000000", "n_eval_examples=1", "eval_batch_size=1", "export_hf=false",
-            f"run_dir={run_dir}", "resume=never", "debug=true", "seed=0"]
+            f"run_dir={run_dir}", "resume=never", "debug=true", "seed=0", f"kernels.backend={args.kernels}"]
     if loss == "caldpo":
         over.append("loss.calibration_weight=1.0")
     return over
@@ -238,7 +238,7 @@ def _spawn(args, role: str, out_json: Path, **extra) -> dict:
     cmd = [sys.executable, str(Path(__file__).resolve()), "--role", role, "--out-json", str(out_json)]
     for k in ("model_dir", "data_dir", "scratch", "order"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-    for k in ("steps", "warmup", "pairs", "max_length"):
+    for k in ("steps", "warmup", "pairs", "max_length", "kernels"):
         cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
     for k, v in extra.items():
         cmd += [f"--{k}", v]
@@ -274,6 +274,23 @@ def _summary(runs: list[dict], warmup: int) -> dict:
     return out
 
 
+def compare(results: dict, with_trl: bool) -> dict:
+    """tokens/s ratios, each the median over rounds of that round's ratio: the runs of one round
+    are neighbours in time, so a load change on a shared machine moves both sides of a ratio."""
+    def ratio(a: str, b: str) -> float:
+        ra, rb = results[a]["tokens_per_second_each_round"], results[b]["tokens_per_second_each_round"]
+        return statistics.median(x / y for x, y in zip(ra, rb))
+    out = {}
+    for loss in ("dpo", "caldpo"):
+        out[f"{loss}: prefix_shared / padded"] = ratio(f"{loss}/caldpo/prefix_shared", f"{loss}/caldpo/padded")
+    if with_trl:
+        for layout in ("prefix_shared", "padded"):
+            out[f"dpo: caldpo {layout} / TRL"] = ratio(f"dpo/caldpo/{layout}", "dpo/trl")
+        out["dpo: TRL peak RSS / caldpo prefix_shared"] = (results["dpo/trl"]["peak_rss_mib"]
+                                                          / results["dpo/caldpo/prefix_shared"]["peak_rss_mib"])
+    return out
+
+
 def machine() -> dict:
     info = {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()}
     try:
@@ -302,6 +319,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per trainer (1: robust when other processes share the cores)")
     p.add_argument("--no-trl", action="store_true", help="skip TRL even when installed")
+    p.add_argument("--kernels", default="torch", help="caldpo's kernels.backend, pinned so that every run "
+                   "uses the same head (auto may build the native extension mid-benchmark)")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: print only)")
     for k in ("model-dir", "data-dir", "scratch", "order", "out-json", "loss", "layout"):
         p.add_argument(f"--{k}")
@@ -345,20 +364,10 @@ def main(argv: list[str] | None = None) -> dict:
                 runs.setdefault(key, []).append(_spawn(args, who, out_json, **extra))
                 print(f"round {r} {key}: {runs[key][-1]['process_seconds']:.1f}s", file=sys.stderr, flush=True)
     results = {k: _summary(v, args.warmup) for k, v in runs.items()}
-    ratios = {}
-    for loss in ("dpo", "caldpo"):
-        ps, pad = results[f"{loss}/caldpo/prefix_shared"], results[f"{loss}/caldpo/padded"]
-        ratios[f"{loss}: prefix_shared / padded"] = ps["tokens_per_second"] / pad["tokens_per_second"]
-    if with_trl:
-        trl = results["dpo/trl"]
-        for layout in ("prefix_shared", "padded"):
-            ratios[f"dpo: caldpo {layout} / TRL"] = (results[f"dpo/caldpo/{layout}"]["tokens_per_second"]
-                                                    / trl["tokens_per_second"])
-        ratios["dpo: TRL peak RSS / caldpo prefix_shared"] = trl["peak_rss_mib"] / \
-            results["dpo/caldpo/prefix_shared"]["peak_rss_mib"]
+    ratios = compare(results, with_trl)
     report = {"command": "python benchmarks/bench_e2e.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "settings": {k: getattr(args, k) for k in ("rounds", "steps", "warmup", "pairs", "max_length", "hidden",
-                                                         "layers", "heads", "vocab", "threads")},
+                                                         "layers", "heads", "vocab", "threads", "kernels")},
               "data_words": data_stats, "results": results, "ratios": ratios, "machine": machine(),
               "trl": with_trl, "seconds": time.time() - t0, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     print(table(report))
@@ -377,7 +386,8 @@ def table(report: dict) -> str:
         lines.append(f"| {parts[0]} | {parts[1]} | {parts[2] or '-'} | {r['tokens_per_second']:.0f} | "
                      f"{r['median_step_seconds']:.3f} | {r['tokens_per_step']:.0f} | "
                      f"{'-' if bb is None else f'{bb:.0f}'} | {r['peak_rss_mib']:.0f} | {r['process_seconds']:.1f} |")
-    lines += [""] + [f"- {k}: {v:.2f}x" for k, v in report["ratios"].items()]
+    lines += ["", "Ratios (median over rounds of each round's ratio):"]
+    lines += [f"- {k}: {v:.2f}x" for k, v in report["ratios"].items()]
     return "\n".join(lines)
 
 
