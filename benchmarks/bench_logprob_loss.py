@@ -190,11 +190,12 @@ def reference64(inp: dict, kind: str, chunk_tokens: int = 1024) -> dict:
             out.index_add_(0, seq_id[s:s + chunk_tokens], tok)
         return out, lse
 
-    with torch.no_grad():
-        x, w = rows(inp["hidden"]), inp["weight"].double()
+    with torch.no_grad():  # one float64 weight at a time (a Llama-3 head is 2 GiB in float64)
         xr, wr = rows(inp["ref_hidden"]), inp["ref_weight"].double()
-        pol, lse = seq_logps(x, w)
         ref, _ = seq_logps(xr, wr)
+        del xr, wr
+        x, w = rows(inp["hidden"]), inp["weight"].double()
+        pol, lse = seq_logps(x, w)
     pol_leaf = pol.clone().requires_grad_(True)
     p = b // 2
     loss = LOSS_FNS[kind](pol_leaf[:p], pol_leaf[p:], ref[:p], ref[p:]).mean()

@@ -17,10 +17,20 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from caldpo.kernels import chunked, linear_logprobs, triton_logprobs  # noqa: E402
+from caldpo.kernels import KernelOptions, chunked, linear_logprobs, triton_logprobs  # noqa: E402
 
 FORMS = {"triton-gemm": ("gemm", "gemm"), "triton-fused": ("fused", "fused")}
-DEFAULT_CHUNK_BYTES = chunked.CUDA_CHUNK_BYTES
+
+
+def variant_options(variant: str) -> KernelOptions:
+    """KernelOptions of a variant: a backend name, triton-gemm / triton-fused (the Triton forms),
+    or triton@<N>MiB (the default forms with an N MiB logits block)."""
+    name, _, mib = variant.partition("@")
+    kw = {"block_bytes": int(mib[:-3]) << 20} if mib else {}
+    if name.startswith("triton"):
+        fwd, bwd = FORMS.get(name, triton_logprobs.DEFAULT_FORMS)
+        return KernelOptions(backend="triton", forward_form=fwd, backward_form=bwd, **kw)
+    return KernelOptions(backend=name, **kw)
 
 
 def cuda_time(fn, reps: int) -> float:
@@ -59,7 +69,7 @@ def main(argv=None) -> int:
                     help="caldpo backends; triton-gemm / triton-fused: the Triton backend with all-GEMM "
                          "or all-fused forms (plain triton: its defaults)")
     ap.add_argument("--chunk-mib", default="32,64",
-                    help="also time the default Triton forms with these chunked.CUDA_CHUNK_BYTES (MiB): "
+                    help="also time the default Triton forms with these KernelOptions.block_bytes (MiB): "
                          "the fp32 logits block of the GEMM forms, a speed-for-memory trade")
     ap.add_argument("--reps", type=int, default=10)
     ap.add_argument("--json", default=None)
@@ -82,23 +92,20 @@ def main(argv=None) -> int:
         print(f"{h:>5} {'cuBLAS':<13} {'matmul':<8} {mm * 1e3:8.2f} {mm_rate / 1e12:8.1f} {100:5.0f}")
         chunks = [f"triton@{c}MiB" for c in args.chunk_mib.split(",") if c]
         for variant in args.backends.split(",") + chunks:
-            backend = "triton" if variant.startswith("triton") else variant
-            chunked.CUDA_CHUNK_BYTES = (int(variant.split("@")[1][:-3]) << 20 if "@" in variant
-                                        else DEFAULT_CHUNK_BYTES)
-            if backend == "triton":
-                triton_logprobs.FORWARD, triton_logprobs.BACKWARD = FORMS.get(variant, triton_logprobs.DEFAULT_FORMS)
+            opts = variant_options(variant)
+            backend = opts.backend
             xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
 
             def fwd():
                 with torch.no_grad():
-                    linear_logprobs(x, w, t, backend=backend)
+                    linear_logprobs(x, w, t, options=opts)
 
             def clear():
                 xg.grad = wg.grad = None
 
             def fwd_bwd():
                 clear()
-                linear_logprobs(xg, wg, t, backend=backend).sum().backward()
+                linear_logprobs(xg, wg, t, options=opts).sum().backward()
             for phase, fn, flops in (("fwd", fwd, 2 * n * h * v), ("fwd+bwd", fwd_bwd, 8 * n * h * v)):
                 sec = cuda_time(fn, args.reps)
                 extra = peak_extra(fn, clear)
@@ -107,7 +114,8 @@ def main(argv=None) -> int:
                 print(f"{h:>5} {variant:<13} {phase:<8} {sec * 1e3:8.2f} {flops / sec / 1e12:8.1f} "
                       f"{100 * flops / sec / mm_rate:5.0f} {extra:7.1f}")
             if backend == "triton":
-                print(f"      {variant}: forward {triton_logprobs.FORWARD}, backward {triton_logprobs.BACKWARD}")
+                print(f"      {variant}: forward {opts.forward_form}, backward {opts.backward_form}, "
+                      f"block {opts.budget(cuda=True) >> 20} MiB")
                 for kind in ("fwd", "bwd"):
                     tuned = getattr(triton_logprobs, f"_{kind}_kernel_tuned")
                     print(f"      {variant} {kind} tile: {getattr(tuned, 'best_config', None)}")

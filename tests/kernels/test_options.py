@@ -134,3 +134,33 @@ def test_auto_on_cpu_falls_back_to_torch_once(monkeypatch, caplog):
     assert len(msgs) == 1 and "no C++ compiler" in msgs[0]
     monkeypatch.setattr(native, "available", lambda: True)
     assert resolve_backend("auto", "cpu") == "native"
+
+
+def test_logprob_model_passes_its_options(gen, monkeypatch):
+    """caldpo.train.model.LogProbModel hands its KernelOptions to the head on every call: the
+    block count follows the model's options, and the log-probs equal the model's own logits'."""
+    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
+
+    from caldpo.train.model import LogProbModel
+
+    v = 97
+    torch.manual_seed(int(torch.randint(0, 2**31, (1,), generator=gen)))
+    lm = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=v, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                          intermediate_size=32, max_position_embeddings=32)).eval()
+    ids = torch.randint(0, v, (2, 9), generator=gen)
+    labels = ids.clone()
+    labels[:, :3] = -100
+    with torch.no_grad():
+        logits = lm(input_ids=ids).logits.double()
+    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, labels[:, 1:].clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    ref = (lp * (labels[:, 1:] != -100)).sum(1)
+    calls = []
+    orig = chunked._pick_lse
+    monkeypatch.setattr(chunked, "_pick_lse", lambda *a: calls.append(1) or orig(*a))
+    for cols in (10, 50):
+        calls.clear()
+        model = LogProbModel(lm, options=KernelOptions(backend="torch", block_bytes=cols * 4 * 12, min_block=1))
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+        assert rel_err(out, ref) < 1e-5
+        assert len(calls) == math.ceil(v / cols)  # 12 scored tokens: blocks of `cols` columns
