@@ -260,12 +260,19 @@ class LogProbModel(nn.Module):
 
 
 def transformer_blocks(lm: nn.Module, block_name: str | None) -> list[nn.Module]:
+    """The transformer blocks FSDP2 shards and activation checkpointing wraps.
+
+    ``block_name`` null: the classes of the model's ``_no_split_modules`` (a list in
+    transformers 4, a set in 5) that occur in it. Raises ConfigError when none does.
+    """
     if block_name is None:
-        names = getattr(lm, "_no_split_modules", None) or []
+        present = {type(m).__name__ for m in lm.modules()}
+        names = sorted(n for n in (getattr(lm, "_no_split_modules", None) or ()) if n in present)
         if not names:
             raise ConfigError("model.block_name: cannot infer the transformer block class; set it")
-        block_name = names[0]
-    blocks = [m for m in lm.modules() if type(m).__name__ == block_name]
+    else:
+        names = [block_name]
+    blocks = [m for m in lm.modules() if type(m).__name__ in names]
     if not blocks:
         raise ConfigError(f"model.block_name={block_name}: no module of that class in the model")
     return blocks
