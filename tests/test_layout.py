@@ -198,6 +198,8 @@ def test_layout_resolution():
     assert resolve_layout("auto", "sdpa") == "prefix_shared"
     assert resolve_layout("auto", "flex_attention") == "prefix_shared"
     assert resolve_layout("auto", "flash_attention_2") == "padded"
+    assert resolve_layout("auto", "sdpa", "cuda") == "padded"  # measured slower on an H200
+    assert resolve_layout("prefix_shared", "sdpa", "cuda") == "prefix_shared"
     assert resolve_layout("padded", "flash_attention_2") == "padded"
     assert resolve_layout("packed", "eager") == "packed"
     with pytest.raises(ConfigError, match="layout=prefix_shared"):

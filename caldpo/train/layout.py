@@ -246,16 +246,24 @@ def segment_sum(values: torch.Tensor, sequence: torch.Tensor, n_sequences: int,
     return out
 
 
-def resolve_layout(layout: str, attn: str) -> str:
-    """The layout to run with attention implementation ``attn``.
+def resolve_layout(layout: str, attn: str, device_type: str = "cpu") -> str:
+    """The layout to run with attention implementation ``attn`` on ``device_type``.
 
-    ``auto``: ``prefix_shared`` where ``attn`` takes the 4D masks built here (sdpa, eager,
-    flex_attention), else ``padded`` with one log line. An explicit ``packed`` or
-    ``prefix_shared`` that ``attn`` cannot run is a ConfigError.
+    ``auto``: on CPU, ``prefix_shared`` where ``attn`` takes the 4D masks built here (sdpa,
+    eager, flex_attention), else ``padded`` with one log line. On CUDA ``auto`` is ``padded``:
+    on an H200 (Pythia-410M shape, the HH-format sample, Cal-DPO, bf16) the dense-mask SDPA
+    path ran prefix_shared at 0.81x and packed at 0.63x the padded tokens/s, and
+    flex_attention at 0.68x (benchmarks/results/h200_20261129/); ask for a layout explicitly
+    to use it. An explicit ``packed`` or ``prefix_shared`` that ``attn`` cannot run is a
+    ConfigError.
     """
     from .config import ConfigError
     if layout not in ("auto",) + LAYOUTS:
         raise ConfigError(f"layout={layout!r}: choose auto or one of {list(LAYOUTS)}")
+    if layout == "auto" and device_type == "cuda":
+        log.info("layout=auto on CUDA: the padded layout (the packed layouts' dense masks measured slower "
+                 "there); layout=prefix_shared asks for prompt sharing")
+        return "padded"
     if layout == "padded" or attn in MASKED_ATTENTION:
         return "prefix_shared" if layout == "auto" else layout
     if layout != "auto":

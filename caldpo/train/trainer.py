@@ -212,7 +212,7 @@ class Trainer:
         self.eval_indices = epoch_order(len(self.eval_data), 0, cfg.seed, True)[: cfg.n_eval_examples]
 
         attn = check_attention(cfg, self.device)
-        self.layout = resolve_layout(cfg.layout, attn)
+        self.layout = resolve_layout(cfg.layout, attn, self.device.type)
         # Dense 4D masks cost O(row length^2): rows hold at most the longest segment. A block mask
         # skips empty blocks, so flex attention takes the whole micro-batch as one row.
         self.row_tokens = 0 if attn == "flex_attention" else None
