@@ -243,8 +243,8 @@ class Config:
     minimum_log_interval_secs: float = opt("progress bar / log line interval", identity=False)
     activation_checkpointing: bool = opt("recompute block activations in backward (less memory)", identity=False)
     compile: bool = opt("torch.compile the backbone", identity=False)
-    layout: str = opt("auto: prefix_shared where the attention takes 4D masks (sdpa, eager, flex_attention), "
-                      "else padded | padded: two padded rows per pair (the oracle) | packed: padding-free rows "
+    layout: str = opt("auto: on CPU prefix_shared where the attention takes 4D masks (sdpa, eager, flex_attention), "
+                      "else padded; padded on CUDA (measured faster there) | padded: two padded rows per pair (the oracle) | packed: padding-free rows "
                       "| prefix_shared: packed, one prompt | chosen | rejected sequence per pair",
                       choices=("auto", "padded", "packed", "prefix_shared"))  # numerics: part of the run identity
     sample_during_eval: bool = opt("generate samples from the policy and the reference at each evaluation",
