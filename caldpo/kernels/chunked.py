@@ -49,7 +49,7 @@ from .options import get as get_options
 # benchmarks/bench_logprob_loss.py-shaped steps on a shared 2-core Xeon: from 0.5 to 32 MiB
 # they timed within a few percent of each other on a quiet machine (V 8-16k), but at V = 50304
 # 1 MiB blocks (~200 per call, each a dozen parallel regions) ran 4x slower than 8-32 MiB
-# ones once other processes shared the cores (benchmarks/results/cpu_20261129_*).
+# ones once other processes shared the cores (benchmarks/results/cpu_20261130_*).
 # On CUDA, chunk widths are a multiple of this (see chunk_size).
 CUDA_ALIGN = 128
 # On CUDA the 16-bit GEMM forms pad the token count to a multiple of this (zero rows).

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 # Bytes of fp32 logits per block when `block_bytes` is None. CPU: large enough that a
 # Pythia-sized vocabulary is a handful of blocks (one GEMM and one fused row pass each, so a
 # few parallel regions per step, which is what keeps the step fast when other processes share
-# the cores; benchmarks/results/cpu_20261129_*), small against the [N, V] logits (16 MiB is
+# the cores; benchmarks/results/cpu_20261130_*), small against the [N, V] logits (16 MiB is
 # 1/12 of them at 1024 tokens and V = 50304). CUDA: [M, Cv] blocks of 128 MiB (Cv = 4096
 # columns at 8192 tokens), so each GEMM hides the launches of the passes between them.
 CPU_BLOCK_BYTES = 16 << 20
