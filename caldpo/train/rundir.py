@@ -49,6 +49,11 @@ class RunLock:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             holder = self._holder()
+            for _ in range(40):  # the holder writes its PID right after taking the lock: give it a moment
+                if holder.get("pid"):
+                    break
+                time.sleep(0.05)
+                holder = self._holder()
             os.close(self.fd)
             self.fd = None
             who = (f"pid {holder.get('pid')} on {holder.get('host')} (started {holder.get('started')})"

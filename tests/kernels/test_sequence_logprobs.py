@@ -86,5 +86,9 @@ def test_compiled_caller_matches(gen):
     f(h1, w1).backward()
     out = torch.compile(f)(h2, w2)
     out.backward()
-    assert rel_err(out, f(hidden, weight)) < 1e-5
+    # The two terms nearly cancel (|out| can be 10x smaller than either), so fp32 reordering by the
+    # compiler is bounded relative to the terms' magnitudes, not to the result's.
+    lp = sequence_logprobs(hidden * 1.5, weight, labels, backend="torch").double()
+    scale = float((lp[0] - lp[1]).square() + lp.abs().sum())
+    assert abs(out.item() - f(hidden, weight).item()) < 1e-6 * scale
     assert rel_err(h2.grad, h1.grad) < 1e-5 and rel_err(w2.grad, w1.grad) < 1e-5
