@@ -1,7 +1,7 @@
 """End-to-end training throughput: the fused output head against materialised logits.
 
 Runs the real trainer (``python -m caldpo.train``) for a few Cal-DPO steps twice on the
-same model and data, once with ``kernels.backend=auto`` (fused: chunked torch on CPU,
+same model and data, once with ``kernels.backend=auto`` (fused: the native extension on CPU (chunked torch without a compiler),
 Triton on CUDA) and once with ``kernels.backend=reference`` (full ``[tokens x vocab]``
 logits), each in a fresh process, and prints tokens/s (median over the steps after
 warm-up), step time and peak memory from the run's own metrics.
