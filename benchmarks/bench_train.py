@@ -30,16 +30,10 @@ sys.path.insert(0, str(REPO))
 
 
 def build_model(out: Path, hidden: int, layers: int, heads: int, vocab: int, max_len: int) -> Path:
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    from caldpo.train.tiny import build_tiny
-    build_tiny(out, hidden_size=hidden, num_layers=layers, num_heads=heads, max_position_embeddings=max_len)
-    model = AutoModelForCausalLM.from_pretrained(out)
-    torch.manual_seed(0)
-    model.resize_token_embeddings(vocab, mean_resizing=False)
-    model.save_pretrained(out)
-    return out
+    """The tiny build's tokenizer and a GPT-NeoX of the given shape, vocabulary widened to ``vocab``."""
+    from caldpo.train.tiny import build_widened
+    return build_widened(out, vocab=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
+                         max_position_embeddings=max_len)
 
 
 def run(model_dir: Path, backend: str, args, run_dir: Path) -> dict:

@@ -58,6 +58,22 @@ def _device(device: str):
 
 # ----------------------------------------------------------------------------- reward model
 
+def _load_hf(path: str, auto_cls, option: str, device: str, dtype: str):
+    """(device, tokenizer, model in eval mode) of a local Hugging Face folder; JudgeError if it is not one.
+
+    dtype "auto": bfloat16 on CUDA, float32 elsewhere.
+    """
+    import torch
+    from transformers import AutoTokenizer
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise JudgeError(f"{option} {path}: not a Hugging Face model folder (no config.json)")
+    dev = _device(device)
+    torch_dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32,
+                   "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    return dev, AutoTokenizer.from_pretrained(p), auto_cls.from_pretrained(p, dtype=torch_dtype).to(dev).eval()
+
+
 class RewardModelJudge:
     """A Hugging Face sequence-classification model scoring ``prompt + response``.
 
@@ -69,16 +85,9 @@ class RewardModelJudge:
 
     def __init__(self, path: str, *, batch_size: int = 16, max_length: int | None = None, tie_margin: float = 0.0,
                  device: str = "auto", dtype: str = "auto"):
-        import torch
-        from transformers import AutoModelForSequenceClassification, AutoTokenizer
-        p = Path(path)
-        if not (p / "config.json").is_file():
-            raise JudgeError(f"--reward-model {path}: not a Hugging Face model folder (no config.json)")
-        self.device = _device(device)
-        torch_dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
-                       "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-        self.tok = AutoTokenizer.from_pretrained(p)
-        self.model = AutoModelForSequenceClassification.from_pretrained(p, dtype=torch_dtype).to(self.device).eval()
+        from transformers import AutoModelForSequenceClassification
+        self.device, self.tok, self.model = _load_hf(path, AutoModelForSequenceClassification, "--reward-model",
+                                                     device, dtype)
         if self.model.config.num_labels not in (1, 2):
             raise JudgeError(f"--reward-model {path}: {self.model.config.num_labels} labels; a reward model has 1 "
                              "(a score) or 2 (logit[1] - logit[0])")
@@ -92,7 +101,7 @@ class RewardModelJudge:
                                             int(getattr(self.model.config, "max_position_embeddings", 1 << 30)))
         self.batch_size = batch_size
         self.tie_margin = tie_margin
-        self.name = f"reward-model:{p.resolve()}"
+        self.name = f"reward-model:{Path(path).resolve()}"
 
     def scores(self, texts: list[str]) -> list[float]:
         """One float score per text (prompt + response)."""
@@ -135,16 +144,8 @@ class LocalLMJudge:
     """
 
     def __init__(self, path: str, *, device: str = "auto", max_length: int | None = None, dtype: str = "auto"):
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
-        p = Path(path)
-        if not (p / "config.json").is_file():
-            raise JudgeError(f"--judge-lm {path}: not a Hugging Face model folder (no config.json)")
-        self.device = _device(device)
-        torch_dtype = {"auto": torch.bfloat16 if self.device.type == "cuda" else torch.float32,
-                       "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-        self.tok = AutoTokenizer.from_pretrained(p)
-        self.model = AutoModelForCausalLM.from_pretrained(p, dtype=torch_dtype).to(self.device).eval()
+        from transformers import AutoModelForCausalLM
+        self.device, self.tok, self.model = _load_hf(path, AutoModelForCausalLM, "--judge-lm", device, dtype)
         self.max_length = max_length or int(getattr(self.model.config, "max_position_embeddings", 4096))
         ids = {}
         for k, w in VERDICT_WORDS.items():
@@ -155,7 +156,7 @@ class LocalLMJudge:
         if len(set(ids.values())) != 3:
             raise JudgeError(f"--judge-lm {path}: ' A', ' B' and ' tie' share a first token; cannot read a verdict")
         self.verdict_ids = ids
-        self.name = f"local-lm:{p.resolve()}"
+        self.name = f"local-lm:{Path(path).resolve()}"
 
     def judging_text(self, c: Comparison) -> str:
         msgs = judge_messages(c.task, c.prompt, c.a, c.b)

@@ -134,6 +134,25 @@ def _portable_tokenizer_config(path: pathlib.Path) -> None:
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
+def build_widened(out_dir, *, vocab: int, hidden_size: int, num_layers: int, num_heads: int,
+                  max_position_embeddings: int) -> pathlib.Path:
+    """`build_tiny` of the given shape with the output vocabulary widened to `vocab` rows.
+
+    For benchmarks: the head gets a realistic size (e.g. Pythia's 50304) while the locally
+    trained tokenizer stays small; the extra rows are random and never targets.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    out = build_tiny(out_dir, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                     max_position_embeddings=max_position_embeddings)
+    model = AutoModelForCausalLM.from_pretrained(out)
+    torch.manual_seed(0)
+    model.resize_token_embeddings(vocab, mean_resizing=False)
+    model.save_pretrained(out)
+    return pathlib.Path(out)
+
+
 def _default_cache() -> pathlib.Path:
     env = os.environ.get("CALDPO_CACHE")
     return pathlib.Path(env) if env else pathlib.Path.home() / ".cache" / "caldpo"
