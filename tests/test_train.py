@@ -74,7 +74,7 @@ def test_sft_run_outputs(sft_run):
     from transformers import AutoModelForCausalLM
     blob = torch.load(sft_run / "LATEST" / "policy.pt", weights_only=True)
     assert set(blob) == {"step_idx", "state", "metrics"}
-    assert blob["step_idx"] == 12
+    assert blob["step_idx"] == 96  # examples seen, as the reference code's example_counter
     hf = AutoModelForCausalLM.from_pretrained(sft_run / "LATEST" / "hf")
     assert set(blob["state"]) == set(hf.state_dict())
     train = read_metrics(sft_run)

@@ -477,6 +477,8 @@ def save_policy(run_dir: Path, lm, step: int, metrics: dict, tokenizer=None, exp
                 dest: str = "LATEST") -> Path | None:
     """Write ``<dest>/policy.pt`` (and the HF export, and ``MANIFEST.json``) from rank 0; every rank must call it.
 
+    ``step`` is stored as ``step_idx``: the trainer passes the examples seen, as the reference code does.
+
     Built in ``<dest>.tmp`` and swapped in whole. Raises NonFiniteError (every rank) when a weight is not
     finite, CheckpointError when the write fails (disk full names the free space).
     """

@@ -766,7 +766,7 @@ class Trainer:
         first_eval = first_eval or last_eval
         summary = {"step": self.step, "examples": self.examples_seen, "run_dir": str(self.run_dir),
                    "eval_first": first_eval, "eval_last": last_eval, "peak_memory_gb": peak_memory_gb(self.device)}
-        policy_pt = ckpt.save_policy(self.run_dir, self.policy.lm, self.step, last_eval, self.tokenizer,
+        policy_pt = ckpt.save_policy(self.run_dir, self.policy.lm, self.examples_seen, last_eval, self.tokenizer,
                                      export_hf=cfg.export_hf and not cfg.debug)
         if self.is_main:
             summary["policy"] = str(policy_pt)
