@@ -176,6 +176,7 @@ def test_stored_run_with_other_options_stops_and_lists_them(tmp_path):
     validate(cfg, 1)
     assert C.check_run_dir(cfg, run) == {}
     C.write_run_config(cfg, run)
+    (run / "metrics.jsonl").write_text("")  # the run trained (a run stopped in its setup protects nothing)
     stored = (run / "config.yaml").read_text()
     assert C.check_run_dir(cfg, run) == {}
     changed = load_config(["device=cpu", "lr=1e-5", "save_every=2", "max_length=128"])

@@ -35,8 +35,16 @@ def cli(argv: list[str] | None = None) -> int:
     except (RunError, CheckpointError) as e:
         print(f"caldpo: {e}", file=sys.stderr)
         return getattr(e, "exit_code", 2)
+    except KeyboardInterrupt:  # once training runs, Ctrl-C is a stop request handled by the trainer
+        print("caldpo: interrupted during setup, before the first training step; nothing was trained "
+              "(rerun the same command to start again)", file=sys.stderr)
+        return 130
     return 0 if result else 1
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    try:
+        sys.exit(cli())
+    except KeyboardInterrupt:  # Ctrl-C while the preflight or the imports run
+        print("caldpo: interrupted", file=sys.stderr)
+        sys.exit(130)

@@ -646,6 +646,8 @@ def check_run_dir(cfg: DictConfig, path: Path) -> dict[str, tuple[Any, Any]]:
     other options that differ (non-identity ones, e.g. save_every), {} for a new run.
     """
     stored = path / IDENTITY_FILE
+    if not has_trained(path):
+        return {}  # a run stopped before its first step (a data or model error): nothing to protect
     if stored.exists():
         old = json.loads(stored.read_text())["options"]
     elif (path / "config.yaml").exists():  # a run written before identity.json existed
@@ -691,12 +693,21 @@ def _flat_all(node: Any, prefix: str = "") -> dict[str, Any]:
     return out
 
 
+def has_trained(path: Path) -> bool:
+    """Whether ``path`` holds anything a run wrote after its first step began (metrics, checkpoints,
+    exports, DONE). A directory holding only config.yaml / identity.json / .lock is from a run that
+    stopped in its setup (bad data, a model that does not fit) and protects nothing."""
+    return any((path / name).exists() for name in ("metrics.jsonl", "checkpoints", "LATEST", "DONE"))
+
+
 def write_run_config(cfg: DictConfig, path: Path) -> None:
-    """Write ``config.yaml`` and ``identity.json`` once, when the run starts fresh; never rewrite them."""
+    """Write ``config.yaml`` and ``identity.json`` once, when the run starts fresh; never rewrite them
+    once the run has trained (:func:`has_trained`)."""
     path.mkdir(parents=True, exist_ok=True)
-    if not (path / "config.yaml").exists():
+    fresh = not has_trained(path)
+    if fresh or not (path / "config.yaml").exists():
         OmegaConf.save(cfg, path / "config.yaml", resolve=True)
-    if not (path / IDENTITY_FILE).exists():
+    if fresh or not (path / IDENTITY_FILE).exists():
         ident = run_identity(cfg)
         (path / IDENTITY_FILE).write_text(json.dumps({"hash": identity_hash(ident), "options": ident},
                                                      indent=1, default=str))

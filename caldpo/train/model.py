@@ -206,7 +206,14 @@ def load_archive_state(path: str | Path) -> dict[str, torch.Tensor]:
 
 
 def apply_archive(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    """Load an archive's state into ``model``; ConfigError when it is another model's (names or shapes)."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches: torch lists every one
+        sizes = [ln.strip() for ln in str(e).splitlines() if "size mismatch" in ln][:3]
+        raise ConfigError(f"model.archive={path} was saved from another model than {model.config.name_or_path} "
+                          f"({'; '.join(sizes) or str(e).splitlines()[0]}); pass the model= / model.name_or_path= "
+                          "the archive was trained with") from None
     missing = [k for k in missing if not k.endswith("rotary_emb.inv_freq")]
     if missing or unexpected:
         raise ConfigError(f"model.archive={path} does not match model {model.config.name_or_path}: "
