@@ -42,3 +42,20 @@ def test_ctrl_c_during_setup_is_one_line(tmp_path, monkeypatch, capsys):
     assert cli([*TINY, f"run_dir={tmp_path}"]) == 130
     err = capsys.readouterr().err
     assert err.startswith("caldpo: interrupted during setup") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("datasets=[sample,sample]", "sample listed more than once"),
+    ("n_examples=0", "n_examples=0: must be >= 1"),
+])
+def test_preflight_refuses(override, message):
+    from caldpo.train.config import validate
+    with pytest.raises(ConfigError, match=message):
+        validate(load_config([*TINY, override]), 1)
+
+
+def test_archive_directory_points_to_its_policy_pt(tmp_path):
+    from caldpo.train.config import validate
+    (tmp_path / "policy.pt").write_bytes(b"")
+    with pytest.raises(ConfigError, match=f"is a directory; pass the policy.pt file: model.archive={tmp_path}/policy.pt"):
+        validate(load_config([*TINY, f"model.archive={tmp_path}"]), 1)

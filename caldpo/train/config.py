@@ -540,6 +540,10 @@ def validate(cfg: DictConfig, world_size: int | None = None, *, argv: list[str] 
             close = difflib.get_close_matches(str(name), DATASETS, n=1)
             raise ConfigError(f"datasets: unknown dataset {name!r}; "
                               f"{f'did you mean {close[0]}? ' if close else ''}choose from {list(DATASETS)}")
+    repeated = sorted({str(n) for n in cfg.datasets if list(cfg.datasets).count(n) > 1})
+    if repeated:
+        raise ConfigError(f"datasets={list(cfg.datasets)}: {', '.join(repeated)} listed more than once "
+                          "(its rows would be trained and evaluated twice); name each dataset once")
     for name, path in cfg.data.paths.items():
         if path is not None and not Path(path).expanduser().exists():
             raise ConfigError(f"data.paths.{name}={path}: no such file or directory")
@@ -561,8 +565,14 @@ def validate(cfg: DictConfig, world_size: int | None = None, *, argv: list[str] 
                               f"({world_size})")
     if cfg.max_prompt_length >= cfg.max_length:
         raise ConfigError(f"max_prompt_length={cfg.max_prompt_length} must be < max_length={cfg.max_length}")
+    if cfg.model.archive is not None and Path(cfg.model.archive).is_dir():
+        inside = Path(cfg.model.archive) / "policy.pt"
+        raise ConfigError(f"model.archive={cfg.model.archive} is a directory; pass the policy.pt file"
+                          + (f": model.archive={inside}" if inside.is_file() else " (<run_dir>/LATEST/policy.pt)"))
     if cfg.model.archive is not None and not Path(cfg.model.archive).is_file():
         raise ConfigError(f"model.archive={cfg.model.archive}: no such file")
+    if training and cfg.n_examples is not None and cfg.n_examples < 1:
+        raise ConfigError(f"n_examples={cfg.n_examples}: must be >= 1 (null trains n_epochs over the data)")
     if cfg.model.preset != "tiny" and cfg.model.name_or_path is None:
         raise ConfigError("model.name_or_path: required for this model preset")
     if cfg.save_every is not None and cfg.save_every < 1:
