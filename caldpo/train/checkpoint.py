@@ -93,15 +93,8 @@ def _gather(obj) -> list:
     return out
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _fsync_file(path: Path) -> None:
+def _fsync(path: Path) -> None:
+    """Flush a file's data, or a directory's entries, to disk."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)
@@ -138,7 +131,7 @@ def write_manifest(root: Path, files: dict[str, dict], **extra) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, root / MANIFEST)
-    _fsync_dir(root)
+    _fsync(root)
 
 
 def read_manifest(root: Path) -> dict:
@@ -379,7 +372,7 @@ def save_resume(root: Path, step: int, model, optimizer, scheduler, trainer_stat
             _barrier()
             names = _files(tmp)
             for n in names[rank::_world()]:
-                _fsync_file(tmp / n)
+                _fsync(tmp / n)
             shares = _gather(_hash_share(tmp, names))
             fault_point("save_before_marker", step)
             if rank == 0:
@@ -398,12 +391,12 @@ def save_resume(root: Path, step: int, model, optimizer, scheduler, trainer_stat
             if (final / MANIFEST).is_file():
                 shutil.rmtree(aside, ignore_errors=True)
                 os.replace(final, aside)
-                _fsync_dir(root)
+                _fsync(root)
                 fault_point("resave_aside", step)
             else:  # an incomplete step_N (not written by this protocol): never a usable copy
                 shutil.rmtree(final)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        _fsync(root)
         fault_point("resave_before_delete", step)
         shutil.rmtree(aside, ignore_errors=True)
         _rotate(root, final, keep)
@@ -469,7 +462,7 @@ def swap_in(new: Path, dest: Path) -> None:
         shutil.rmtree(aside, ignore_errors=True)
         os.replace(dest, aside)
     os.replace(new, dest)
-    _fsync_dir(dest.parent)
+    _fsync(dest.parent)
     shutil.rmtree(aside, ignore_errors=True)
 
 
@@ -507,7 +500,7 @@ def save_policy(run_dir: Path, lm, step: int, metrics: dict, tokenizer=None, exp
                 json.dump(metrics, f, indent=2, default=float)
             names = _files(tmp)
             for n in names:
-                _fsync_file(tmp / n)
+                _fsync(tmp / n)
             write_manifest(tmp, {n: {"size": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)}
                                  for n in names}, step_idx=step)
             swap_in(tmp, out)
