@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 PANELS = [  # (metric key, title); "h/..." are derived from rewards / beta
@@ -129,16 +128,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--labels", nargs="+", default=None, help="one legend label per run (default: folder names)")
     p.add_argument("--title", default=None)
     a = p.parse_args(argv)
-    if a.labels and len(a.labels) != len(a.runs):
-        print(f"caldpo: --labels: {len(a.labels)} labels for {len(a.runs)} runs; give one per run", file=sys.stderr)
-        return 2
-    try:
+    from caldpo.cli import run
+
+    def work() -> None:
+        if a.labels and len(a.labels) != len(a.runs):
+            raise PlotError(f"--labels: {len(a.labels)} labels for {len(a.runs)} runs; give one per run")
         print(plot_runs(a.runs, a.out, a.labels, a.title))
-    except PlotError as e:
-        print(f"caldpo: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run(work, errors=(PlotError,))
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from caldpo.cli import main as _main
+
+    _main(main)

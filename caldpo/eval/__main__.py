@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 from .judges import ChatJudge, Comparison, JudgeError, LocalLMJudge, RewardModelJudge, VerdictCache, shown_order
@@ -213,13 +212,15 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def cli(argv: list[str] | None = None) -> int:
-    try:
+    from caldpo.cli import run
+
+    def work() -> None:
         main(argv)
-    except (EvalError, JudgeError) as e:
-        print(f"caldpo: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run(work, errors=(EvalError, JudgeError))
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    from caldpo.cli import main as _main
+
+    _main(cli)

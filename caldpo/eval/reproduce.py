@@ -286,4 +286,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    from caldpo.cli import main as _main
+
+    def _work() -> None:
+        main()
+
+    _main(_work)

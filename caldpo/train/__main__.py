@@ -1,8 +1,6 @@
 """python -m caldpo.train key=value ...: train with Hydra-style overrides."""
 import sys
 
-from .config import ConfigError
-
 
 def cli(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
@@ -14,37 +12,26 @@ def cli(argv: list[str] | None = None) -> int:
               "the same command resumes, a changed option starts a run of its own.\n")
         print(describe_options())
         return 0
+    from caldpo.cli import run
+
     from .config import load_config, validate
-    try:
-        validate(load_config(argv), argv=argv)  # the preflight, before the trainer, data and models are imported
-    except ConfigError as e:
-        print(f"caldpo: config error: {e}", file=sys.stderr)
-        return 2
-    from .checkpoint import CheckpointError
-    from .data import DataError
-    from .rundir import RunError
-    from .trainer import main
-    try:
+
+    status = run(lambda: validate(load_config(argv), argv=argv))  # the preflight, before the trainer, data and models are imported
+    if status:
+        return status
+
+    def train() -> int:
+        from .trainer import main
+
         result = main(argv)
-    except ConfigError as e:
-        print(f"caldpo: config error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"caldpo: data error: {e}", file=sys.stderr)
-        return 2
-    except (RunError, CheckpointError) as e:
-        print(f"caldpo: {e}", file=sys.stderr)
-        return getattr(e, "exit_code", 2)
-    except KeyboardInterrupt:  # once training runs, Ctrl-C is a stop request handled by the trainer
-        print("caldpo: interrupted during setup, before the first training step; nothing was trained "
-              "(rerun the same command to start again)", file=sys.stderr)
-        return 130
-    return 0 if result else 1
+        return 0 if result else 1
+
+    # Once training runs, Ctrl-C is a stop request handled by the trainer; before that it ends the setup.
+    return run(train, interrupted="interrupted during setup, before the first training step; nothing was trained "
+                                  "(rerun the same command to start again)")
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(cli())
-    except KeyboardInterrupt:  # Ctrl-C while the preflight or the imports run
-        print("caldpo: interrupted", file=sys.stderr)
-        sys.exit(130)
+    from caldpo.cli import main as _main
+
+    _main(cli)

@@ -141,17 +141,15 @@ def cli(argv: list[str] | None = None) -> int:
               "Example: python -m caldpo.train.generate model=pythia28 datasets=[hh] "
               "model.archive=runs/caldpo_hh/LATEST/policy.pt")
         return 0
-    from .data import DataError
-    try:
+    from caldpo.cli import run
+
+    def work() -> None:
         main(argv)
-    except ConfigError as e:
-        print(f"caldpo: config error: {e}", file=sys.stderr)
-        return 2
-    except DataError as e:
-        print(f"caldpo: data error: {e}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run(work)
 
 
 if __name__ == "__main__":
-    sys.exit(cli())
+    from caldpo.cli import main as _main
+
+    _main(cli)

@@ -19,9 +19,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+
+from caldpo.cli import run
 
 from .data import (DataError, DataReport, Record, RowError, _field, apply_row, iter_file, iter_hub,
                    parse_tldr_comparison, parse_tldr_filtered)
@@ -201,19 +202,24 @@ def main(argv: list[str] | None = None) -> None:
         q.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                        help="broken rows: stop with file and line (raise) or skip and count them (skip)")
     args = ap.parse_args(argv)
-    try:
-        if args.command == "tldr-pref":
-            reports = tldr_pref(args.input, args.out, args.on_error)
-        else:
-            reports = tldr_sft(args.input, args.out, args.on_error, args.cache_dir)
-    except DataError as e:
-        if not e.hint and e.line is not None:
-            e.hint = "fix or delete that row, or pass --on-error skip to skip broken rows and count them"
-        print(f"caldpo: data error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
-    for r in reports.values():
-        print(r)
-    print(f"wrote {', '.join(sorted(str(p) for p in Path(args.out).glob('*.jsonl')))}")
+
+    def work() -> None:
+        try:
+            if args.command == "tldr-pref":
+                reports = tldr_pref(args.input, args.out, args.on_error)
+            else:
+                reports = tldr_sft(args.input, args.out, args.on_error, args.cache_dir)
+        except DataError as e:
+            if not e.hint and e.line is not None:
+                e.hint = "fix or delete that row, or pass --on-error skip to skip broken rows and count them"
+            raise
+        for r in reports.values():
+            print(r)
+        print(f"wrote {', '.join(sorted(str(p) for p in Path(args.out).glob('*.jsonl')))}")
+
+    status = run(work)
+    if status:
+        raise SystemExit(status)
 
 
 if __name__ == "__main__":
