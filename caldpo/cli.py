@@ -16,6 +16,9 @@ the entry point's own ``errors``             ``caldpo: <message>``              
 ``KeyboardInterrupt``                       ``caldpo: <interrupted>``                  130
 ==========================================  =========================================  ======
 
+A training run that stopped on request before finishing is not an error, but not a success
+either: :func:`stopped_status` gives its line and status (130 after Ctrl-C, 75 otherwise).
+
 The training classes are looked up among the modules already imported (an exception of a class
 whose module was never imported cannot have been raised), so this module imports nothing heavy.
 An entry point run as ``python -m`` is the module ``__main__``, so the classes it defines itself
@@ -34,6 +37,22 @@ ERRORS: tuple[tuple[str, str, str], ...] = (
     ("caldpo.train.checkpoint", "CheckpointError", ""),
 )
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
+STOPPED = 75  # EX_TEMPFAIL (sysexits.h): a run stopped on request (STOP file, SIGTERM, SIGUSR1); rerun to resume
+
+
+def stopped_status(result: dict) -> tuple[str, int]:
+    """``(line, exit status)`` for a training run that stopped before finishing (the trainer's summary
+    ``{"stopped": True, "step", "run_dir", "stopped_by"}``; ``stopped_by`` missing counts as "STOP").
+
+    Ctrl-C (SIGINT) exits 130 as an interrupted command does; any other stop request exits 75
+    (EX_TEMPFAIL: try again). Never 0, so ``train sft && train dpo`` does not go on without
+    ``LATEST/policy.pt``.
+    """
+    reason = result.get("stopped_by") or "STOP"
+    shown = "the STOP file" if reason == "STOP" else reason
+    line = (f"caldpo: stopped at step {result.get('step')} ({shown}); a resume checkpoint is in "
+            f"{result.get('run_dir')}; rerun the same command to resume")
+    return line, INTERRUPTED if reason == "SIGINT" else STOPPED
 
 
 def error_line(e: BaseException, errors: tuple[type[BaseException], ...] = ()) -> tuple[str, int] | None:

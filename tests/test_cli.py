@@ -80,3 +80,28 @@ def test_unexpected_errors_keep_their_traceback():
     with pytest.raises(ZeroDivisionError):
         run(lambda: 1 / 0)
     assert run(lambda: None) == 0 and run(lambda: 1) == 1
+
+
+def test_run_stopped_on_request_exits_75_with_one_line(tmp_path):
+    """A STOP file present at the start: one step, a resume checkpoint, exit 75 (not 0: no LATEST yet)."""
+    from conftest import run_train
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    (run_dir / "STOP").touch()
+    proc = run_train([*TINY, "loss=sft", "n_examples=16", "batch_size=8", "export_hf=false", f"run_dir={run_dir}"],
+                     check=False)
+    assert proc.returncode == 75, proc.stderr[-3000:]
+    line = (f"caldpo: stopped at step 1 (the STOP file); a resume checkpoint is in {run_dir}; "
+            "rerun the same command to resume")
+    assert proc.stderr.splitlines()[-1] == line
+    assert (run_dir / "checkpoints" / "step_1").is_dir() and not (run_dir / "LATEST").exists()
+
+
+@pytest.mark.parametrize("stopped_by, status", [("SIGINT", 130), ("SIGTERM", 75), ("SIGUSR1", 75), (None, 75)])
+def test_stop_reasons_exit_statuses(stopped_by, status):
+    from caldpo.cli import stopped_status
+
+    result = {"stopped": True, "step": 4, "run_dir": "/r", **({"stopped_by": stopped_by} if stopped_by else {})}
+    line, code = stopped_status(result)
+    assert code == status and line.startswith(f"caldpo: stopped at step 4 ({stopped_by or 'the STOP file'}); ")

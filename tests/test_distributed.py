@@ -115,7 +115,8 @@ def test_stop_file_checkpoints_and_exits(tmp_path):
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     (run_dir / "STOP").touch()
-    run_train([*COMMON, "loss=sft", "n_examples=64", "batch_size=8", f"run_dir={run_dir}"])
+    stopped = run_train([*COMMON, "loss=sft", "n_examples=64", "batch_size=8", f"run_dir={run_dir}"], check=False)
+    assert stopped.returncode == 75, stopped.stderr[-3000:]
     assert not (run_dir / "DONE").exists() and not (run_dir / "STOP").exists()
     assert (run_dir / "checkpoints" / "step_1").is_dir()
     run_train([*COMMON, "loss=sft", "n_examples=64", "batch_size=8", f"run_dir={run_dir}"])

@@ -134,7 +134,8 @@ def test_fsdp_kill_one_rank_then_rerun_matches(server, fsdp_baseline, tmp_path, 
 def test_ctrl_c_checkpoints_at_step_boundary_and_resume_drops_later_records(server, baseline, tmp_path):
     run = tmp_path / "run"
     codes, log = train(server, run, fault="mid_step:3", env={"CALDPO_FAULT_SIGNAL": "INT"})
-    assert codes == [0], log[-3000:]
+    assert codes == [130], log[-3000:]  # stopped, not finished: a chained command must not go on
+    assert f"caldpo: stopped at step 3 (SIGINT); a resume checkpoint is in {run}" in log
     assert "SIGINT: checkpointing at the next step boundary" in log
     assert (run / "checkpoints" / "step_3" / "MANIFEST.json").is_file() and not (run / "DONE").exists()
     assert max(r["step"] for r in records(run) if "loss" in r) == 3

@@ -186,6 +186,6 @@ def test_resume_with_another_optimizer_is_a_clear_error(tmp_path):
     args = [*TINY, "loss=sft", f"run_dir={tmp_path}", "n_examples=64", "batch_size=8", "optimizer=AdamW"]
     (tmp_path).mkdir(exist_ok=True)
     (tmp_path / "STOP").touch()
-    run_train(args)
+    assert run_train(args, check=False).returncode == 75  # stopped after step 1 with a resume checkpoint
     proc = run_train([*args[:-1], "optimizer=RMSprop"], check=False)
     assert proc.returncode == 2 and "other training options" in proc.stderr and "optimizer: AdamW -> RMSprop" in proc.stderr

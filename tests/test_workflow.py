@@ -84,7 +84,7 @@ def test_identical_command_resumes_changed_option_does_not(tmp_path):
     first = run_dir(load_config(args))
     first.mkdir(parents=True)
     (first / "STOP").touch()
-    run_train(args)  # stops after step 1 with a resume checkpoint
+    assert run_train(args, check=False).returncode == 75  # stops after step 1 with a resume checkpoint
     assert not (first / "DONE").exists() and [r["step"] for r in read_metrics(first)] == [1]
     config_yaml = (first / "config.yaml").read_text()
 

@@ -1,4 +1,9 @@
-"""python -m caldpo.train key=value ...: train with Hydra-style overrides."""
+"""python -m caldpo.train key=value ...: train with Hydra-style overrides.
+
+Exit status: 0 finished (or already finished); 2 bad options, data or run directory; 3 a run that
+cannot continue safely (non-finite weights, a full disk); 75 stopped on request (STOP file, SIGTERM,
+SIGUSR1) and 130 after Ctrl-C, a resume checkpoint kept: rerun the same command to resume."""
+import os
 import sys
 
 
@@ -12,7 +17,7 @@ def cli(argv: list[str] | None = None) -> int:
               "the same command resumes, a changed option starts a run of its own.\n")
         print(describe_options())
         return 0
-    from caldpo.cli import run
+    from caldpo.cli import run, stopped_status
 
     from .config import load_config, validate
 
@@ -24,6 +29,11 @@ def cli(argv: list[str] | None = None) -> int:
         from .trainer import main
 
         result = main(argv)
+        if isinstance(result, dict) and result.get("stopped"):
+            line, status = stopped_status(result)
+            if os.environ.get("RANK", "0") == "0":  # one line per run, not per torchrun worker
+                print(line, file=sys.stderr)
+            return status
         return 0 if result else 1
 
     # Once training runs, Ctrl-C is a stop request handled by the trainer; before that it ends the setup.
