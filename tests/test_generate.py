@@ -129,3 +129,23 @@ def test_sample_during_eval_writes_policy_and_reference(tmp_path):
                                   for r in rows)
     # step 0: policy = reference and decoding is greedy, so both write the same text
     assert [r["response"] for r in rows] == [r["reference_model_response"] for r in rows]
+
+
+@pytest.mark.parametrize("override, message", [
+    ("generate.n_prompts=0", "generate.n_prompts=0: must be >= 1 (null: every prompt of the split)"),
+    ("generate.n_prompts=-2", "generate.n_prompts=-2: must be >= 1"),
+    ("generate.batch_size=0", "generate.batch_size=0: must be >= 1"),
+    ("generate.temperature=-1", "generate.temperature=-1.0: must be >= 0"),
+])
+def test_generate_options_that_cannot_run_are_config_errors(tmp_path, capsys, monkeypatch, override, message):
+    """Refused before the model loads, and nothing (not an empty samples file) is written."""
+    import caldpo.train.model as model
+    from caldpo.train.generate import cli
+
+    def no_load(*a, **kw):
+        raise AssertionError("the model was loaded before the options were checked")
+    monkeypatch.setattr(model, "load_causal_lm", no_load)
+    out = tmp_path / "s.json"
+    assert cli([*TINY, override, f"generate.output={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"caldpo: config error: {message}") and err.count("\n") == 1 and not out.exists()

@@ -54,9 +54,8 @@ def generate_responses(model, tokenizer, prompts: list[str], cfg: DictConfig, de
         return []
     lm = model.lm
     max_new = cfg.max_new_tokens
+    check_options(cfg)
     temperature = cfg.generate.temperature
-    if temperature < 0:
-        raise ConfigError(f"generate.temperature={temperature}: must be >= 0 (0: greedy)")
     positions = max_positions(lm.config)
     limit = None
     if positions is not None:
@@ -97,6 +96,21 @@ def generate_responses(model, tokenizer, prompts: list[str], cfg: DictConfig, de
     return out
 
 
+def check_options(cfg: DictConfig) -> None:
+    """ConfigError naming the ``generate.*`` option whose value cannot run: ``temperature`` < 0,
+    ``n_prompts`` or ``batch_size`` < 1 (null: every prompt / ``eval_batch_size``), ``top_p`` outside
+    (0, 1] when sampling. Called before the model loads and by :func:`generate_responses`."""
+    g = cfg.generate
+    if g.temperature < 0:
+        raise ConfigError(f"generate.temperature={g.temperature}: must be >= 0 (0: greedy)")
+    if g.n_prompts is not None and g.n_prompts < 1:
+        raise ConfigError(f"generate.n_prompts={g.n_prompts}: must be >= 1 (null: every prompt of the split)")
+    if g.batch_size is not None and g.batch_size < 1:
+        raise ConfigError(f"generate.batch_size={g.batch_size}: must be >= 1 (null: eval_batch_size)")
+    if g.temperature > 0 and not 0 < g.top_p <= 1:
+        raise ConfigError(f"generate.top_p={g.top_p}: must be in (0, 1] when sampling (1: no nucleus cut)")
+
+
 def main(overrides: list[str] | None = None) -> Path:
     """Load the policy (``model.archive``), generate for ``generate.n_prompts`` prompts, write JSON."""
     from .trainer import Examples
@@ -105,6 +119,7 @@ def main(overrides: list[str] | None = None) -> Path:
 
     cfg = load_config(overrides)
     validate(cfg, 1, training=False)  # the preflight without the trainer-only checks
+    check_options(cfg)
     device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     path = model_path(cfg)
     tokenizer = load_tokenizer(cfg, path)
