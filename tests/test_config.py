@@ -70,6 +70,9 @@ def test_unknown_keys_are_errors_naming_the_closest():
         ("loss=caldpo", "loss.betta=0.2"): "did you mean loss.beta?",
         ("model.achive=x",): "did you mean model.archive?",
         ("loss=cal-dpo",): "did you mean loss=caldpo?",
+        # the closest key of any loss, and which losses own it
+        ("loss=sft", "los.beta=0.1"): "did you mean loss.beta? (loss=sft has no beta; dpo, ipo, caldpo, cal_dpo do)",
+        ("loss=dpo", "loss.shfit=0.3"): "did you mean loss.shift? (loss=dpo has no shift; cal_dpo does)",
     }
     for overrides, hint in cases.items():
         with pytest.raises(ConfigError, match="unknown") as e:

@@ -309,8 +309,13 @@ def _paths(node: Any, prefix: str = "") -> set[str]:
 
 def _unknown(key: str, known: set[str], loss: str, plus: bool) -> ConfigError:
     given = ("+" if plus else "") + key
-    close = difflib.get_close_matches(key, sorted(known), n=1, cutoff=0.5)
+    owners_of = {f"loss.{f.name}": [n for n, s in LOSS_SCHEMAS.items() if f.name in {g.name for g in dataclasses.fields(s)}]
+                 for schema in LOSS_SCHEMAS.values() for f in dataclasses.fields(schema)}  # every loss's keys
+    close = difflib.get_close_matches(key, sorted(known | set(owners_of)), n=1, cutoff=0.5)
     hint = f"did you mean {close[0]}?" if close else "no known option is close"
+    if close and close[0] not in known:  # an option of another loss
+        owners = owners_of[close[0]]
+        hint += f" (loss={loss} has no {close[0][5:]}; {', '.join(owners)} {'do' if len(owners) > 1 else 'does'})"
     if key.startswith("loss."):
         owners = [n for n, s in LOSS_SCHEMAS.items() if key[5:] in {f.name for f in dataclasses.fields(s)}]
         if owners:
