@@ -316,10 +316,8 @@ def _unknown(key: str, known: set[str], loss: str, plus: bool) -> ConfigError:
     if close and close[0] not in known:  # an option of another loss
         owners = owners_of[close[0]]
         hint += f" (loss={loss} has no {close[0][5:]}; {', '.join(owners)} {'do' if len(owners) > 1 else 'does'})"
-    if key.startswith("loss."):
-        owners = [n for n, s in LOSS_SCHEMAS.items() if key[5:] in {f.name for f in dataclasses.fields(s)}]
-        if owners:
-            hint = f"{key} is an option of {' / '.join(f'loss={o}' for o in owners)}, not loss={loss}"
+    if key in owners_of:
+        hint = f"{key} is an option of {' / '.join(f'loss={o}' for o in owners_of[key])}, not loss={loss}"
     return ConfigError(f"{given}: unknown option; {hint} (python -m caldpo.train --help lists every option)")
 
 
