@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -157,8 +158,13 @@ class MetricsWriter:
         """``keep_records``: on resume, the number of lines the file held when the resumed checkpoint was
         saved; later lines (records of steps that will run again) are dropped. 0 starts the file afresh."""
         self.enabled = enabled
-        self.records = prepare_jsonl(run_dir / "metrics.jsonl", keep_records) if enabled else 0
-        self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None  # noqa: SIM115 (closed in close())
+        self.path = run_dir / "metrics.jsonl"
+        self.file = None
+        try:
+            self.records = prepare_jsonl(self.path, keep_records) if enabled else 0
+            self.file = open(self.path, "a") if enabled else None  # noqa: SIM115 (closed in close())
+        except OSError as e:
+            raise self._failed(e) from e
         self.tb = self.wandb = None
         self.batch_size = cfg.batch_size  # examples per optimizer step (examples_per_second)
         if not enabled:
@@ -177,11 +183,37 @@ class MetricsWriter:
             self.wandb = wandb.init(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.exp_name,
                                     dir=str(run_dir), config=OmegaConf.to_container(cfg, resolve=True))
 
+    def _failed(self, e: OSError):
+        """RunError (exit status 3) for a failed write of metrics.jsonl: the file, the errno text, the free
+        space of its filesystem and what is kept. The file is closed; later writes do nothing."""
+        from .checkpoint import latest_resume
+        from .rundir import RunError
+
+        if self.file is not None:
+            try:
+                self.file.close()  # flushes what is buffered, if it can
+            except OSError:
+                pass
+        self.file, self.enabled = None, False
+        try:
+            free = f"{shutil.disk_usage(self.path.parent).free / 2**20:.0f} MiB free on {self.path.parent}"
+        except OSError:
+            free = f"free space of {self.path.parent} unknown"
+        resume = latest_resume(self.path.parent / "checkpoints")
+        kept = (f"the last resume checkpoint {resume} is kept and a rerun resumes from it (the records after it "
+                "are written again)" if resume is not None else "no resume checkpoint was saved yet: a rerun starts over")
+        reason = f"[Errno {e.errno}] {os.strerror(e.errno)}" if e.errno else str(e)
+        return RunError(f"writing {self.path} failed: {reason} ({free}); {kept}. "
+                        "Free space (or make the file writable) and rerun the same command.", exit_code=3)
+
     def write(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record, default=float) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps(record, default=float) + "\n")
+            self.file.flush()
+        except OSError as e:
+            raise self._failed(e) from e
         self.records += 1
         if self.tb is None and self.wandb is None:
             return
