@@ -36,7 +36,8 @@ def prompt_ids_for_generation(prompts: list[str], tokenizer, modes: list[str], l
 
 @torch.no_grad()
 def generate_responses(model, tokenizer, prompts: list[str], cfg: DictConfig, device: torch.device,
-                       batch_size: int, truncation_modes: list[str] | None = None, progress: bool = False) -> list[str]:
+                       batch_size: int, truncation_modes: list[str] | None = None, progress: bool = False,
+                       sources: list[str] | None = None) -> list[str]:
     """Responses (text after the prompt, up to EOS) for each prompt, in the order of ``prompts``.
 
     ``model`` is a ``LogProbModel`` (its ``.lm`` generates). Decoding: greedy when
@@ -46,9 +47,11 @@ def generate_responses(model, tokenizer, prompts: list[str], cfg: DictConfig, de
     RNG is untouched. Prompts are not cut unless prompt + ``max_new_tokens`` exceeds the
     model's positions (``prompt_ids_for_generation``). Batches of ``batch_size`` prompts
     sorted by length (less padding), left-padded. Under FSDP2 the root's parameters are
-    unsharded for the call and every rank steps in lockstep (``synced_gpus``).
+    unsharded for the call and every rank steps in lockstep (``synced_gpus``). A prompt id the
+    model's embedding cannot hold raises ``model.TokenIdError`` naming the prompt (``sources``: each
+    prompt's dataset file:line) before anything is generated.
     """
-    from .model import max_positions
+    from .model import check_token_ids, embedding_rows, max_positions
 
     if not prompts:
         return []
@@ -65,6 +68,10 @@ def generate_responses(model, tokenizer, prompts: list[str], cfg: DictConfig, de
                               f"{positions} positions; lower max_new_tokens")
     modes = truncation_modes or ["keep_end"] * len(prompts)
     ids = prompt_ids_for_generation(prompts, tokenizer, modes, limit)
+    rows = embedding_rows(lm)
+    for i, p in enumerate(ids):  # before any generation: an index error (a CUDA assert) would name nothing
+        src = sources[i] if sources and sources[i] else ""
+        check_token_ids(torch.tensor([p], dtype=torch.long), rows, lambda _: f"prompt {i}" + (f" ({src})" if src else ""))
     order = sorted(range(len(ids)), key=lambda i: len(ids[i]), reverse=True)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     sampling = {"do_sample": True, "temperature": temperature, "top_p": cfg.generate.top_p} \
@@ -133,7 +140,8 @@ def main(overrides: list[str] | None = None) -> Path:
         items = items[: cfg.generate.n_prompts]
     batch_size = int(cfg.generate.batch_size or cfg.eval_batch_size)
     responses = generate_responses(policy, tokenizer, [it.prompt for it in items], cfg, device, batch_size,
-                                   [it.truncation_mode for it in items], progress=True)
+                                   [it.truncation_mode for it in items], progress=True,
+                                   sources=[getattr(it, "source", "") for it in items])
     rows = [{"prompt": it.prompt, "response": r, "reference": it.chosen} for it, r in zip(items, responses)]
     if cfg.generate.output:
         out = Path(cfg.generate.output)

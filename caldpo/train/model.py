@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -220,6 +221,47 @@ def apply_archive(model: nn.Module, state: dict[str, torch.Tensor], path: str) -
                           f"missing {missing[:5]}, unexpected {unexpected[:5]}")
 
 
+class TokenIdError(ConfigError):
+    """A token id the model's input embedding has no row for (exit status 2, as a config error).
+
+    ``token``: the id; ``rows``: the embedding's rows; ``where``: which sequence (and, when known,
+    its dataset file:line). The preflight (``check_vocab_and_positions``) compares the tokenizer
+    with the config's ``vocab_size``; this is the check of the loaded embedding itself, on the
+    forward and generation paths, before an index error (or a CUDA device-side assert) would.
+    """
+
+    def __init__(self, token: int, rows: int, where: str):
+        self.token, self.rows, self.where = token, rows, where
+        super().__init__(
+            f"token id {token} in {where} is outside the model's input embedding ({rows} rows, ids 0..{rows - 1}): "
+            "the tokenizer does not match the model. Use the model's own tokenizer (model.tokenizer_name_or_path), "
+            "or resize the model to the tokenizer (model.resize_token_embeddings(len(tokenizer)), then "
+            "save_pretrained) and train that")
+
+
+def embedding_rows(lm: nn.Module) -> int | None:
+    """Rows of ``lm``'s input embedding (the ids it can look up), or None when it has none to ask."""
+    try:
+        emb = lm.get_input_embeddings()
+    except (AttributeError, NotImplementedError):
+        return None
+    rows = getattr(emb, "num_embeddings", None)
+    return rows if isinstance(rows, int) else None
+
+
+def check_token_ids(ids: torch.Tensor, rows: int | None, row_name: Callable[[int], str]) -> None:
+    """Raise TokenIdError for the first id of ``ids`` ([B, T] int64) outside ``[0, rows)``, naming the id,
+    ``rows``, ``row_name(row)`` (which sequence; its dataset file:line when the caller knows it) and the
+    position. One reduction; on an accelerator one synchronization, small next to the forward it guards."""
+    if rows is None or ids.numel() == 0:
+        return
+    bad = (ids < 0) | (ids >= rows)
+    if not bool(bad.any()):
+        return
+    r, t = (int(x) for x in bad.nonzero()[0].tolist())
+    raise TokenIdError(int(ids[r, t]), rows, f"{row_name(r)}, position {t}")
+
+
 class LogProbModel(nn.Module):
     """A causal LM whose forward returns per-sequence response log-probs via the fused head."""
 
@@ -242,11 +284,14 @@ class LogProbModel(nn.Module):
         """Per-sequence log-probs [B] float32 of padded rows (input_ids, attention_mask, labels: [B,T]),
         or [S] of a ``layout.PackedBatch`` (``packed``: its rows, position ids and 4D mask run
         through the backbone; ``packed_logprobs`` scores its head index)."""
+        rows = embedding_rows(self.lm)
         if packed is not None:
+            check_token_ids(packed.input_ids, rows, lambda r: f"packed row {r} of the micro-batch")
             attn = self.lm.config._attn_implementation
             out = self.lm.base_model(input_ids=packed.input_ids, position_ids=packed.position_ids,
                                      attention_mask=packed.attention_mask(attn, self.lm.dtype))
         else:
+            check_token_ids(input_ids, rows, lambda r: f"padded row {r} of the micro-batch (chosen rows first, then rejected)")
             out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask)
         hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
         weight = self.lm.get_output_embeddings().weight
