@@ -43,7 +43,7 @@ from typing import Any, NamedTuple, Sequence
 import numpy as np
 import torch
 
-from .data import DataError, PromptGroup
+from .data import CountReport, DataError, PromptGroup
 
 IGNORE_INDEX = -100
 _CHUNK = 512  # texts per batched tokenizer call at load
@@ -288,7 +288,7 @@ def tokenized(ex: Example, tokenizer, *, max_length: int, max_prompt_length: int
 
 
 @dataclass
-class TokenReport:
+class TokenReport(CountReport):
     """What tokenizing a dataset at load kept, dropped and skipped; printed after the data report."""
 
     dataset: str
@@ -303,12 +303,10 @@ class TokenReport:
     skipped: dict[str, int] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        def fmt(d: dict[str, int]) -> str:
-            return ", ".join(f"{k}={v}" for k, v in sorted(d.items())) or "none"
-
         return (f"tokens {self.dataset}/{self.split} (max_length={self.max_length}, max_prompt_length="
-                f"{self.max_prompt_length}): {self.examples} examples -> {self.kept} kept; dropped: {fmt(self.dropped)}; "
-                f"rows skipped: {fmt(self.skipped)}; prompts cut: {self.prompts_cut}, responses cut: {self.responses_cut}")
+                f"{self.max_prompt_length}): {self.examples} examples -> {self.kept} kept; dropped: "
+                f"{self.fmt(self.dropped)}; rows skipped: {self.fmt(self.skipped)}; prompts cut: {self.prompts_cut}, "
+                f"responses cut: {self.responses_cut}")
 
 
 def tokenize_dataset(examples: Sequence[Example], tokenizer, *, max_length: int, max_prompt_length: int,
@@ -341,7 +339,7 @@ def tokenize_dataset(examples: Sequence[Example], tokenizer, *, max_length: int,
     def fail(ex: Example, reason: str, what: str) -> None:
         if on_error != "skip":
             raise ExampleError(ex.source, what, reason, "fix the row, or set data.on_error=skip to skip such rows")
-        report.skipped[reason] = report.skipped.get(reason, 0) + 1
+        report.skip(reason)
 
     kept: list[Example] = []
     for ex in examples:
@@ -359,7 +357,7 @@ def tokenize_dataset(examples: Sequence[Example], tokenizer, *, max_length: int,
             fail(ex, "eos_in_text", str(e))
             continue
         if enc.rejected is not None and np.array_equal(enc.chosen, enc.rejected):
-            report.dropped["identical_after_truncation"] = report.dropped.get("identical_after_truncation", 0) + 1
+            report.add(report.dropped, "identical_after_truncation")
             continue
         report.prompts_cut += enc.prompt_cut
         report.responses_cut += enc.response_cut

@@ -78,8 +78,31 @@ class PromptGroup:
     sft_source: str = field(default="", compare=False)  # Record.where of the row that gave sft_target
 
 
+class CountReport:
+    """What the load-time reports share (``DataReport``, ``batches.TokenReport``): counts by reason in
+    dicts, ``skipped`` among them (rows skipped by reason), each printed as ``k=v, ...`` sorted by key
+    (``none`` when empty) in the report's one-line ``str()``."""
+
+    skipped: dict[str, int]
+
+    @staticmethod
+    def add(counts: dict[str, int], key: str, n: int = 1) -> None:
+        counts[key] = counts.get(key, 0) + n
+
+    def skip(self, reason: str, n: int = 1) -> None:
+        self.add(self.skipped, reason, n)
+
+    @property
+    def rows_skipped(self) -> int:
+        return sum(self.skipped.values())
+
+    @staticmethod
+    def fmt(d: dict[str, int]) -> str:
+        return ", ".join(f"{k}={v}" for k, v in sorted(d.items())) or "none"
+
+
 @dataclass
-class DataReport:
+class DataReport(CountReport):
     """What loading a dataset read, kept, counted and skipped; printed when it loads."""
 
     dataset: str
@@ -93,18 +116,7 @@ class DataReport:
     split_rule: str = ""  # how this split's rows were chosen (load_dataset); printed when set
 
     def count(self, rule: str, n: int = 1) -> None:
-        self.anomalies[rule] = self.anomalies.get(rule, 0) + n
-
-    def skip(self, reason: str) -> None:
-        self.skipped[reason] = self.skipped.get(reason, 0) + 1
-
-    @property
-    def rows_skipped(self) -> int:
-        return sum(self.skipped.values())
-
-    @staticmethod
-    def fmt(d: dict[str, int]) -> str:
-        return ", ".join(f"{k}={v}" for k, v in sorted(d.items())) or "none"
+        self.add(self.anomalies, rule, n)
 
     def __str__(self) -> str:
         return (f"data {self.dataset}/{self.split} from {self.source}: {self.rows_read} rows -> "

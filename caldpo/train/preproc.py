@@ -137,7 +137,7 @@ def _merge_unsplit(reports: dict[str, DataReport], unsplit: DataReport) -> None:
         first = next(iter(reports.values()))
         first.rows_read += unsplit.rows_read
         for k, v in unsplit.skipped.items():
-            first.skipped[k] = first.skipped.get(k, 0) + v
+            first.skip(k, v)
 
 
 def split_of(path: Path) -> str:
