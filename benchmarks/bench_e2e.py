@@ -126,7 +126,7 @@ def worker_order(args) -> None:
     cfg = load_config(caldpo_overrides(args, Path(args.model_dir), Path(args.data_dir), "dpo", "padded",
                                        Path(args.scratch) / "order_run"))
     tr = Trainer(cfg)
-    idx = tr._global_indices(0, args.pairs * (args.steps + args.warmup))
+    idx = tr.schedule.indices(0, args.pairs * (args.steps + args.warmup))
     rows = [{"prompt": tr.train_data.items[i].prompt, "chosen": tr.train_data.items[i].chosen,
              "rejected": tr.train_data.items[i].rejected} for i in idx]
     Path(args.out_json).write_text(json.dumps(rows))
@@ -144,7 +144,7 @@ def worker_caldpo(args) -> None:
     last = time.perf_counter()
     setup = last - t_start
     for s in range(args.steps + args.warmup):
-        indices = tr._global_indices(s * args.pairs, args.pairs)
+        indices = tr.schedule.indices(s * args.pairs, args.pairs)
         assert [tr.train_data.items[i].prompt for i in indices] == \
             [r["prompt"] for r in order[s * args.pairs:(s + 1) * args.pairs]], "caldpo's order changed"
         out = tr.train_step(indices)

@@ -100,15 +100,15 @@ class Train:
 
     def checkpoint(self, *args, **kwargs) -> submitit.helpers.DelayedSubmission:
         """Stop the trainer at a step boundary (it saves a resume checkpoint), then requeue."""
-        stop = Path(self.run_dir) / "STOP"
-        stop.parent.mkdir(parents=True, exist_ok=True)
-        stop.touch()
+        from caldpo.train.rundir import clear_stop, request_stop
+
+        stop = request_stop(self.run_dir)
         print(f"caldpo.launch: stop requested ({stop}); waiting up to {self.stop_wait_s:.0f}s for the checkpoint",
               file=sys.stderr, flush=True)
         if not self._done.wait(self.stop_wait_s):
             print("caldpo.launch: trainer still running; requeueing anyway (resumes from the last checkpoint)",
                   file=sys.stderr, flush=True)
-        stop.unlink(missing_ok=True)
+        clear_stop(self.run_dir)
         return submitit.helpers.DelayedSubmission(Train(self.overrides, self.run_dir, self.stop_wait_s))
 
 

@@ -194,7 +194,7 @@ def test_bad_text_names_its_row_or_is_skipped(bad, reason, what):
 def test_examples_tokenize_once_at_load(tmp_path):
     """Through the trainer's loader: file:line of a lone surrogate (a JSON escape, valid JSON),
     skip counts, and ids cached on each example (collation never calls the tokenizer again)."""
-    from caldpo.train.trainer import Examples
+    from caldpo.train.schedule import Examples
     rows = [hh(PROMPT, f" Four, reply {i}.", f" Five, reply {i}.") for i in range(8)]
     lines = [json.dumps(r) for r in rows]
     lines[6] = lines[6].replace("Four", "Four \\ud83d")

@@ -50,7 +50,9 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from .config import ConfigError
 from .faults import fault_point
+from .rundir import RunError
 
 log = logging.getLogger("caldpo")
 
@@ -437,6 +439,57 @@ def load_resume(path: Path, model, optimizer, scheduler) -> dict:
     if rng is not None:
         set_rng_state(rng)
     return trainer_state
+
+
+def resume_newest(root: Path, run_dir: Path, model, optimizer, scheduler, *,
+                  announce: bool) -> tuple[dict | None, list | int | None]:
+    """Resume from the newest checkpoint under ``root`` whose manifest verifies (``find_resume``).
+
+    Returns (the trainer state, with ``step``; or None to start fresh, the metrics records to keep:
+    None = all, 0 = none). Newer damaged checkpoints are named and moved aside
+    (``damaged_step_N``, rank 0). A run directory whose checkpoints are all damaged is refused
+    (RunError); one that holds metrics but never completed a checkpoint starts from step 0, says so,
+    and drops those records. A checkpoint that does not fit the model or optimizer is a ConfigError.
+    Collective under torch.distributed; ``announce``: this rank logs.
+    """
+    path, skipped = find_resume(root)
+    for bad, why in skipped:
+        if announce:
+            log.warning("checkpoint %s is damaged (%s); %s", bad, why,
+                        f"resuming from {path.name}" if path else "no older checkpoint verifies")
+    if path is None:
+        if skipped:
+            raise RunError(
+                f"cannot resume {run_dir}: no usable checkpoint ("
+                + "; ".join(f"{p.name}: {why}" for p, why in skipped)
+                + "). Nothing was changed. To recover: restore checkpoints/ from a copy, or start over "
+                "with a new run_dir (or move checkpoints/ and metrics.jsonl out of this one).")
+        metrics = run_dir / "metrics.jsonl"
+        if metrics.exists() and metrics.stat().st_size > 0:
+            if announce:
+                log.warning("%s holds metrics, but no checkpoint was completed before the run stopped: "
+                            "training starts again from step 0 and those records are dropped", metrics)
+            return None, 0
+        return None, None
+    if _rank() == 0:
+        for bad, _ in skipped:
+            aside = bad.with_name("damaged_" + bad.name)
+            shutil.rmtree(aside, ignore_errors=True)
+            os.replace(bad, aside)
+    try:
+        state = load_resume(path, model, optimizer, scheduler)
+    except CheckpointError as e:
+        raise RunError(f"cannot resume from {path}: {e}. Its checksums match its manifest, so the "
+                       "files were written this way: remove that checkpoint to resume from an older "
+                       "one, or use a new run_dir.") from None
+    except (RuntimeError, KeyError, ValueError, dcp.api.CheckpointException) as e:
+        raise ConfigError(f"cannot resume from {path}: it does not match this configuration (a different "
+                          f"model or optimizer?): {str(e).strip().splitlines()[-1]} "
+                          "Use the original command, or a new run_dir.") from None
+    if announce:
+        log.info("resumed from %s (step %d, %d examples seen)", path, int(state["step"]),
+                 int(state["examples_seen"]))
+    return state, state.get("metrics_records")
 
 
 # ----------------------------------------------------------------------------- final export

@@ -73,7 +73,7 @@ def batch_loss(cfg: DictConfig, policy, reference_logps, batch: dict,
 
     inputs = {"packed": packed.to(device)} if packed is not None else concatenated(batch, device)
     logps = policy(**inputs)
-    n = batch["chosen_input_ids"].shape[0]
+    n = logps.shape[0] // 2  # chosen first, then rejected, in every layout
     policy_chosen, policy_rejected = logps[:n], logps[n:]
     if cfg.loss.get("reference_free", False):
         ref_chosen = torch.zeros_like(policy_chosen)

@@ -11,8 +11,11 @@
 - ``exit_with_launcher``: a torchrun worker whose launcher dies (``kill -9`` of torchrun, a lost
   node agent) exits within a second instead of training on alone.
 
-The ``STOP`` file (``<run_dir>/STOP``, see Trainer) and ``DONE`` (the run's summary, written last)
-complete the protocol.
+- ``STOP`` (``<run_dir>/STOP``): any process may ask the run to checkpoint and exit at the next
+  step boundary by creating it (``request_stop``: ``caldpo.launch`` before a requeue, the sbatch
+  scripts on a signal, a user by hand); the trainer removes it when it has stopped.
+- ``DONE`` (``<run_dir>/DONE``): the finished run's summary (JSON), written last and atomically
+  (``write_done``); a run directory holding it is finished, and rerunning the command prints it.
 """
 from __future__ import annotations
 
@@ -24,6 +27,11 @@ import sys
 import threading
 import time
 from pathlib import Path
+
+from .faults import fault_point
+
+STOP = "STOP"
+DONE = "DONE"
 
 
 class RunError(RuntimeError):
@@ -107,6 +115,7 @@ class StopSignals:
 
     def __init__(self, announce: bool):
         self.requested = False
+        self.reason: str | None = None  # the first signal's name ("SIGINT", "SIGTERM", "SIGUSR1")
         self.interrupts = 0
         self.announce = announce
 
@@ -125,8 +134,40 @@ class StopSignals:
                 sys.stderr.flush()
                 os._exit(130)
         self.requested = True
+        self.reason = self.reason or signal.Signals(signum).name
         if self.announce:
             extra = " (Ctrl-C again to exit at once)" if signum == signal.SIGINT else ""
             sys.stderr.write(f"caldpo: {signal.Signals(signum).name}: checkpointing at the next step "
                              f"boundary, then exiting{extra}\n")
             sys.stderr.flush()
+
+
+def request_stop(run_dir: Path | str) -> Path:
+    """Create ``<run_dir>/STOP`` (and the directory); the run checkpoints at its next step boundary and exits."""
+    stop = Path(run_dir) / STOP
+    stop.parent.mkdir(parents=True, exist_ok=True)
+    stop.touch()
+    return stop
+
+
+def stop_requested(run_dir: Path) -> bool:
+    return (Path(run_dir) / STOP).exists()
+
+
+def clear_stop(run_dir: Path | str) -> None:
+    (Path(run_dir) / STOP).unlink(missing_ok=True)
+
+
+def write_done(run_dir: Path, summary: dict) -> None:
+    """Write the run's summary to ``<run_dir>/DONE`` atomically (``DONE.tmp`` renamed): the run's last write."""
+    fault_point("before_done")
+    tmp = run_dir / (DONE + ".tmp")
+    tmp.write_text(json.dumps(summary, indent=2, default=float))
+    os.replace(tmp, run_dir / DONE)
+    fault_point("after_done")
+
+
+def read_done(run_dir: Path) -> dict | None:
+    """The finished run's summary, or None when ``<run_dir>/DONE`` is absent."""
+    done = Path(run_dir) / DONE
+    return json.loads(done.read_text()) if done.exists() else None

@@ -1,0 +1,157 @@
+"""The process a trainer runs in: rank, world, device, the process group, the FSDP2 mesh, and what crosses ranks.
+
+One process (``BasicTrainer``) or one of ``WORLD_SIZE`` processes under torchrun / Slurm
+(``FSDPTrainer``): ``Process.setup`` reads torchrun's environment, picks the device and
+initialises torch.distributed. Everything that crosses ranks goes through a ``Process``:
+sums, the any-rank flag (stop requests, non-finite steps), rank 0's verdict (the run
+lock), the rank's share of an evaluation chunk, and the means of per-example metrics
+(``MetricSums``, one collective and one host sync per step).
+"""
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from .config import ConfigError
+
+
+@dataclass
+class Process:
+    """This process's place in the job.
+
+    rank, world, local_rank: torchrun's RANK, WORLD_SIZE, LOCAL_RANK (0, 1, 0 outside torchrun).
+    device: ``cuda:<local_rank>`` or ``cpu``. fsdp: the policy and reference are sharded with FSDP2
+    on ``mesh`` (a 1D DeviceMesh over all ranks), even in one process.
+    """
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    fsdp: bool
+    mesh: object | None = None
+
+    @classmethod
+    def setup(cls, device_pref: str, fsdp: bool) -> "Process":
+        """Initialise the process group (nccl on CUDA, gloo on CPU) when needed.
+
+        device_pref: ``auto`` (CUDA when available), ``cuda`` or ``cpu``.
+        Raises ConfigError for device=cuda without a CUDA device.
+        """
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        rank = int(os.environ.get("RANK", "0"))
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if device_pref == "cuda" and not torch.cuda.is_available():
+            raise ConfigError("device=cuda but no CUDA device is available")
+        use_cuda = device_pref == "cuda" or (device_pref == "auto" and torch.cuda.is_available())
+        device = torch.device("cuda", local) if use_cuda else torch.device("cpu")
+        if use_cuda:
+            torch.cuda.set_device(device)
+        backend = "nccl" if use_cuda else "gloo"
+        if world > 1 and not dist.is_initialized():
+            dist.init_process_group(backend=backend, timeout=timedelta(minutes=30),
+                                    device_id=device if use_cuda else None)
+        if fsdp and not dist.is_initialized():  # FSDP2 needs a process group even for one process
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            if "MASTER_PORT" not in os.environ:
+                with socket.socket() as s:
+                    s.bind(("127.0.0.1", 0))
+                    os.environ["MASTER_PORT"] = str(s.getsockname()[1])
+            dist.init_process_group(backend, rank=0, world_size=1)
+        mesh = None
+        if fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+            mesh = init_device_mesh(device.type, (world,))
+        return cls(rank, world, local, device, fsdp, mesh)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_initialized() and dist.get_world_size() > 1
+
+    def place(self, model: torch.nn.Module, cfg, trainable: bool) -> None:
+        """Shard ``model`` with FSDP2 on the mesh (``model.shard``: the policy under
+        ``model.fsdp_policy_mp``, a frozen reference without mixed precision), or move it to the device."""
+        if self.fsdp:
+            from .model import shard
+            shard(model, cfg, self.mesh, trainable=trainable)
+        else:
+            model.to(self.device)
+
+    def barrier(self) -> None:
+        if dist.is_initialized():
+            dist.barrier()
+
+    def all_reduce(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over ranks, in place; returns it."""
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        return t
+
+    def any(self, flag) -> bool:
+        """True when ``flag`` (a bool or a 0-d/1-element tensor) is true on any rank."""
+        t = torch.as_tensor(flag, dtype=torch.float32).reshape(1).to(self.device)
+        if self.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item() > 0)
+
+    def from_main(self, value):
+        """Rank 0's ``value`` (any picklable object) on every rank."""
+        if not self.distributed:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def share(self, chunk: list[int], chunk_size: int) -> tuple[list[int], float]:
+        """This rank's contiguous share of an evaluation chunk of up to ``chunk_size`` indices, and its weight.
+
+        A rank left with nothing (the last chunk) runs a dummy forward on the chunk's first
+        example with weight 0: under FSDP2 every rank must run the same number of forwards.
+        """
+        per_rank = chunk_size // self.world
+        mine = chunk[self.rank * per_rank:(self.rank + 1) * per_rank]
+        return (mine, 1.0) if mine else (chunk[:1], 0.0)
+
+    def close(self) -> None:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class MetricSums:
+    """Per-example metrics summed over micro-batches and ranks, read as means.
+
+    ``add`` keeps each metric's sum on its device (no host sync) and its example count on the
+    host; ``means`` reduces all of them over ranks in one collective and reads them back with
+    one host sync.
+    """
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+        self.counts: dict[str, float] = {}
+
+    def add(self, metrics: dict[str, torch.Tensor], weight: float = 1.0) -> None:
+        """metrics: name -> per-example values (any shape; every element counts once), times ``weight``."""
+        for k, v in metrics.items():
+            s = v.detach().float().sum() * weight
+            self.sums[k] = self.sums[k] + s if k in self.sums else s
+            self.counts[k] = self.counts.get(k, 0.0) + v.numel() * weight
+
+    def means(self, process: Process) -> dict[str, float]:
+        """name -> (sum over ranks) / (count over ranks); a count of 0 gives the sum (0)."""
+        if not self.sums:
+            return {}
+        keys = sorted(self.sums)
+        sums = torch.stack([self.sums[k].to(process.device) for k in keys])
+        counts = torch.tensor([self.counts[k] for k in keys], dtype=torch.float32, device=process.device)
+        both = process.all_reduce(torch.cat([sums, counts])).tolist()
+        n = len(keys)
+        return {k: both[i] / max(both[n + i], 1.0) for i, k in enumerate(keys)}
