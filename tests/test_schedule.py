@@ -1,0 +1,120 @@
+"""The path from examples to micro-batches (schedule.py), cross-rank metric means (distributed.py),
+and the run directory's STOP / DONE files (rundir.py)."""
+from __future__ import annotations
+
+import json
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from caldpo.train.batches import Encoded, Example
+from caldpo.train.distributed import MetricSums, Process
+from caldpo.train.layout import PackedBatch
+from caldpo.train.rundir import clear_stop, read_done, request_stop, stop_requested, write_done
+from caldpo.train.schedule import BatchSchedule, Collator
+
+
+def test_schedule_walks_epochs_in_fixed_permutations():
+    """Positions past the end of an epoch continue in the next epoch's permutation; each epoch
+    holds every example once; the same seed gives the same order, another seed another."""
+    n = 7
+    sched = BatchSchedule(n, seed=3)
+    first = sched.indices(0, 3 * n)
+    for e in range(3):
+        assert sorted(first[e * n:(e + 1) * n]) == list(range(n))
+    assert first[:n] != first[n:2 * n]  # each epoch is shuffled anew
+    # any window equals the slice of the whole walk (resume from a count of examples is exact)
+    for start, count in ((0, 1), (5, 4), (6, 9), (13, 8)):
+        assert BatchSchedule(n, seed=3).indices(start, count) == first[start:start + count]
+    assert BatchSchedule(n, seed=4).indices(0, 3 * n) != first
+
+
+def test_micro_batches_cover_the_step_once_across_ranks():
+    indices = list(range(100, 116))
+    world, ga = 2, 4
+    seen = []
+    for rank in range(world):
+        chunks = BatchSchedule(50, 0, rank=rank, world=world, accumulation_steps=ga).micro_batches(indices)
+        assert len(chunks) == ga and all(len(c) == len(indices) // (world * ga) for c in chunks)
+        seen += [i for c in chunks for i in c]
+    assert seen == indices  # contiguous shares, in order, each index once
+
+
+class _Tok:
+    pad_token_id = 0
+
+
+def _example(rng: random.Random, prompt: int, chosen: int, rejected: int | None) -> Example:
+    def ids(k):
+        return np.array([rng.randrange(1, 50) for _ in range(k)], dtype=np.int32)
+
+    enc = Encoded(ids(prompt), ids(chosen), ids(rejected) if rejected is not None else None, False, False)
+    return Example("p", "c", "r" if rejected is not None else None, "keep_start", "", enc)
+
+
+@pytest.mark.parametrize("sft", [False, True])
+def test_collator_counts_tokens_alike_in_every_layout(sft):
+    """tokens = non-padding tokens of chosen and rejected, the prompt counted in each, computed here from
+    the lengths; padded batches run every sequence at the widest length, packed ones no padding and
+    prefix_shared the shared prompt once; packed layouts build no padded copy."""
+    rng = random.Random(0)
+    shapes = [(5, 3, None if sft else 4), (2, 6, None if sft else 1), (7, 2, None if sft else 5)]
+    items = [_example(rng, *s) for s in shapes]
+    lengths = [p + c for p, c, _ in shapes] + ([] if sft else [p + r for p, _, r in shapes])
+    batches = {}
+    for layout in ("padded", "packed", "prefix_shared"):
+        if sft and layout == "prefix_shared":
+            continue
+        coll = Collator(_Tok(), max_length=64, max_prompt_length=32, layout=layout, sft=sft)
+        b = coll(items, [4, 5, 6], "train")
+        batches[layout] = b
+        assert b["n_pairs"] == 3 and b["example_index"] == [4, 5, 6] and b["split"] == "train"
+        assert b["tokens"] == sum(lengths) and b["sequences"] == len(lengths)
+        if layout == "padded":
+            assert b["backbone_tokens"] == len(lengths) * max(lengths)
+            assert int(b["chosen_attention_mask"].sum()) == sum(p + c for p, c, _ in shapes)
+        else:
+            assert isinstance(b["packed"], PackedBatch)
+            assert not any(k.endswith("_input_ids") for k in b)
+    assert batches["packed"]["backbone_tokens"] == sum(lengths)
+    if not sft:  # the prompt and the responses' common first tokens run once per pair
+        shared = sum(p for p, _, _ in shapes)
+        assert batches["prefix_shared"]["backbone_tokens"] <= sum(lengths) - shared
+
+
+def test_metric_means_weight_examples_not_batches():
+    """Means over micro-batches of different sizes, with a weight-0 dummy batch, against float64 by hand."""
+    g = torch.Generator().manual_seed(0)
+    parts = [torch.randn(k, generator=g) for k in (3, 5, 1)]
+    sums = MetricSums()
+    for p in parts:
+        sums.add({"loss": p, "acc": (p > 0).float()})
+    sums.add({"loss": torch.full((4,), 1e6), "acc": torch.ones(4)}, weight=0.0)
+    got = sums.means(Process(0, 1, 0, torch.device("cpu"), fsdp=False))
+    every = torch.cat(parts).double()
+    assert got["loss"] == pytest.approx(float(every.mean()), rel=1e-6)
+    assert got["acc"] == pytest.approx(float((every > 0).double().mean()), rel=1e-6)
+    assert MetricSums().means(Process(0, 1, 0, torch.device("cpu"), fsdp=False)) == {}
+
+
+def test_process_share_gives_every_rank_a_forward():
+    chunk = list(range(10, 15))  # the last, short chunk of an evaluation with chunk size 8, 4 ranks
+    shares = [Process(r, 4, r, torch.device("cpu"), fsdp=False).share(chunk, 8) for r in range(4)]
+    assert shares[0] == ([10, 11], 1.0) and shares[1] == ([12, 13], 1.0) and shares[2] == ([14], 1.0)
+    assert shares[3] == ([10], 0.0)  # nothing left: a dummy forward that counts for nothing
+
+
+def test_stop_and_done_files(tmp_path):
+    run_dir = tmp_path / "a" / "run"
+    assert not stop_requested(run_dir) and read_done(run_dir) is None
+    request_stop(run_dir)
+    assert stop_requested(run_dir)
+    clear_stop(run_dir)
+    clear_stop(run_dir)  # clearing twice is fine
+    assert not stop_requested(run_dir)
+    write_done(run_dir, {"step": 3, "loss": torch.tensor(0.5).item()})
+    assert read_done(run_dir) == {"step": 3, "loss": 0.5}
+    assert json.loads((run_dir / "DONE").read_text())["step"] == 3
+    assert not (run_dir / "DONE.tmp").exists()
