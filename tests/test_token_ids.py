@@ -70,3 +70,30 @@ def test_generation_names_the_prompt_and_its_source_before_generating(tiny):
                            sources=["a.jsonl:1", "data/test.jsonl:7"])
     assert e.value.token == max(ids) and e.value.rows == max(ids) and not called
     assert f"token id {max(ids)} in prompt 1 (data/test.jsonl:7), position {ids.index(max(ids))}" in str(e.value)
+
+
+def test_examples_are_checked_once_at_load_naming_file_and_line(tiny):
+    """The trainer's path: every example's cached ids are checked against the embedding before training
+    (schedule.Examples.check_token_ids), naming the example's file:line and which text holds the id."""
+    import numpy as np
+
+    from caldpo.train.batches import Encoded, Example
+    from caldpo.train.schedule import Examples
+
+    _, model, _ = tiny
+    rows = model.lm.get_input_embeddings().num_embeddings
+
+    def ex(rejected, source):
+        enc = Encoded(np.array([1, 2], dtype=np.int32), np.array([3, 4], dtype=np.int32),
+                      np.array(rejected, dtype=np.int32), False, False)
+        return Example("p", "c", "r", "keep_end", source, enc)
+
+    data = Examples.__new__(Examples)
+    data.items = [ex([5, 6], "hh/train.jsonl:3"), ex([7, rows, 8], "hh/train.jsonl:9")]
+    with pytest.raises(TokenIdError) as e:
+        data.check_token_ids(rows, "train")
+    assert f"token id {rows} in the rejected of train example 1 (hh/train.jsonl:9)" in str(e.value)
+    assert f"({rows} rows" in str(e.value)
+    data.items = data.items[:1]
+    data.check_token_ids(rows, "train")  # ids in range: nothing raised
+    data.check_token_ids(None, "train")  # a model without an embedding to ask

@@ -120,7 +120,7 @@ def check_options(cfg: DictConfig) -> None:
 
 def main(overrides: list[str] | None = None) -> Path:
     """Load the policy (``model.archive``), generate for ``generate.n_prompts`` prompts, write JSON."""
-    from .trainer import Examples
+    from .schedule import Examples
     from .model import LogProbModel, apply_archive, check_attention, check_vocab_and_positions, load_archive_state, \
         load_causal_lm, load_tokenizer, model_path, DTYPES
 

@@ -252,8 +252,10 @@ def embedding_rows(lm: nn.Module) -> int | None:
 def check_token_ids(ids: torch.Tensor, rows: int | None, row_name: Callable[[int], str]) -> None:
     """Raise TokenIdError for the first id of ``ids`` ([B, T] int64) outside ``[0, rows)``, naming the id,
     ``rows``, ``row_name(row)`` (which sequence; its dataset file:line when the caller knows it) and the
-    position. One reduction; on an accelerator one synchronization, small next to the forward it guards."""
-    if rows is None or ids.numel() == 0:
+    position. Host tensors only (one reduction, no synchronization): ids already on an accelerator are
+    not checked here, so the training step never waits on one; the trainer checks every example's
+    ids once at load (``schedule.Examples.check_token_ids``, naming the file:line)."""
+    if rows is None or ids.numel() == 0 or ids.device.type != "cpu":
         return
     bad = (ids < 0) | (ids >= rows)
     if not bool(bad.any()):
