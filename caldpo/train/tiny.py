@@ -85,8 +85,7 @@ def build_tiny(out_dir, *, hidden_size: int = 64, num_layers: int = 2, num_heads
     multiple of 8 as Pythia's is (its rows beyond the tokenizer are never targets).
     """
     import torch
-    from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
-    from transformers.utils import logging as hf_logging
+    from transformers import GPTNeoXForCausalLM
 
     out = pathlib.Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -95,8 +94,22 @@ def build_tiny(out_dir, *, hidden_size: int = 64, num_layers: int = 2, num_heads
     _portable_tokenizer_config(out / "tokenizer_config.json")
     n_tok = len(tokenizer)
     eos_id = tokenizer.eos_token_id
-    config = GPTNeoXConfig(
-        vocab_size=-(-n_tok // VOCAB_MULTIPLE) * VOCAB_MULTIPLE,
+    config = neox_config(vocab_size=-(-n_tok // VOCAB_MULTIPLE) * VOCAB_MULTIPLE, hidden_size=hidden_size,
+                         num_layers=num_layers, num_heads=num_heads,
+                         max_position_embeddings=max_position_embeddings, eos_id=eos_id)
+    torch.manual_seed(seed)
+    model = GPTNeoXForCausalLM(config).float().eval()
+    _save_quietly(model, out)
+    return out
+
+
+def neox_config(*, vocab_size: int, hidden_size: int, num_layers: int, num_heads: int,
+                max_position_embeddings: int, eos_id: int):
+    """A `GPTNeoXConfig` with Pythia's structure (EleutherAI/pythia-*/config.json): partial rotary
+    (rotary_pct 0.25, base 10000), parallel residual, untied head, FFN 4 x hidden, GELU; no dropout."""
+    from transformers import GPTNeoXConfig
+    return GPTNeoXConfig(
+        vocab_size=vocab_size,
         hidden_size=hidden_size,
         num_hidden_layers=num_layers,
         num_attention_heads=num_heads,
@@ -115,8 +128,11 @@ def build_tiny(out_dir, *, hidden_size: int = 64, num_layers: int = 2, num_heads
         eos_token_id=eos_id,
         pad_token_id=eos_id,
     )
-    torch.manual_seed(seed)
-    model = GPTNeoXForCausalLM(config).float().eval()
+
+
+def _save_quietly(model, out: pathlib.Path) -> None:
+    """`save_pretrained` without transformers' progress bars."""
+    from transformers.utils import logging as hf_logging
     bars = hf_logging.is_progress_bar_enabled()
     hf_logging.disable_progress_bar()
     try:
@@ -124,7 +140,6 @@ def build_tiny(out_dir, *, hidden_size: int = 64, num_layers: int = 2, num_heads
     finally:
         if bars:
             hf_logging.enable_progress_bar()
-    return out
 
 
 def _portable_tokenizer_config(path: pathlib.Path) -> None:
@@ -151,6 +166,38 @@ def build_widened(out_dir, *, vocab: int, hidden_size: int, num_layers: int, num
     model.resize_token_embeddings(vocab, mean_resizing=False)
     model.save_pretrained(out)
     return pathlib.Path(out)
+
+
+def build_random(out_dir, *, vocab: int, hidden_size: int, num_layers: int, num_heads: int,
+                 max_position_embeddings: int = 2048, device: str = "cpu", dtype: str = "float32",
+                 seed: int = 0) -> pathlib.Path:
+    """A Pythia-shaped GPT-NeoX of any size with random weights, built fast, and the tiny build's tokenizer.
+
+    For GPU benchmarks at billions of parameters (Pythia-2.8B: 2.78e9 parameters, 5.6 GB in bf16):
+    the model is built from its config directly on ``device`` (e.g. ``"cuda"``) in ``dtype``
+    (``"bfloat16"``) and saved once as safetensors in that dtype; no fp32 copy on the host and no
+    second save (``build_widened`` builds on the CPU in fp32 and saves twice). The embedding has
+    ``vocab`` rows (Pythia: 50304); the tokenizer is ``build_tokenizer``'s 512 tokens, so the rows
+    beyond it are never targets. Returns ``out_dir``; the model leaves no memory on ``device``.
+    """
+    import torch
+    from transformers import GPTNeoXForCausalLM
+
+    out = pathlib.Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(512, max_position_embeddings)
+    tokenizer.save_pretrained(out)
+    _portable_tokenizer_config(out / "tokenizer_config.json")
+    config = neox_config(vocab_size=vocab, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
+                         max_position_embeddings=max_position_embeddings, eos_id=tokenizer.eos_token_id)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = GPTNeoXForCausalLM._from_config(config, dtype=getattr(torch, dtype)).eval()
+    _save_quietly(model, out)
+    del model
+    if torch.device(device).type == "cuda":
+        torch.cuda.empty_cache()
+    return out
 
 
 def _default_cache() -> pathlib.Path:
