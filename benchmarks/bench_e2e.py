@@ -22,8 +22,32 @@ policy forward's attention mask), divided by the step time. Each trainer truncat
 own rule (caldpo: prompt to ``max_prompt_length`` then responses; TRL: prompt + response to
 ``max_length``), so the token counts per step differ slightly; tokens/s compares the work.
 
+TRL runs with gradient checkpointing off (its DPOConfig default is on), as caldpo does.
+
     python benchmarks/bench_e2e.py                  # the CPU table (TRL if installed)
     python benchmarks/bench_e2e.py --dry-run        # 1 step each, tiny model, no TRL
+
+``--stage gpu`` (one CUDA device, a time box of ``--budget-s``, written after every column):
+Pythia-2.8B then Pythia-1.4B shapes (GPT-NeoX as the real configs: hidden 2560/2048, 32/24
+layers, 32/16 heads, FFN 4 x hidden, vocabulary 50304, rotary_pct 0.25, parallel residual),
+random weights built on the GPU in bf16 and saved once (``tiny.build_random``, no download),
+the same synthesized HH-format data at ``max_length`` 512, the same batches (8 pairs per step),
+RMSprop. Columns, each in a process of its own, one round, ``--warmup`` untimed steps then
+``--steps`` timed ones: caldpo Cal-DPO (``loss=caldpo``) with ``trainer=FSDPTrainer`` on one GPU
+(FSDP2), fp32 master weights with ``model.fsdp_policy_mp=bfloat16``, the reference model in
+``--reference-dtype`` (bfloat16; the authors' Pythia configs use float16), layouts
+``prefix_shared`` and ``padded`` (SDPA; ``--columns`` adds e.g. ``prefix_shared:flex_attention``);
+then TRL's ``DPOTrainer`` (bf16=True autocast over fp32 weights, the reference model in
+``--reference-dtype``, SDPA, sigmoid DPO: TRL has no Cal-DPO). Per column: tokens/s (counted
+as above), MFU by caldpo's formula (``caldpo.train.metrics.Throughput``: policy forward and
+backward plus the reference forward, 8 x matmul params per token plus attention) for TRL
+too, on the tokens each backbone runs (caldpo's training metric: padding counted in padded
+rows, a shared prompt once) and on the counted tokens (proportional to tokens/s), and peak
+GPU memory (``torch.cuda.max_memory_allocated`` over the worker process). A column that runs
+out of memory is recorded as ``oom``; one that no longer fits the time box as ``skipped``.
+
+    python benchmarks/bench_e2e.py --stage gpu --out-dir DIR [--results-dir benchmarks/results]
+    python benchmarks/bench_e2e.py --stage gpu --dry-run --out-dir DIR   # CPU, tiny shape, fp32 (a test)
 """
 from __future__ import annotations
 
@@ -34,6 +58,7 @@ import os
 import platform
 import random
 import resource
+import shutil
 import statistics
 import subprocess
 import sys
@@ -99,18 +124,32 @@ def synthesize_hh(out_dir: Path, n_train: int, n_test: int, tokenizer, max_lengt
     return {k: {"median": statistics.median(v), "max": max(v)} for k, v in stats.items()}
 
 
-def caldpo_overrides(args, model_dir: Path, data_dir: Path, loss: str, layout: str, run_dir: Path) -> list[str]:
-    over = ["model=hf", f"model.name_or_path={model_dir}", "model.block_name=GPTNeoXLayer",
-            "model.reference_dtype=float32", "model.policy_dtype=float32", "datasets=[hh]",
-            f"data.paths.hh={data_dir}", f"loss={loss}", f"loss.beta={BETA}", f"layout={layout}", "device=cpu",
-            f"batch_size={args.pairs}", "optimizer=RMSprop", f"lr={LR}", "warmup_steps=0",
-            f"max_length={args.max_length}", f"max_prompt_length={args.max_length // 2}",
-            f"n_examples={args.pairs * (args.steps + args.warmup)}", "do_first_eval=false",
-            "eval_every=100000000", "n_eval_examples=1", "eval_batch_size=1", "export_hf=false",
-            f"run_dir={run_dir}", "resume=never", "debug=true", "seed=0", f"kernels.backend={args.kernels}"]
+def caldpo_overrides(args, model_dir: Path, data_dir: Path, loss: str, layout: str, run_dir: Path,
+                     **settings: str) -> list[str]:
+    """caldpo's command-line overrides for one run; ``settings`` replace or add keys (``device``,
+    ``trainer``, ``model.fsdp_policy_mp``, ...: Hydra refuses a key given twice)."""
+    over = {"model": "hf", "model.name_or_path": model_dir, "model.block_name": "GPTNeoXLayer",
+            "model.reference_dtype": "float32", "model.policy_dtype": "float32", "datasets": "[hh]",
+            "data.paths.hh": data_dir, "loss": loss, "loss.beta": BETA, "layout": layout, "device": "cpu",
+            "batch_size": args.pairs, "optimizer": "RMSprop", "lr": LR, "warmup_steps": 0,
+            "max_length": args.max_length, "max_prompt_length": args.max_length // 2,
+            "n_examples": args.pairs * (args.steps + args.warmup), "do_first_eval": "false",
+            "eval_every": 100000000, "n_eval_examples": 1, "eval_batch_size": 1, "export_hf": "false",
+            "run_dir": run_dir, "resume": "never", "debug": "true", "seed": 0, "kernels.backend": args.kernels}
     if loss == "caldpo":
-        over.append("loss.calibration_weight=1.0")
-    return over
+        over["loss.calibration_weight"] = "1.0"
+    over.update(settings)
+    return [f"{k}={v}" for k, v in over.items()]
+
+
+def gpu_settings(args, attn: str) -> dict[str, str]:
+    """The GPU stage's caldpo settings: FSDP2 on one device; on CUDA the authors' mixed precision
+    (fp32 master weights, bf16 compute through FSDP2's MixedPrecisionPolicy, 16-bit reference)."""
+    cuda = args.device == "cuda"
+    return {"trainer": "FSDPTrainer", "allow_one_gpu": "true", "device": args.device,
+            "model.policy_dtype": "float32", "model.fsdp_policy_mp": "bfloat16" if cuda else "null",
+            "model.reference_dtype": args.reference_dtype if cuda else "float32",
+            "model.attn_implementation": attn}
 
 
 # ----------------------------------------------------------------------------- workers
@@ -119,12 +158,66 @@ def _rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _gpu_mib(device) -> float | None:
+    import torch
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+
+
+def _is_oom(e: BaseException) -> bool:
+    import torch
+    return isinstance(e, torch.OutOfMemoryError) or "out of memory" in str(e).lower()
+
+
+class StepClock:
+    """Per-step time, tokens and MFU through caldpo's ``Throughput`` (the trainer's own formula and
+    CUDA synchronisation): ``lap`` at each step end closes the interval since the previous one.
+
+    MFU is recorded twice: ``mfu_run`` on the tokens the backbone runs (caldpo's training metric:
+    padding in padded rows counts, a shared prompt once) and ``mfu_counted`` on the counted tokens
+    (as if each were run once: proportional to tokens/s). None where the peak FLOP/s is unknown.
+    """
+
+    def __init__(self, throughput, peak_tflops: float | None):
+        self.thr = throughput
+        if peak_tflops:
+            self.thr.peak = peak_tflops * 1e12
+        self.rec = {k: [] for k in ("step_seconds", "tokens", "backbone_tokens", "sequences", "mfu_run",
+                                    "mfu_counted")}
+
+    def start(self) -> None:
+        self.thr.start()
+
+    def lap(self, tokens: float, backbone: float, sequences: float) -> None:
+        m = self.thr.stop(tokens, tokens / max(sequences, 1))
+        self.thr.start()
+        mfu = m.get("mfu")
+        for k, v in (("step_seconds", m["step_time"]), ("tokens", tokens), ("backbone_tokens", backbone),
+                     ("sequences", sequences), ("mfu_counted", mfu),
+                     ("mfu_run", None if mfu is None else mfu * backbone / max(tokens, 1))):
+            self.rec[k].append(v)
+
+    def result(self, device, **more) -> dict:
+        thr = self.thr
+        return {"status": "ok", **self.rec, **more, "peak_rss_mib": _rss_mib(), "peak_gpu_mib": _gpu_mib(device),
+                "n_params": thr.n_params, "n_layers": thr.n_layers, "hidden": thr.hidden,
+                "flops_multiplier": thr.mult, "peak_flops": thr.peak}
+
+
+def _failed(e: BaseException, device, clock: StepClock | None, **more) -> dict:
+    """An out-of-memory column is a result (status ``oom``) with what it measured before; others raise."""
+    if not _is_oom(e):
+        raise e
+    out = clock.result(device, **more) if clock is not None else {"peak_rss_mib": _rss_mib(),
+                                                                   "peak_gpu_mib": _gpu_mib(device)}
+    return {**out, "status": "oom", "reason": f"{type(e).__name__}: {str(e).splitlines()[0][:300]}"}
+
+
 def worker_order(args) -> None:
     """The pairs of the timed steps in caldpo's order, as (prompt, chosen, rejected) texts."""
     from caldpo.train.config import load_config
     from caldpo.train.trainer import Trainer
     cfg = load_config(caldpo_overrides(args, Path(args.model_dir), Path(args.data_dir), "dpo", "padded",
-                                       Path(args.scratch) / "order_run"))
+                                       Path(args.scratch) / "order_run", **{"kernels.backend": "torch"}))
     tr = Trainer(cfg)
     idx = tr.schedule.indices(0, args.pairs * (args.steps + args.warmup))
     rows = [{"prompt": tr.train_data.items[i].prompt, "chosen": tr.train_data.items[i].chosen,
@@ -136,28 +229,32 @@ def worker_caldpo(args) -> None:
     t_start = time.perf_counter()
     from caldpo.train.config import load_config
     from caldpo.train.trainer import Trainer
+    settings = gpu_settings(args, args.attn) if args.stage == "gpu" else {}
     cfg = load_config(caldpo_overrides(args, Path(args.model_dir), Path(args.data_dir), args.loss, args.layout,
-                                       Path(args.scratch) / f"run_{args.loss}_{args.layout}_{os.getpid()}"))
+                                       Path(args.scratch) / f"run_{args.loss}_{args.layout}_{os.getpid()}",
+                                       **settings))
     tr = Trainer(cfg)
-    order = json.loads(Path(args.order).read_text())
-    steps, tokens, backbone, losses = [], [], [], []
-    last = time.perf_counter()
-    setup = last - t_start
-    for s in range(args.steps + args.warmup):
-        indices = tr.schedule.indices(s * args.pairs, args.pairs)
-        assert [tr.train_data.items[i].prompt for i in indices] == \
-            [r["prompt"] for r in order[s * args.pairs:(s + 1) * args.pairs]], "caldpo's order changed"
-        out = tr.train_step(indices)
-        now = time.perf_counter()
-        steps.append(now - last)
-        last = now
-        tokens.append(out["tokens"])
-        backbone.append(out["backbone_tokens"])
-        losses.append(out["loss"])
-    Path(args.out_json).write_text(json.dumps({
-        "step_seconds": steps, "tokens": tokens, "backbone_tokens": backbone, "loss": losses,
-        "layout": tr.layout, "setup_seconds": setup, "wall_seconds": time.perf_counter() - t_start,
-        "peak_rss_mib": _rss_mib()}))
+    try:
+        order = json.loads(Path(args.order).read_text())
+        clock, losses, logps = StepClock(tr.throughput, args.peak_tflops), [], []  # logps: mean chosen, rejected
+        setup = time.perf_counter() - t_start
+        try:
+            clock.start()
+            for s in range(args.steps + args.warmup):
+                indices = tr.schedule.indices(s * args.pairs, args.pairs)
+                assert [tr.train_data.items[i].prompt for i in indices] == \
+                    [r["prompt"] for r in order[s * args.pairs:(s + 1) * args.pairs]], "caldpo's order changed"
+                out = tr.train_step(indices)
+                clock.lap(out["tokens"], out["backbone_tokens"], out["sequences"])
+                losses.append(out["loss"])
+                logps.append([out.get("logps/chosen"), out.get("logps/rejected")])
+            res = clock.result(tr.device, loss=losses, logps=logps)
+        except Exception as e:  # noqa: BLE001 (out of memory is a result; anything else raises)
+            res = _failed(e, tr.device, clock, loss=losses, logps=logps)
+        res.update(layout=tr.layout, setup_seconds=setup, wall_seconds=time.perf_counter() - t_start)
+        Path(args.out_json).write_text(json.dumps(res))
+    finally:
+        tr.process.close()  # a dry run calls the workers in one process: the next one starts its own group
 
 
 def worker_trl(args) -> None:
@@ -168,31 +265,39 @@ def worker_trl(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
+    from caldpo.train.metrics import Throughput
+    from caldpo.train.model import count_matmul_params
+
+    cuda = args.device == "cuda"
+    device = torch.device("cuda", torch.cuda.current_device()) if cuda else torch.device("cpu")
     torch.manual_seed(0)
     order = json.loads(Path(args.order).read_text())
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     tok.pad_token = tok.eos_token
-    policy = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    ref = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, attn_implementation="sdpa")
-    counted = {"tokens": 0.0}
+    attn = args.attn or "sdpa"
+    policy = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, attn_implementation=attn)
+    ref = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=getattr(torch, args.reference_dtype)
+                                               if cuda else torch.float32, attn_implementation=attn)
+    n_params, n_layers, hidden, _ = count_matmul_params(policy)
+    clock = StepClock(Throughput(n_params, n_layers, hidden, device, with_reference=True, world=1),
+                      args.peak_tflops)
+    counted = {"tokens": 0, "backbone": 0, "sequences": 0}
 
-    def count(module, a, kw):
-        if module.training and kw.get("attention_mask") is not None:
-            counted["tokens"] += float(kw["attention_mask"].sum())
+    def count(module, a, kw):  # the policy's training forwards (the reference runs in eval mode)
+        mask = kw.get("attention_mask")
+        if module.training and mask is not None:
+            counted["tokens"] = counted["tokens"] + mask.sum()  # stays on the device: no sync per forward
+            counted["backbone"] += mask.numel()
+            counted["sequences"] += mask.shape[0]
     policy.register_forward_pre_hook(count, with_kwargs=True)
-
-    marks = {"steps": [], "tokens": [], "last": None}
 
     class Clock(TrainerCallback):
         def on_train_begin(self, a, state, control, **kw):
-            marks["last"] = time.perf_counter()
+            clock.start()
 
         def on_step_end(self, a, state, control, **kw):
-            now = time.perf_counter()
-            marks["steps"].append(now - marks["last"])
-            marks["tokens"].append(counted["tokens"])
-            counted["tokens"] = 0.0
-            marks["last"] = now
+            clock.lap(float(counted["tokens"]), float(counted["backbone"]), float(counted["sequences"]))
+            counted.update(tokens=0, backbone=0, sequences=0)
 
     class Sequential(DPOTrainer):
         def _get_train_sampler(self, *a, **kw):  # caldpo's order, as written by worker_order
@@ -201,7 +306,8 @@ def worker_trl(args) -> None:
     cfg = DPOConfig(output_dir=str(Path(args.scratch) / f"trl_{os.getpid()}"), per_device_train_batch_size=args.pairs,
                     gradient_accumulation_steps=1, max_steps=args.steps + args.warmup, learning_rate=LR,
                     optim="rmsprop", lr_scheduler_type="constant", warmup_steps=0, beta=BETA, loss_type=["sigmoid"],
-                    max_length=args.max_length, max_grad_norm=10.0, use_cpu=True, bf16=False, fp16=False,
+                    max_length=args.max_length, max_grad_norm=10.0, use_cpu=not cuda, bf16=cuda, fp16=False,
+                    gradient_checkpointing=args.trl_gradient_checkpointing,
                     report_to=[], save_strategy="no", eval_strategy="no", logging_steps=10 ** 6,
                     dataloader_num_workers=0, seed=0, disable_tqdm=True, precompute_ref_log_probs=False)
     trainer = Sequential(model=policy, ref_model=ref, args=cfg, train_dataset=Dataset.from_list(order),
@@ -209,17 +315,38 @@ def worker_trl(args) -> None:
     if len(trainer.train_dataset) != len(order):
         raise RuntimeError(f"TRL kept {len(trainer.train_dataset)} of {len(order)} pairs: the batches would differ")
     setup = time.perf_counter() - t_start
-    trainer.train()
-    Path(args.out_json).write_text(json.dumps({
-        "step_seconds": marks["steps"], "tokens": marks["tokens"], "setup_seconds": setup,
-        "wall_seconds": time.perf_counter() - t_start, "peak_rss_mib": _rss_mib(),
-        "trl": __import__("trl").__version__}))
+    try:
+        trainer.train()
+        res = clock.result(device)
+    except Exception as e:  # noqa: BLE001 (out of memory is a result; anything else raises)
+        res = _failed(e, device, clock)
+    res.update(setup_seconds=setup, wall_seconds=time.perf_counter() - t_start, trl=__import__("trl").__version__,
+               gradient_checkpointing=args.trl_gradient_checkpointing)
+    Path(args.out_json).write_text(json.dumps(res))
 
 
 # ----------------------------------------------------------------------------- driver
 
-def _spawn(args, role: str, out_json: Path, **extra) -> dict:
-    """Run a worker in a fresh process (its peak RSS its own); a dry run calls it in this process."""
+FORWARDED = ("model_dir", "data_dir", "scratch", "order", "steps", "warmup", "pairs", "max_length", "kernels",
+             "stage", "device", "reference_dtype", "peak_tflops")
+
+
+def worker_command(args, role: str, out_json: Path, **extra) -> list[str]:
+    """The command line of a worker process: the driver's settings (``FORWARDED``) and the column's."""
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--role", role, "--out-json", str(out_json)]
+    for k in FORWARDED:
+        if getattr(args, k) is not None:
+            cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    if args.trl_gradient_checkpointing:
+        cmd.append("--trl-gradient-checkpointing")
+    for k, v in extra.items():
+        cmd += [f"--{k}", str(v)]
+    return cmd
+
+
+def _spawn(args, role: str, out_json: Path, timeout: float | None = None, **extra) -> dict:
+    """Run a worker in a fresh process (its peak RSS and GPU memory its own); a dry run calls it in this
+    process. Raises RuntimeError (the worker's output tail) when it fails, subprocess.TimeoutExpired."""
     if args.dry_run:
         t = time.perf_counter()
         ns = argparse.Namespace(**{**vars(args), **extra, "out_json": out_json})
@@ -228,19 +355,17 @@ def _spawn(args, role: str, out_json: Path, **extra) -> dict:
         if isinstance(out, dict):
             out["process_seconds"] = time.perf_counter() - t
         return out
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--role", role, "--out-json", str(out_json)]
-    for k in ("model_dir", "data_dir", "scratch", "order"):
-        cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-    for k in ("steps", "warmup", "pairs", "max_length", "kernels"):
-        cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-    for k, v in extra.items():
-        cmd += [f"--{k}", v]
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": str(args.threads),
-           "PYTHONPATH": str(REPO), "ACCELERATE_DISABLE_RICH": "1", "TRANSFORMERS_VERBOSITY": "error"}
+           "PYTHONPATH": os.pathsep.join([str(REPO)] + [p for p in [os.environ.get("PYTHONPATH")] if p]),
+           "ACCELERATE_DISABLE_RICH": "1", "TRANSFORMERS_VERBOSITY": "error"}
+    if args.device == "cuda":
+        env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
     t = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
+    proc = subprocess.run(worker_command(args, role, out_json, **extra), cwd=REPO, capture_output=True, text=True,
+                          env=env, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"{role} {extra} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+        raise RuntimeError(f"{role} {extra} failed (exit {proc.returncode}):\n{proc.stdout[-2000:]}\n"
+                           f"{proc.stderr[-4000:]}")
     out = json.loads(out_json.read_text())
     if isinstance(out, dict):
         out["process_seconds"] = time.perf_counter() - t
@@ -296,12 +421,313 @@ def machine() -> dict:
     return info
 
 
-def main(argv: list[str] | None = None) -> dict:
+# ----------------------------------------------------------------------------- GPU stage
+
+# Pythia's configs (EleutherAI/pythia-2.8b and -1.4b config.json: GPT-NeoX, FFN 4 x hidden, rotary_pct 0.25,
+# parallel residual, untied head, 2048 positions); "tiny" is the dry run's.
+GPU_SHAPES = {"pythia-2.8b": {"hidden": 2560, "layers": 32, "heads": 32, "vocab": 50304},
+              "pythia-1.4b": {"hidden": 2048, "layers": 24, "heads": 16, "vocab": 50304},
+              "tiny": {"hidden": 64, "layers": 2, "heads": 4, "vocab": 512}}
+GPU_COLUMNS = "prefix_shared:sdpa,padded:sdpa,trl"
+MFU_TARGET, MFU_TARGET_SHAPE, TRL_TARGET = 0.5, "pythia-2.8b", 2.0  # issue 11, item 7
+
+
+def parse_columns(spec: str) -> list[tuple[str, str | None, str]]:
+    """``prefix_shared:sdpa,padded,trl`` -> [(trainer, layout, attention)]; attention defaults to sdpa."""
+    out = []
+    for item in filter(None, (x.strip() for x in spec.split(","))):
+        if item == "trl":
+            out.append(("trl", None, "sdpa"))
+            continue
+        layout, _, attn = item.partition(":")
+        if layout not in ("prefix_shared", "packed", "padded"):
+            raise SystemExit(f"bench_e2e: --columns {item!r}: a caldpo layout (prefix_shared, packed, padded) "
+                             "with an optional :attention, or trl")
+        out.append(("caldpo", layout, attn or "sdpa"))
+    return out
+
+
+def column_key(shape: str, who: str, layout: str | None, attn: str) -> str:
+    if who == "trl":
+        return f"{shape}/trl"
+    return f"{shape}/caldpo/{layout}" + ("" if attn == "sdpa" else f"+{attn}")
+
+
+def _weighted(values: list, secs: list[float]) -> float | None:
+    """Time-weighted mean of per-step rates (the rate over the timed steps together); None if any is None."""
+    if not values or any(v is None for v in values):
+        return None
+    return sum(v * t for v, t in zip(values, secs)) / sum(secs)
+
+
+def summarize_column(run: dict, warmup: int) -> dict:
+    """One column's numbers over its timed steps (after ``warmup``): tokens/s = timed tokens / timed seconds."""
+    out = {k: run.get(k) for k in ("status", "reason", "peak_rss_mib", "peak_gpu_mib", "n_params", "n_layers",
+                                   "hidden", "setup_seconds", "process_seconds", "layout", "trl")}
+    secs = (run.get("step_seconds") or [])[warmup:]
+    if run.get("loss"):
+        out["first_step_loss"] = run["loss"][0]
+    if not secs:
+        if out["status"] == "ok":
+            out.update(status="error", reason="no timed step")
+        return out
+    tokens, backbone = run["tokens"][warmup:], run["backbone_tokens"][warmup:]
+    out.update(tokens_per_second=sum(tokens) / sum(secs), median_step_seconds=statistics.median(secs),
+               tokens_per_step=statistics.median(tokens), backbone_tokens_per_step=statistics.median(backbone),
+               mfu_run=_weighted(run["mfu_run"][warmup:], secs),
+               mfu_counted=_weighted(run["mfu_counted"][warmup:], secs), timed_steps=len(secs))
+    return out
+
+
+def gpu_ratios(results: dict, shapes: list[str]) -> dict:
+    """Per shape: tokens/s of caldpo's layouts over TRL and over each other, TRL's peak memory over caldpo's."""
+    out: dict[str, float] = {}
+
+    def ok(key):
+        r = results.get(key)
+        return r if r and r.get("status") == "ok" and r.get("tokens_per_second") else None
+
+    for shape in shapes:
+        ps, pad, trl = ok(f"{shape}/caldpo/prefix_shared"), ok(f"{shape}/caldpo/padded"), ok(f"{shape}/trl")
+        for name, a in (("prefix_shared", ps), ("padded", pad)):
+            if a and trl:
+                out[f"{shape}: caldpo {name} / TRL"] = a["tokens_per_second"] / trl["tokens_per_second"]
+        if ps and pad:
+            out[f"{shape}: prefix_shared / padded"] = ps["tokens_per_second"] / pad["tokens_per_second"]
+        mem = "peak_gpu_mib" if (trl or {}).get("peak_gpu_mib") else "peak_rss_mib"
+        if ps and trl and ps.get(mem):
+            out[f"{shape}: peak memory TRL / caldpo prefix_shared"] = trl[mem] / ps[mem]
+    return out
+
+
+def gpu_targets(results: dict, ratios: dict, shapes: list[str]) -> list[str]:
+    """The issue's targets, each with the measured value and met / not met (or why it is unmeasured)."""
+    lines = []
+    mfus = {k: r["mfu_run"] for k, r in results.items() if k.startswith(f"{MFU_TARGET_SHAPE}/caldpo/")
+            and r.get("status") == "ok" and r.get("mfu_run") is not None}
+    if mfus:
+        best = max(mfus.values())
+        lines.append(f"MFU >= {MFU_TARGET:.0%} at {MFU_TARGET_SHAPE} (caldpo, FLOPs run): "
+                     + ", ".join(f"{k.split('/', 2)[2]} {v:.1%}" for k, v in mfus.items())
+                     + (": met" if best >= MFU_TARGET else ": not met"))
+    else:
+        lines.append(f"MFU >= {MFU_TARGET:.0%} at {MFU_TARGET_SHAPE}: not measured "
+                     f"({'not in --shapes' if MFU_TARGET_SHAPE not in shapes else 'no caldpo column with MFU'})")
+    for shape in shapes:
+        vs = {k.split(": caldpo ", 1)[1]: v for k, v in ratios.items() if k.startswith(f"{shape}: caldpo ")}
+        if vs:
+            lines.append(f"caldpo >= {TRL_TARGET:.0f}x TRL tokens/s at {shape}: "
+                         + ", ".join(f"{k} {v:.2f}x ({'met' if v >= TRL_TARGET else 'not met'})" for k, v in vs.items()))
+        else:
+            lines.append(f"caldpo >= {TRL_TARGET:.0f}x TRL at {shape}: not measured (a column did not run)")
+    return lines
+
+
+def gpu_table(report: dict) -> str:
+    """The GPU stage's markdown: settings, one row per column (skipped and failed ones with their reason),
+    ratios and targets."""
+    st = report["settings"]
+    cuda = st["device"] == "cuda"
+    mem = "peak GPU GiB" if cuda else "peak RSS GiB"
+    lines = [f"# caldpo vs TRL end to end, {report['device_name']}, {report['date']}", "",
+             f"`{report['command']}`", "",
+             f"{st['pairs']} pairs per step (the same batches for every column), max_length {st['max_length']}, "
+             f"{st['warmup']} warm-up + {st['steps']} timed steps, 1 process per column; "
+             + ("caldpo: Cal-DPO, FSDP2 on one GPU, fp32 master weights with bf16 compute "
+                f"(model.fsdp_policy_mp=bfloat16), reference {st['reference_dtype']}, kernels {st['kernels']}; "
+                f"TRL {report.get('trl_version') or '-'}: sigmoid DPO (TRL has no Cal-DPO), bf16=True over fp32 "
+                f"weights, reference {st['reference_dtype']}"
+                if cuda else "dry run on CPU: caldpo Cal-DPO, FSDP2 in one process (gloo), fp32; TRL: sigmoid DPO "
+                "(TRL has no Cal-DPO), fp32")
+             + f", gradient checkpointing {'on' if st['trl_gradient_checkpointing'] else 'off'} in both. "
+             "tokens/s: non-padding chosen + rejected tokens, the prompt in each. MFU: caldpo's "
+             "Throughput formula (8 x matmul params + attention per token), on the tokens each backbone runs "
+             "(run) and on the counted tokens (counted).", "",
+             f"| model | trainer | loss | layout | attention | tokens/s | MFU (run) | MFU (counted) | {mem} | "
+             "median step (s) | tokens/step | backbone tokens/step | first-step loss | process (s) | status |",
+             "|---|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+
+    def f(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    for key, r in report["results"].items():
+        peak = r.get("peak_gpu_mib") if cuda else r.get("peak_rss_mib")
+        status = r.get("status") or "-"
+        if r.get("reason"):
+            status += ": " + r["reason"].replace("|", "/").replace("\n", " ")[:160]
+        lines.append(f"| {r['shape']} | {r['trainer']} | {r['loss']} | {r.get('layout') or '-'} | {r['attention']} | "
+                     f"{f(r.get('tokens_per_second'), '.0f')} | {f(r.get('mfu_run'), '.1%')} | "
+                     f"{f(r.get('mfu_counted'), '.1%')} | {f(None if peak is None else peak / 1024, '.1f')} | "
+                     f"{f(r.get('median_step_seconds'), '.3f')} | {f(r.get('tokens_per_step'), '.0f')} | "
+                     f"{f(r.get('backbone_tokens_per_step'), '.0f')} | {f(r.get('first_step_loss'), '.6f')} | "
+                     f"{f(r.get('process_seconds'), '.1f')} | {status} |")
+    lines += ["", "Ratios (tokens/s, one round):"] + [f"- {k}: {v:.2f}x" for k, v in report["ratios"].items()]
+    lines += ["", "Targets (issue 11):"] + [f"- {t}" for t in report["targets"]]
+    if report.get("builds"):
+        lines += ["", "Model builds (random weights, on the device, saved once): "
+                  + ", ".join(f"{k} {v['params'] / 1e6:,.0f}M parameters in {v['seconds']:.1f} s"
+                              for k, v in report["builds"].items())]
+    lines.append(f"Stage: {report['seconds']:.0f} s of a {st['budget_s']:.0f} s time box.")
+    return "\n".join(lines) + "\n"
+
+
+def machine_tag(device_name: str) -> str:
+    """``NVIDIA H200`` -> ``h200`` (the first name in caldpo's peak-FLOP/s table), else the name in lowercase."""
+    from caldpo.train.metrics import PEAK_FLOPS
+    known = [k for k in PEAK_FLOPS if k in device_name]
+    return (known[0] if known else "".join(c if c.isalnum() else "_" for c in device_name).strip("_")).lower()
+
+
+def _trl_missing() -> str | None:
+    import importlib.util
+    missing = [m for m in ("trl", "datasets", "accelerate") if importlib.util.find_spec(m) is None]
+    return (f"not installed: {', '.join(missing)} (benchmarks/fetch_wheels.sh fetches the wheels; "
+            "gpu_suite.sh installs them)") if missing else None
+
+
+def run_gpu_stage(args, argv: list[str] | None) -> dict:
+    """The GPU stage (see the module docstring): writes ``e2e_gpu.json`` and ``e2e_gpu.md`` to ``--out-dir``
+    (and ``--results-dir/<machine>_<date>/``) after every column, prints the table, returns the report."""
+    import torch
+    t0 = time.monotonic()
+
+    def left() -> float:
+        return args.budget_s - (time.monotonic() - t0)
+
+    cuda = args.device == "cuda"
+    if cuda and not torch.cuda.is_available():
+        raise SystemExit("bench_e2e --stage gpu: no CUDA device here (--dry-run runs the same code on CPU)")
+    if args.dry_run:
+        args.shapes, args.pairs, args.max_length, args.steps, args.warmup = "tiny", 2, 128, 1, 1
+    min_column_s = args.min_column_s if args.min_column_s is not None else (45.0 if cuda else 0.0)
+    columns, shapes = parse_columns(args.columns), [x for x in args.shapes.split(",") if x]
+    for shape in shapes:
+        if shape not in GPU_SHAPES:
+            raise SystemExit(f"bench_e2e: --shapes {shape!r}: one of {', '.join(GPU_SHAPES)}")
+    trl_missing = _trl_missing()
+    device_name = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()})"
+    report = {"command": "python benchmarks/bench_e2e.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "stage": "gpu", "dry_run": args.dry_run, "device_name": device_name,
+              "settings": {k: getattr(args, k) for k in ("device", "shapes", "columns", "steps", "warmup", "pairs",
+                                                         "max_length", "kernels", "reference_dtype", "budget_s",
+                                                         "trl_gradient_checkpointing", "peak_tflops")},
+              "results": {}, "runs": {}, "builds": {}, "ratios": {}, "targets": [], "seconds": 0.0,
+              "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "trl_version": None}
+    if not cuda:
+        report["settings"]["min_column_s"] = min_column_s
+    stamp_dir = None
+    if args.results_dir is not None:
+        stamp_dir = args.results_dir / f"{machine_tag(device_name) if cuda else 'cpu'}_{time.strftime('%Y%m%d')}"
+
+    def write() -> None:
+        report["ratios"] = gpu_ratios(report["results"], shapes)
+        report["targets"] = gpu_targets(report["results"], report["ratios"], shapes)
+        report["seconds"] = time.monotonic() - t0
+        for d in filter(None, (args.out_dir, stamp_dir)):
+            d.mkdir(parents=True, exist_ok=True)
+            (d / "e2e_gpu.json").write_text(json.dumps(report, indent=1, default=str))
+            (d / "e2e_gpu.md").write_text(gpu_table(report))
+
+    def record(key: str, shape: str, who: str, layout, attn: str, run: dict) -> None:
+        report["results"][key] = {"shape": shape, "trainer": who, "loss": "caldpo" if who == "caldpo" else "dpo",
+                                  "attention": attn, **summarize_column(run, args.warmup), "layout": layout}
+        report["runs"][key] = run
+        if run.get("trl"):
+            report["trl_version"] = run["trl"]
+        r = report["results"][key]
+        print(f"[{time.monotonic() - t0:5.0f}s] {key}: {r['status']}"
+              + (f" {r['tokens_per_second']:.0f} tokens/s" if r.get("tokens_per_second") else "")
+              + (f" ({r['reason'][:200]})" if r.get("reason") else ""), file=sys.stderr, flush=True)
+        write()
+
+    from caldpo.train.tiny import build_random
+    with tempfile.TemporaryDirectory(prefix="bench_e2e_gpu_") as tmp:
+        tmp = Path(tmp)
+        args.scratch, args.data_dir, args.order = tmp, tmp / "data", tmp / "order.json"
+        # One tokenizer for every shape (the tiny build's), so one data set and one order: caldpo's
+        # order comes from a tiny model of that tokenizer on the CPU (loading a 2.8B model for it is slow).
+        order_model = build_random(tmp / "order_model", vocab=512, hidden_size=64, num_layers=2, num_heads=4)
+        from transformers import AutoTokenizer
+        n_train = args.pairs * (args.steps + args.warmup) + 8
+        report["data_words"] = synthesize_hh(args.data_dir, n_train, 8, AutoTokenizer.from_pretrained(order_model),
+                                             args.max_length)
+        order_args = argparse.Namespace(**{**vars(args), "model_dir": order_model, "out_json": args.order,
+                                           "device": "cpu"})
+        worker_order(order_args)
+        for shape in shapes:
+            spec = GPU_SHAPES[shape]
+            todo = [(who, layout, attn, column_key(shape, who, layout, attn)) for who, layout, attn in columns]
+            if left() < min_column_s:
+                for who, layout, attn, key in todo:
+                    record(key, shape, who, layout, attn, {"status": "skipped", "reason":
+                           f"time box: {max(left(), 0):.0f} s left of {args.budget_s:.0f} s"})
+                continue
+            t = time.monotonic()
+            try:
+                args.model_dir = build_random(tmp / shape, vocab=spec["vocab"], hidden_size=spec["hidden"],
+                                              num_layers=spec["layers"], num_heads=spec["heads"], device=args.device,
+                                              dtype="bfloat16" if cuda else "float32")
+                report["builds"][shape] = {"seconds": time.monotonic() - t, "params": _count_params(args.model_dir)}
+            except Exception as e:  # noqa: BLE001 (the build's failure is this shape's result)
+                for who, layout, attn, key in todo:
+                    record(key, shape, who, layout, attn, {"status": "oom" if _is_oom(e) else "error",
+                                                           "reason": f"model build: {type(e).__name__}: {e}"})
+                continue
+            took: list[float] = []
+            for who, layout, attn, key in todo:
+                if who == "trl" and trl_missing:
+                    record(key, shape, who, layout, attn, {"status": "missing", "reason": trl_missing})
+                    continue
+                need = max(took) if took else min_column_s
+                if not args.dry_run and left() < need + 5:
+                    record(key, shape, who, layout, attn, {"status": "skipped", "reason":
+                           f"time box: {max(left(), 0):.0f} s left of {args.budget_s:.0f} s, a column of this shape "
+                           + (f"took {need:.0f} s" if took else f"needs about {need:.0f} s")})
+                    continue
+                extra = {"loss": "caldpo" if who == "caldpo" else "dpo", "attn": attn}
+                if layout:
+                    extra["layout"] = layout
+                t = time.monotonic()
+                try:
+                    run = _spawn(args, who, tmp / f"{key.replace('/', '_')}.json",
+                                 timeout=None if args.dry_run else max(left() - 3, 1), **extra)
+                except subprocess.TimeoutExpired:
+                    run = {"status": "timeout", "reason": f"stopped at the time box after {time.monotonic() - t:.0f} s"}
+                except Exception as e:  # noqa: BLE001 (a failed column is a result; the others still run)
+                    text = f"{type(e).__name__}: {e}"
+                    run = {"status": "oom" if "OutOfMemoryError" in text or "out of memory" in text else "error",
+                           "reason": text[-1500:] if "Traceback" in text else text[:1500]}
+                    if args.dry_run:
+                        import traceback
+                        run["reason"] = traceback.format_exc()[-3000:]
+                run.setdefault("process_seconds", time.monotonic() - t)
+                took.append(time.monotonic() - t)
+                record(key, shape, who, layout, attn, run)
+            shutil.rmtree(args.model_dir, ignore_errors=True)  # 5.6 GB at 2.8B in bf16
+    write()
+    print(gpu_table(report))
+    return report
+
+
+def _count_params(model_dir: Path) -> int:
+    """Parameters in a saved model's safetensors files (from their headers: no weights read)."""
+    total = 0
+    for f in sorted(model_dir.glob("*.safetensors")):
+        with open(f, "rb") as fh:
+            header = json.loads(fh.read(int.from_bytes(fh.read(8), "little")))
+        total += sum(math.prod(v["shape"]) for k, v in header.items() if k != "__metadata__")
+    return total
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--role", default="driver", choices=("driver", "order", "caldpo", "trl"))
-    p.add_argument("--dry-run", action="store_true", help="1 step each on a tiny model, no TRL")
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--steps", type=int, default=5, help="timed steps per run")
+    p.add_argument("--stage", default="cpu", choices=("cpu", "gpu"),
+                   help="cpu: the CPU table (default) | gpu: Pythia-2.8B/1.4B shapes on one CUDA device, time-boxed")
+    p.add_argument("--dry-run", action="store_true", help="cpu stage: 1 step each on a tiny model, no TRL; "
+                   "gpu stage: the same code path on CPU, tiny shape, fp32, TRL when installed")
+    p.add_argument("--rounds", type=int, default=None, help="interleaved rounds (cpu stage: 3; gpu stage: 1)")
+    p.add_argument("--steps", type=int, default=None, help="timed steps per run (cpu stage: 5; gpu stage: 3)")
     p.add_argument("--warmup", type=int, default=1, help="untimed first steps per run")
     p.add_argument("--pairs", type=int, default=8, help="pairs per optimizer step")
     p.add_argument("--max-length", type=int, default=512)
@@ -312,12 +738,38 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per trainer (1: robust when other processes share the cores)")
     p.add_argument("--no-trl", action="store_true", help="skip TRL even when installed")
-    p.add_argument("--kernels", default="torch", help="caldpo's kernels.backend, pinned so that every run "
-                   "uses the same head (auto may build the native extension mid-benchmark)")
+    p.add_argument("--kernels", default=None, help="caldpo's kernels.backend (cpu stage: torch, pinned so that "
+                   "every run uses the same head: auto may build the native extension mid-benchmark; "
+                   "gpu stage: auto, the Triton head)")
+    p.add_argument("--trl-gradient-checkpointing", action="store_true",
+                   help="TRL with its DPOConfig default gradient_checkpointing=True (default here: off, as caldpo)")
     p.add_argument("--out", type=Path, default=None, help="results JSON (default: print only)")
-    for k in ("model-dir", "data-dir", "scratch", "order", "out-json", "loss", "layout"):
+    g = p.add_argument_group("gpu stage")
+    g.add_argument("--shapes", default="pythia-2.8b,pythia-1.4b", help=f"in order, of {', '.join(GPU_SHAPES)}")
+    g.add_argument("--columns", default=GPU_COLUMNS, help="per shape, in order: LAYOUT[:ATTENTION] (caldpo) or trl")
+    g.add_argument("--budget-s", type=float, default=330.0, help="time box of the whole stage (seconds)")
+    g.add_argument("--min-column-s", type=float, default=None,
+                   help="time a column needs before any of its shape has run (default 45 on CUDA)")
+    g.add_argument("--reference-dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"),
+                   help="both trainers' reference model on CUDA (the authors' Pythia configs: float16)")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="peak FLOP/s for MFU where caldpo's table has none (e.g. a CPU dry run)")
+    g.add_argument("--device", default=None, help="gpu stage: cuda (a dry run: cpu)")
+    g.add_argument("--out-dir", type=Path, default=None, help="e2e_gpu.json and e2e_gpu.md go here")
+    g.add_argument("--results-dir", type=Path, default=None,
+                   help="also write them to RESULTS_DIR/<machine>_<yyyymmdd>/ (gpu_suite.sh: benchmarks/results)")
+    for k in ("model-dir", "data-dir", "scratch", "order", "out-json", "loss", "layout", "attn"):
         p.add_argument(f"--{k}")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    gpu = args.stage == "gpu"
+    args.device = args.device or ("cuda" if gpu and not args.dry_run else "cpu")
+    args.kernels = args.kernels or ("auto" if gpu and args.device == "cuda" else "torch")
+    args.steps = args.steps if args.steps is not None else (3 if gpu else 5)
+    args.rounds = args.rounds if args.rounds is not None else (1 if gpu else 3)
     if args.role == "order":
         return worker_order(args)
     if args.role == "caldpo":
@@ -325,6 +777,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.role == "trl":
         return worker_trl(args)
 
+    if gpu:
+        return run_gpu_stage(args, argv)
     if args.dry_run:
         args.rounds, args.steps, args.warmup, args.pairs = 1, 1, 0, 2
         args.hidden, args.layers, args.heads, args.vocab, args.max_length = 64, 2, 4, 512, 128

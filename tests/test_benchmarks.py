@@ -52,6 +52,12 @@ def test_gpu_suite_cpu_dry_run(tmp_path):
     table = (out / "gpu_table.txt").read_text()
     assert table.startswith("# ") and "\nours " in table
     assert proc.stdout.rstrip().endswith(table.rstrip())
+    # stage 7 (bench_e2e.py --stage gpu) runs its CPU dry run here; a lent machine returns at most 8 files
+    assert "== e2e vs TRL: rc=0" in log
+    e2e = json.loads((out / "e2e_gpu.json").read_text())
+    assert e2e["dry_run"] and e2e["results"]["tiny/caldpo/prefix_shared"]["status"] == "ok"
+    assert (out / "e2e_gpu.md").read_text() in proc.stdout
+    assert len([p for p in out.rglob("*") if p.is_file()]) <= 8
 
 
 def test_parse_shape(bench):
@@ -188,3 +194,145 @@ def test_e2e_cpu_dry_run(tmp_path):
         assert ps["first_step_loss"] == pytest.approx(pad["first_step_loss"], rel=1e-5)
         assert ps["tokens_per_second"] > 0 and ps["peak_rss_mib"] > 0
     assert "lscpu" in report["machine"] or report["machine"]["cpus"]
+
+
+# ----------------------------------------------------------------------------- bench_e2e.py --stage gpu
+
+E2E = os.path.join(ROOT, "benchmarks", "bench_e2e.py")
+
+
+@pytest.fixture(scope="module")
+def e2e():
+    spec = importlib.util.spec_from_file_location("bench_e2e", E2E)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def _neox_matmul_params(hidden, layers, vocab):
+    """GPT-NeoX's parameters without the input embedding: per layer two LayerNorms (4H), QKV (3H^2 + 3H),
+    the attention output (H^2 + H) and the FFN (4H^2 + 4H, 4H^2 + H); the final LayerNorm (2H); the head (VH)."""
+    h = hidden
+    return layers * (4 * h + 3 * h * h + 3 * h + h * h + h + 4 * h * h + 4 * h + 4 * h * h + h) + 2 * h + vocab * h
+
+
+def _trl_installed():
+    return all(importlib.util.find_spec(m) is not None for m in ("trl", "datasets", "accelerate"))
+
+
+def test_e2e_gpu_stage_dry_run(tmp_path):
+    """bench_e2e.py --stage gpu --dry-run: the GPU stage's code path on CPU (tiny Pythia shape, fp32,
+    FSDPTrainer in one process, both caldpo layouts, TRL when installed). Every column has finite
+    tokens/s; the layouts see the same batches (same counted tokens, same step-1 loss and log-probs,
+    same step-2 loss after one RMSprop update); MFU follows Throughput's formula, recomputed here from
+    an independent count of GPT-NeoX's parameters."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, E2E, "--stage", "gpu", "--dry-run", "--out-dir", str(out),
+                           "--peak-tflops", "0.5"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "e2e_gpu.json").read_text())
+    res, runs = report["results"], report["runs"]
+    assert list(res) == ["tiny/caldpo/prefix_shared", "tiny/caldpo/padded", "tiny/trl"]
+    st = report["settings"]
+    pairs, warmup = st["pairs"], st["warmup"]
+    assert st["device"] == "cpu" and st["steps"] >= 1 and warmup >= 1
+    n_params = _neox_matmul_params(64, 2, 512)
+    ran = ["tiny/caldpo/prefix_shared", "tiny/caldpo/padded"]
+    if _trl_installed():
+        ran.append("tiny/trl")
+    else:
+        assert res["tiny/trl"]["status"] == "missing" and "not installed" in res["tiny/trl"]["reason"]
+    for key in ran:
+        r, run = res[key], runs[key]
+        assert r["status"] == "ok", (key, r.get("reason"))
+        assert _finite(r["tokens_per_second"]) and r["tokens_per_second"] > 0
+        assert r["peak_rss_mib"] > 0 and r["peak_gpu_mib"] is None  # CPU: no GPU memory
+        assert r["n_params"] == n_params and run["flops_multiplier"] == 8
+        assert run["sequences"] == [2.0 * pairs] * len(run["sequences"])
+        timed = slice(warmup, None)
+        secs, toks = run["step_seconds"][timed], run["tokens"][timed]
+        assert r["tokens_per_second"] == pytest.approx(sum(toks) / sum(secs), rel=1e-12)
+        # MFU: 8 x (matmul params + 2 x layers x hidden x mean sequence length) FLOPs per token, over
+        # 0.5 TFLOP/s; "run" counts the tokens the backbone runs, "counted" the counted tokens.
+        for which, n_tok in (("mfu_run", run["backbone_tokens"]), ("mfu_counted", run["tokens"])):
+            flops = sum(8.0 * (n_params + 2 * 2 * 64 * t / s) * b for t, s, b in
+                        zip(run["tokens"][timed], run["sequences"][timed], n_tok[timed]))
+            assert r[which] == pytest.approx(flops / sum(secs) / 0.5e12, rel=1e-6), (key, which)
+    ps, pad = res["tiny/caldpo/prefix_shared"], res["tiny/caldpo/padded"]
+    assert ps["tokens_per_step"] == pad["tokens_per_step"] > 0
+    assert ps["backbone_tokens_per_step"] < pad["backbone_tokens_per_step"]
+    assert ps["first_step_loss"] == pytest.approx(pad["first_step_loss"], rel=1e-4)
+    rps, rpad = runs["tiny/caldpo/prefix_shared"], runs["tiny/caldpo/padded"]
+    assert rps["tokens"] == rpad["tokens"]
+    assert rps["logps"][0] == pytest.approx(rpad["logps"][0], rel=1e-5)  # fp32, summed over ~100 tokens
+    # after one update the loss depends on log pi - log pi_ref, a difference of two sums of ~100 log-probs
+    assert rps["loss"][1] == pytest.approx(rpad["loss"][1], rel=1e-4)
+    assert rps["loss"][1] != rps["loss"][0]
+    table = (out / "e2e_gpu.md").read_text()
+    for row in ("| tiny | caldpo | caldpo | prefix_shared | sdpa |", "| tiny | caldpo | caldpo | padded | sdpa |",
+                "| tiny | trl | dpo | - | sdpa |"):
+        assert row in table
+    assert "TRL has no Cal-DPO" in table
+    assert "prefix_shared / padded" in table and "Targets" in table
+    assert proc.stdout.rstrip().endswith(table.rstrip())
+
+
+def test_e2e_gpu_stage_time_box(tmp_path):
+    """A time box already spent: every column is recorded as skipped with the reason; the files are written."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([sys.executable, E2E, "--stage", "gpu", "--dry-run", "--out-dir", str(out),
+                           "--budget-s", "0", "--columns", "padded,trl"], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    res = json.loads((out / "e2e_gpu.json").read_text())["results"]
+    assert list(res) == ["tiny/caldpo/padded", "tiny/trl"]
+    for r in res.values():
+        assert r["status"] == "skipped" and r["reason"].startswith("time box"), r
+    assert "skipped: time box" in (out / "e2e_gpu.md").read_text()
+
+
+def test_e2e_worker_command_round_trip(e2e, tmp_path):
+    """A worker process gets the driver's settings and its column's (the GPU stage spawns them; the dry
+    run calls the workers in one process, so this is what checks the command line)."""
+    args = e2e.build_parser().parse_args(["--stage", "gpu", "--reference-dtype", "float16", "--peak-tflops", "989",
+                                          "--trl-gradient-checkpointing", "--kernels", "triton", "--pairs", "4"])
+    args.model_dir, args.data_dir, args.scratch, args.order = tmp_path / "m", tmp_path / "d", tmp_path, tmp_path / "o"
+    args.device, args.steps = "cuda", 3
+    cmd = e2e.worker_command(args, "caldpo", tmp_path / "w.json", loss="caldpo", layout="prefix_shared",
+                             attn="flex_attention")
+    ns = e2e.build_parser().parse_args(cmd[2:])
+    assert (ns.role, ns.stage, ns.device, ns.reference_dtype, ns.peak_tflops, ns.kernels) == \
+        ("caldpo", "gpu", "cuda", "float16", 989.0, "triton")
+    assert (ns.loss, ns.layout, ns.attn, ns.pairs, ns.steps, ns.out_json) == \
+        ("caldpo", "prefix_shared", "flex_attention", 4, 3, str(tmp_path / "w.json"))
+    assert ns.trl_gradient_checkpointing and ns.model_dir == str(tmp_path / "m")
+    over = dict(o.split("=", 1) for o in e2e.caldpo_overrides(ns, tmp_path / "m", tmp_path / "d", "caldpo",
+                                                               "padded", tmp_path / "r", **e2e.gpu_settings(ns, "sdpa")))
+    assert (over["trainer"], over["device"], over["model.policy_dtype"], over["model.fsdp_policy_mp"],
+            over["model.reference_dtype"], over["layout"], over["kernels.backend"]) == \
+        ("FSDPTrainer", "cuda", "float32", "bfloat16", "float16", "padded", "triton")
+
+
+def test_e2e_gpu_oom_is_a_result_and_targets(e2e):
+    """Out of memory becomes a column's result (other errors raise); ratios and targets from given numbers."""
+    import torch
+    r = e2e._failed(torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"), torch.device("cpu"), None)
+    assert r["status"] == "oom" and "Tried to allocate" in r["reason"]
+    with pytest.raises(ValueError):
+        e2e._failed(ValueError("other"), torch.device("cpu"), None)
+    ok = {"status": "ok"}
+    res = {"pythia-2.8b/caldpo/prefix_shared": {**ok, "tokens_per_second": 3000.0, "mfu_run": 0.42, "peak_gpu_mib": 50.0},
+           "pythia-2.8b/caldpo/padded": {**ok, "tokens_per_second": 2000.0, "mfu_run": 0.55},
+           "pythia-2.8b/trl": {**ok, "tokens_per_second": 1250.0, "peak_gpu_mib": 80.0},
+           "pythia-1.4b/caldpo/prefix_shared": {"status": "skipped", "reason": "time box"}}
+    ratios = e2e.gpu_ratios(res, ["pythia-2.8b", "pythia-1.4b"])
+    assert ratios == {"pythia-2.8b: caldpo prefix_shared / TRL": 2.4, "pythia-2.8b: caldpo padded / TRL": 1.6,
+                      "pythia-2.8b: prefix_shared / padded": 1.5,
+                      "pythia-2.8b: peak memory TRL / caldpo prefix_shared": 1.6}
+    targets = e2e.gpu_targets(res, ratios, ["pythia-2.8b", "pythia-1.4b"])
+    assert targets[0] == "MFU >= 50% at pythia-2.8b (caldpo, FLOPs run): prefix_shared 42.0%, padded 55.0%: met"
+    assert targets[1] == ("caldpo >= 2x TRL tokens/s at pythia-2.8b: prefix_shared / TRL 2.40x (met), "
+                          "padded / TRL 1.60x (not met)")
+    assert "not measured" in targets[2]
