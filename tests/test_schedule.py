@@ -92,11 +92,20 @@ def test_metric_means_weight_examples_not_batches():
     for p in parts:
         sums.add({"loss": p, "acc": (p > 0).float()})
     sums.add({"loss": torch.full((4,), 1e6), "acc": torch.ones(4)}, weight=0.0)
+    sums.add_totals(tokens=3, backbone_tokens=2.5)
+    sums.add_totals(tokens=4)
     got = sums.means(Process(0, 1, 0, torch.device("cpu"), fsdp=False))
+    assert got["tokens"] == 7 and got["backbone_tokens"] == 2.5
     every = torch.cat(parts).double()
     assert got["loss"] == pytest.approx(float(every.mean()), rel=1e-6)
     assert got["acc"] == pytest.approx(float((every > 0).double().mean()), rel=1e-6)
     assert MetricSums().means(Process(0, 1, 0, torch.device("cpu"), fsdp=False)) == {}
+
+
+def test_process_any_one_collective_for_several_flags():
+    p = Process(0, 1, 0, torch.device("cpu"), fsdp=False)
+    assert p.any(True) is True and p.any(torch.tensor(False)) is False
+    assert p.any(torch.tensor(False), True, torch.tensor(float("nan")) != 0) == [False, True, True]
 
 
 def test_process_share_gives_every_rank_a_forward():

@@ -4,8 +4,8 @@ One process (``BasicTrainer``) or one of ``WORLD_SIZE`` processes under torchrun
 (``FSDPTrainer``): ``Process.setup`` reads torchrun's environment, picks the device and
 initialises torch.distributed. Everything that crosses ranks goes through a ``Process``:
 sums, the any-rank flag (stop requests, non-finite steps), rank 0's verdict (the run
-lock), the rank's share of an evaluation chunk, and the means of per-example metrics
-(``MetricSums``, one collective and one host sync per step).
+lock), the rank's share of an evaluation chunk, and the means of per-example metrics with the
+step's token counts (``MetricSums``, one collective and one host sync per step).
 """
 from __future__ import annotations
 
@@ -96,12 +96,14 @@ class Process:
             dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t
 
-    def any(self, flag) -> bool:
-        """True when ``flag`` (a bool or a 0-d/1-element tensor) is true on any rank."""
-        t = torch.as_tensor(flag, dtype=torch.float32).reshape(1).to(self.device)
+    def any(self, *flags) -> bool | list[bool]:
+        """Whether each flag (a bool or a 0-d tensor) is true on any rank: one collective for all of them.
+        One flag gives a bool, several a list."""
+        t = torch.stack([torch.as_tensor(f, device=self.device).reshape(()).float() for f in flags])
         if self.distributed:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item() > 0)
+        out = [v > 0 for v in t.tolist()]
+        return out[0] if len(flags) == 1 else out
 
     def from_main(self, value):
         """Rank 0's ``value`` (any picklable object) on every rank."""
@@ -137,6 +139,12 @@ class MetricSums:
     def __init__(self):
         self.sums: dict[str, torch.Tensor] = {}
         self.counts: dict[str, float] = {}
+        self.totals: dict[str, float] = {}
+
+    def add_totals(self, **values: float) -> None:
+        """Host numbers summed over calls and ranks (token counts), read back as sums by ``means``."""
+        for k, v in values.items():
+            self.totals[k] = self.totals.get(k, 0.0) + float(v)
 
     def add(self, metrics: dict[str, torch.Tensor], weight: float = 1.0) -> None:
         """metrics: name -> per-example values (any shape; every element counts once), times ``weight``."""
@@ -146,12 +154,15 @@ class MetricSums:
             self.counts[k] = self.counts.get(k, 0.0) + v.numel() * weight
 
     def means(self, process: Process) -> dict[str, float]:
-        """name -> (sum over ranks) / (count over ranks); a count of 0 gives the sum (0)."""
-        if not self.sums:
+        """name -> (sum over ranks) / (count over ranks) (a count of 0 gives the sum, 0), and each of
+        ``add_totals``' names -> its sum over ranks; one collective (float64)."""
+        if not self.sums and not self.totals:
             return {}
-        keys = sorted(self.sums)
-        sums = torch.stack([self.sums[k].to(process.device) for k in keys])
-        counts = torch.tensor([self.counts[k] for k in keys], dtype=torch.float32, device=process.device)
-        both = process.all_reduce(torch.cat([sums, counts])).tolist()
+        keys, names = sorted(self.sums), sorted(self.totals)
+        host = torch.tensor([self.counts[k] for k in keys] + [self.totals[k] for k in names], dtype=torch.float64)
+        parts = [torch.stack([self.sums[k].to(process.device) for k in keys]).double()] if keys else []
+        every = process.all_reduce(torch.cat([*parts, host.to(process.device)])).tolist()
         n = len(keys)
-        return {k: both[i] / max(both[n + i], 1.0) for i, k in enumerate(keys)}
+        out = {k: every[i] / max(every[n + i], 1.0) for i, k in enumerate(keys)}
+        out.update({k: every[2 * n + i] for i, k in enumerate(names)})
+        return out

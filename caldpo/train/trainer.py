@@ -222,7 +222,7 @@ class Trainer:
             self.step += 1
             self.examples_seen += cfg.batch_size
             tokens, sequences = metrics.pop("tokens"), metrics.pop("sequences")
-            skipped = metrics.pop("nonfinite")
+            skipped, stop = metrics.pop("nonfinite"), metrics.pop("stop_requested")
             metrics.update(self.throughput.stop(tokens, tokens / max(sequences, 1)))
             if "mfu" in metrics:  # FLOPs actually run: a packed layout runs fewer than the tokens it scores
                 metrics["mfu"] *= metrics["backbone_tokens"] / max(tokens, 1)
@@ -243,8 +243,8 @@ class Trainer:
                 last_line = now
             if cfg.save_every and self.step % cfg.save_every == 0:
                 self.save_resume()
-            stopped_by = self._stop_request()
-            if stopped_by:
+            if stop:
+                stopped_by = self._stop_reason()
                 break
         bar.close()
         if stopped_by:
@@ -269,46 +269,47 @@ class Trainer:
         self.process.barrier()
         return summary
 
-    def _stop_request(self) -> str | None:
-        """The stop request any rank has seen (signal name, or "STOP" for the file), agreed by all ranks; None."""
-        local = self.signals.reason or ("STOP" if self.is_main and rundir.stop_requested(self.run_dir) else None)
-        if not self.process.any(local is not None):
-            return None
+    def _local_stop(self) -> str | None:
+        """The stop request this rank has seen: a signal's name, "STOP" for the file (rank 0 reads it), or None."""
+        return self.signals.reason or ("STOP" if self.is_main and rundir.stop_requested(self.run_dir) else None)
+
+    def _stop_reason(self) -> str:
+        """Why the run stops, once every rank knows that some rank saw a request: rank 0's reason, else this one's."""
+        local = self._local_stop()
         return self.process.from_main(local) or local or "STOP"
 
     # -- one optimizer step
     def train_step(self, indices: list[int]) -> dict:
         """Forward and backward over this rank's micro-batches of the step's ``indices``, then one optimizer
         step (skipped when the loss or the gradient norm is non-finite on any rank). Returns the means of
-        the per-example metrics over all ranks, plus grad_norm, lr, nonfinite, and tokens / sequences /
+        the per-example metrics over all ranks, plus grad_norm, lr, nonfinite, stop_requested (a stop
+        request seen by any rank, agreed in the same collective as nonfinite), and tokens / sequences /
         backbone_tokens summed over ranks."""
         self.policy.train()
         ga = self.cfg.gradient_accumulation_steps
         sums = MetricSums()
-        counts = torch.zeros(3, dtype=torch.float64)  # tokens, sequences, backbone tokens
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)  # on the device: no sync per micro-batch
         for chunk in self.schedule.micro_batches(indices):
             batch = self.collate([self.train_data.items[j] for j in chunk], chunk, "train")
             loss, metrics = batch_loss(self.cfg, self.policy, self.reference_logps, batch, self.device)
             nonfinite |= ~torch.isfinite(loss.detach())
             (loss / ga).backward()
-            counts += torch.tensor([batch["tokens"], batch["sequences"], batch["backbone_tokens"]], dtype=torch.float64)
             sums.add(metrics)
+            sums.add_totals(tokens=batch["tokens"], sequences=batch["sequences"],
+                            backbone_tokens=batch["backbone_tokens"])
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         fault_point("mid_step", self.step + 1)
-        skip = self.process.any(nonfinite | ~torch.isfinite(grad_norm))
+        skip, stop = self.process.any(nonfinite | ~torch.isfinite(grad_norm), self._local_stop() is not None)
         if not skip:  # a non-finite loss or gradient: no optimizer or scheduler step (train() counts it)
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         out = sums.means(self.process)
-        out["nonfinite"] = skip
+        out["nonfinite"], out["stop_requested"] = skip, stop
         out["grad_norm"] = float(grad_norm)
         out["lr"] = self.scheduler.get_last_lr()[0]
-        tok, seqs, bb = self.process.all_reduce(counts.to(self.device)).tolist()
-        out["tokens"], out["sequences"], out["backbone_tokens"] = tok, seqs, bb
         return out
 
     # -- evaluation, exports, checkpoints
