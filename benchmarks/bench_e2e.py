@@ -369,6 +369,8 @@ def _spawn(args, role: str, out_json: Path, timeout: float | None = None, **extr
     out = json.loads(out_json.read_text())
     if isinstance(out, dict):
         out["process_seconds"] = time.perf_counter() - t
+        if args.stage == "gpu":  # the trainer's own lines (model, attention, layout, kernels, autotuning)
+            out["log_tail"] = "\n".join((proc.stdout + proc.stderr).splitlines()[-25:])
     return out
 
 
@@ -537,7 +539,7 @@ def gpu_table(report: dict) -> str:
                 f"(model.fsdp_policy_mp=bfloat16), reference {st['reference_dtype']}, kernels {st['kernels']}; "
                 f"TRL {report.get('trl_version') or '-'}: sigmoid DPO (TRL has no Cal-DPO), bf16=True over fp32 "
                 f"weights, reference {st['reference_dtype']}"
-                if cuda else "dry run on CPU: caldpo Cal-DPO, FSDP2 in one process (gloo), fp32; TRL: sigmoid DPO "
+                if cuda else "on CPU: caldpo Cal-DPO, FSDP2 in one process (gloo), fp32; TRL: sigmoid DPO "
                 "(TRL has no Cal-DPO), fp32")
              + f", gradient checkpointing {'on' if st['trl_gradient_checkpointing'] else 'off'} in both. "
              "tokens/s: non-padding chosen + rejected tokens, the prompt in each. MFU: caldpo's "
@@ -565,7 +567,7 @@ def gpu_table(report: dict) -> str:
     lines += ["", "Targets (issue 11):"] + [f"- {t}" for t in report["targets"]]
     if report.get("builds"):
         lines += ["", "Model builds (random weights, on the device, saved once): "
-                  + ", ".join(f"{k} {v['params'] / 1e6:,.0f}M parameters in {v['seconds']:.1f} s"
+                  + ", ".join(f"{k} {v['params'] / 1e6:,.1f}M parameters in {v['seconds']:.1f} s"
                               for k, v in report["builds"].items())]
     lines.append(f"Stage: {report['seconds']:.0f} s of a {st['budget_s']:.0f} s time box.")
     return "\n".join(lines) + "\n"
@@ -588,8 +590,8 @@ def _trl_missing() -> str | None:
 def run_gpu_stage(args, argv: list[str] | None) -> dict:
     """The GPU stage (see the module docstring): writes ``e2e_gpu.json`` and ``e2e_gpu.md`` to ``--out-dir``
     (and ``--results-dir/<machine>_<date>/``) after every column, prints the table, returns the report."""
-    import torch
     t0 = time.monotonic()
+    import torch
 
     def left() -> float:
         return args.budget_s - (time.monotonic() - t0)
@@ -613,8 +615,7 @@ def run_gpu_stage(args, argv: list[str] | None) -> dict:
                                                          "trl_gradient_checkpointing", "peak_tflops")},
               "results": {}, "runs": {}, "builds": {}, "ratios": {}, "targets": [], "seconds": 0.0,
               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "trl_version": None}
-    if not cuda:
-        report["settings"]["min_column_s"] = min_column_s
+    report["settings"]["min_column_s"] = min_column_s
     stamp_dir = None
     if args.results_dir is not None:
         stamp_dir = args.results_dir / f"{machine_tag(device_name) if cuda else 'cpu'}_{time.strftime('%Y%m%d')}"
@@ -657,10 +658,12 @@ def run_gpu_stage(args, argv: list[str] | None) -> dict:
         for shape in shapes:
             spec = GPU_SHAPES[shape]
             todo = [(who, layout, attn, column_key(shape, who, layout, attn)) for who, layout, attn in columns]
-            if left() < min_column_s:
+            build_s = max((b["seconds"] for b in report["builds"].values()), default=20.0 if cuda else 0.0)
+            if left() < min_column_s + build_s:  # the build and at least one column
                 for who, layout, attn, key in todo:
                     record(key, shape, who, layout, attn, {"status": "skipped", "reason":
-                           f"time box: {max(left(), 0):.0f} s left of {args.budget_s:.0f} s"})
+                           f"time box: {max(left(), 0):.0f} s left of {args.budget_s:.0f} s, the model build and "
+                           f"a column need about {min_column_s + build_s:.0f} s"})
                 continue
             t = time.monotonic()
             try:
