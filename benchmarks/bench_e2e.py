@@ -1,6 +1,6 @@
-"""End to end on CPU: caldpo's trainer against TRL's ``DPOTrainer`` on the same model, data and batches.
+"""End to end: caldpo's trainer against TRL's ``DPOTrainer`` on the same model, data and batches (CPU; --stage gpu).
 
-Every trainer runs in a process of its own (peak RSS is that process's), on:
+Every trainer runs in a process of its own (peak RSS is that process's). The CPU table (the default stage) uses:
 
 * the same model: a randomly initialised Pythia-shaped GPT-NeoX built locally (default
   hidden 256, 4 layers, 4 heads, output vocabulary 8192: 7.35M parameters), fp32;
