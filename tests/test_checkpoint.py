@@ -122,9 +122,29 @@ def test_full_disk_says_so_removes_the_partial_save_and_names_the_intact_one(tmp
     monkeypatch.setattr(ckpt.torch, "save", full)
     with pytest.raises(ckpt.CheckpointError) as e:
         _save(tmp_path, 4)
+    assert e.value.exit_code == 3  # the run cannot continue safely, as a full metrics.jsonl (cli: exit 3)
     msg = str(e.value)
     assert "no space left on device" in msg and "MiB free" in msg and "step_2 is intact" in msg
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_2"]
+
+
+def test_full_disk_during_the_policy_export_keeps_the_old_export(tmp_path, monkeypatch):
+    lm = torch.nn.Linear(4, 3)
+    ckpt.save_policy(tmp_path, lm, 8, {"loss": 1.0}, export_hf=False)
+    before = (tmp_path / "LATEST" / "policy.pt").read_bytes()
+    real_save = torch.save
+
+    def full(obj, f, *a, **kw):
+        if str(f).endswith("policy.pt"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_save(obj, f, *a, **kw)
+
+    monkeypatch.setattr(ckpt.torch, "save", full)
+    with pytest.raises(ckpt.SaveError) as e:
+        ckpt.save_policy(tmp_path, lm, 16, {"loss": 0.5}, export_hf=False)
+    assert e.value.exit_code == 3 and "no space left on device" in str(e.value)
+    assert (tmp_path / "LATEST" / "policy.pt").read_bytes() == before
+    assert not (tmp_path / "LATEST.tmp").exists()
 
 
 class _Evil:

@@ -65,6 +65,13 @@ class CheckpointError(RuntimeError):
     """A checkpoint that cannot be written or used; the message names the file, the reason and what to do."""
 
 
+class SaveError(CheckpointError):
+    """A resume checkpoint or the policy export could not be written (a full disk, an unwritable directory):
+    the run cannot continue safely (``python -m caldpo.train`` exits 3); what was saved before is intact."""
+
+    exit_code = 3
+
+
 class NonFiniteError(CheckpointError):
     """Weights holding NaN or Inf were about to be written (``python -m caldpo.train`` exits 3)."""
 
@@ -386,7 +393,7 @@ def save_resume(root: Path, step: int, model, optimizer, scheduler, trainer_stat
     if failed is not None:
         if rank == 0:
             shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(failed)
+        raise SaveError(failed)
     fault_point("save_before_rename", step)
     if rank == 0:
         if final.exists():
@@ -526,7 +533,7 @@ def save_policy(run_dir: Path, lm, step: int, metrics: dict, tokenizer=None, exp
     ``step`` is stored as ``step_idx``: the trainer passes the examples seen, as the reference code does.
 
     Built in ``<dest>.tmp`` and swapped in whole. Raises NonFiniteError (every rank) when a weight is not
-    finite, CheckpointError when the write fails (disk full names the free space).
+    finite, SaveError (exit 3) when the write fails (disk full names the free space).
     """
     state = full_state_dict(lm)
     bad = non_finite(state) if _rank() == 0 else []
@@ -564,7 +571,7 @@ def save_policy(run_dir: Path, lm, step: int, metrics: dict, tokenizer=None, exp
                                         "the resume checkpoints are intact")
     error = next((e for e in _gather(error) if e), None)
     if error:
-        raise CheckpointError(error)
+        raise SaveError(error)
     return out / "policy.pt" if _rank() == 0 else None
 
 
