@@ -31,6 +31,28 @@ def test_schedule_walks_epochs_in_fixed_permutations():
     assert BatchSchedule(n, seed=4).indices(0, 3 * n) != first
 
 
+def test_each_epoch_drops_its_partial_batch_as_the_reference_iterator():
+    """The reference code's batch iterator starts every epoch with an empty batch: an epoch of n examples
+    yields n // batch_size batches of its own permutation, and the last n % batch_size are never trained.
+    Written out here from that rule (not from BatchSchedule) and compared step by step over 3 epochs."""
+    from caldpo.train.batches import epoch_order
+
+    n, bs, seed = 11, 4, 5
+    expected = []
+    for epoch in range(3):
+        order, batch = epoch_order(n, epoch, seed), []
+        for i in order:
+            batch.append(i)
+            if len(batch) == bs:
+                expected.append(batch)
+                batch = []
+    sched = BatchSchedule(n, seed, batch_size=bs)
+    assert sched.epoch_examples == 8
+    assert [sched.indices(s * bs, bs) for s in range(len(expected))] == expected
+    with pytest.raises(ValueError, match="cannot fill one batch"):
+        BatchSchedule(3, seed, batch_size=4)
+
+
 def test_micro_batches_cover_the_step_once_across_ranks():
     indices = list(range(100, 116))
     world, ga = 2, 4

@@ -230,7 +230,7 @@ class Config:
     max_grad_norm: float = opt("gradient clipping norm")
     max_length: int = opt("max tokens of prompt + response")
     max_prompt_length: int = opt("max prompt tokens when prompt + response is too long")
-    n_epochs: int = opt("epochs over the training data")
+    n_epochs: int = opt("epochs over the training data (each trains its full batches: n // batch_size steps)")
     n_examples: Optional[int] = opt("stop after this many training examples (overrides n_epochs when set)")
     n_eval_examples: int = opt("evaluation examples", identity=False)
     eval_every: int = opt("examples between evaluations", identity=False)

@@ -79,21 +79,30 @@ class BatchSchedule:
     """Which examples each step and each micro-batch of this rank takes.
 
     n: training examples; seed: the run's seed (epoch e's order is ``epoch_order(n, e, seed)``).
+    batch_size: examples per optimizer step. Each epoch yields its full batches only and drops the
+    last ``n % batch_size`` examples of its order, as the reference code's batch iterator starts
+    every epoch with an empty batch; ``epoch_examples`` is what an epoch trains on.
+    Raises ValueError when ``n < batch_size`` (no epoch holds one batch).
     """
 
-    def __init__(self, n: int, seed: int, *, rank: int = 0, world: int = 1, accumulation_steps: int = 1):
-        self.n, self.seed = n, seed
+    def __init__(self, n: int, seed: int, *, batch_size: int = 1, rank: int = 0, world: int = 1,
+                 accumulation_steps: int = 1):
+        if n < batch_size:
+            raise ValueError(f"{n} training examples cannot fill one batch of {batch_size}")
+        self.n, self.seed, self.batch_size = n, seed, batch_size
+        self.epoch_examples = n - n % batch_size
         self.rank, self.world, self.accumulation_steps = rank, world, accumulation_steps
         self._epoch, self._order = None, None
 
     def indices(self, start: int, count: int) -> list[int]:
-        """Example indices at global positions [start, start + count), epochs following each other."""
+        """Example indices at training positions [start, start + count) (a position counts the examples
+        trained before it), epochs following each other, each ``epoch_examples`` long."""
         out, pos = [], start
         while len(out) < count:
-            epoch, offset = divmod(pos, self.n)
+            epoch, offset = divmod(pos, self.epoch_examples)
             if self._epoch != epoch:
                 self._order, self._epoch = epoch_order(self.n, epoch, self.seed, True), epoch
-            take = min(count - len(out), self.n - offset)
+            take = min(count - len(out), self.epoch_examples - offset)
             out.extend(self._order[offset:offset + take])
             pos += take
         return out

@@ -95,17 +95,23 @@ class Trainer:
         self.tokenizer = load_tokenizer(cfg, path)
         check_vocab_and_positions(cfg, self.tokenizer, path)
         self.train_data = Examples(cfg, "train", self.sft, self.is_main, self.tokenizer)
-        self.total_examples = cfg.n_examples if cfg.n_examples is not None else cfg.n_epochs * len(self.train_data)
+        if len(self.train_data) < cfg.batch_size:
+            raise ConfigError(f"batch_size={cfg.batch_size}: the training split holds {len(self.train_data)} examples "
+                              "after loading, not one full batch; lower batch_size or add data")
+        self.schedule = BatchSchedule(len(self.train_data), cfg.seed, batch_size=cfg.batch_size,
+                                      rank=self.process.rank, world=self.world,
+                                      accumulation_steps=cfg.gradient_accumulation_steps)
+        # n_epochs trains each epoch's full batches (the reference drops an epoch's partial batch)
+        self.total_examples = (cfg.n_examples if cfg.n_examples is not None
+                               else cfg.n_epochs * self.schedule.epoch_examples)
         if self.total_examples < cfg.batch_size:
             raise ConfigError(f"batch_size={cfg.batch_size}: the run would train on {self.total_examples} examples "
-                              f"({len(self.train_data)} training examples after loading, n_epochs={cfg.n_epochs}, "
-                              f"n_examples={cfg.n_examples}), not one full batch; lower batch_size or add data")
+                              f"(n_examples={cfg.n_examples}), not one full batch; raise n_examples or lower "
+                              "batch_size")
         self.total_steps = self.total_examples // cfg.batch_size  # a partial final batch is dropped
         fault_point("data_load")
         self.eval_data = Examples(cfg, "test", self.sft, self.is_main, self.tokenizer)
         self.eval_indices = epoch_order(len(self.eval_data), 0, cfg.seed)[: cfg.n_eval_examples]
-        self.schedule = BatchSchedule(len(self.train_data), cfg.seed, rank=self.process.rank, world=self.world,
-                                      accumulation_steps=cfg.gradient_accumulation_steps)
 
         # layout and models
         attn = check_attention(cfg, self.device)
