@@ -94,6 +94,10 @@ def test_choices_and_values_checked_by_the_preflight():
                              (["batch_size=6", "gradient_accumulation_steps=4"], "not divisible")]:
         with pytest.raises(ConfigError, match=match.replace("(", r"\(")):
             validate(load_config(["device=cpu", *overrides]), 1)
+    for name in ("..", ".", "a/b"):
+        with pytest.raises(ConfigError, match="a name, not a path"):
+            validate(load_config(["device=cpu", f"exp_name={name}"]), 1)
+    validate(load_config(["device=cpu", "exp_name=my..run"]), 1)  # dots inside a name are not a path
 
 
 def test_fsdp_outside_torchrun_with_several_gpus_stops_with_the_torchrun_line(monkeypatch):

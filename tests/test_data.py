@@ -117,7 +117,8 @@ def test_sample_reads_hh_format(tmp_path):
 
 
 @pytest.mark.parametrize("line, reason, message", [
-    (b'{"chosen": "\\n\\nHuman: x\\n\\nAssistant: y", "rejected": ', "bad_json", "bad JSON"),
+    (b'{"chosen": "\\n\\nHuman: x\\n\\nAssistant: y", "rejected": ', "bad_json", "bad JSON (Expecting value at the end of the line)"),
+    (b'{"chosen": "a" "rejected": "b"}', "bad_json", "bad JSON (Expecting ',' delimiter at character 16)"),
     (b'{"chosen": "\\n\\nHuman: x\\n\\nAssistant: y"}', "missing_field", "missing field 'rejected'"),
     (b'{"chosen": 3, "rejected": "r"}', "wrong_type", "field 'chosen' should be str, got int"),
     (b'["chosen", "rejected"]', "wrong_type", "expected a JSON object"),

@@ -165,7 +165,9 @@ def verify_files(root: Path, names: list[str], files: dict[str, dict]) -> list[s
         if not path.is_file():
             problems.append(f"{name}: missing")
         elif path.stat().st_size != want["size"]:
-            problems.append(f"{name}: {path.stat().st_size} bytes, the manifest says {want['size']} (truncated?)")
+            size = path.stat().st_size
+            problems.append(f"{name}: {size} bytes, the manifest says {want['size']} "
+                            f"({'truncated?' if size < want['size'] else 'written over or appended to?'})")
         elif sha256_file(path) != want["sha256"]:
             problems.append(f"{name}: sha256 differs from the manifest (bytes changed on disk)")
     return problems

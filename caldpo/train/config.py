@@ -70,7 +70,8 @@ def opt(help: str, *, default: Any = MISSING, choices: tuple | None = None, iden
 @dataclass
 class ModelConfig:
     """``model=<preset>`` (conf/model/*.yaml): the causal LM trained as policy (and used as reference)."""
-    preset: str = opt("preset name (tiny, pythia70m ... pythia12b, hf)")
+    preset: str = opt("preset name (tiny; pythia70m, pythia160m, pythia410m, pythia1b, pythia14, pythia28, "
+                      "pythia69, pythia12b; hf)")
     name_or_path: Optional[str] = opt("hub name or local Hugging Face model directory (tiny: null, built locally)")
     tokenizer_name_or_path: Optional[str] = opt("tokenizer hub name or directory; null: name_or_path")
     archive: Optional[str] = opt("<run>/LATEST/policy.pt whose state is loaded into policy and reference")
@@ -580,7 +581,7 @@ def validate(cfg: DictConfig, world_size: int | None = None, *, argv: list[str] 
         raise ConfigError("model.name_or_path: required for this model preset")
     if cfg.save_every is not None and cfg.save_every < 1:
         raise ConfigError(f"save_every={cfg.save_every}: must be >= 1 or null")
-    if "/" in cfg.exp_name or "\\" in cfg.exp_name or ".." in cfg.exp_name or cfg.exp_name in ("", "."):
+    if "/" in cfg.exp_name or "\\" in cfg.exp_name or cfg.exp_name in ("", ".", ".."):
         raise ConfigError(f"exp_name={cfg.exp_name!r}: a name, not a path (no '/', '..' or '.'); "
                           "use run_dir= to choose a directory")
     _check_packages(cfg)

@@ -204,7 +204,10 @@ def _iter_json_lines(path: Path) -> Iterator[Record]:
             try:
                 yield Record(src, line_no, json.loads(text))
             except json.JSONDecodeError as e:
-                yield Record(src, line_no, RowError("bad_json", f"bad JSON ({e})"))
+                # the decoder counts lines within this one line: say where in the line instead
+                row = text.rstrip("\r\n")
+                where = "the end of the line" if e.pos >= len(row) else f"character {e.pos + 1}"
+                yield Record(src, line_no, RowError("bad_json", f"bad JSON ({e.msg} at {where})"))
 
 
 def _iter_json_array(path: Path) -> Iterator[Record]:

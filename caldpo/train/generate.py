@@ -162,7 +162,7 @@ def cli(argv: list[str] | None = None) -> int:
               "model=..., model.archive=..., datasets=[...], max_new_tokens, eval_batch_size, seed, and "
               "generate.{split,n_prompts,batch_size,temperature,top_p,output}.\n"
               "Example: python -m caldpo.train.generate model=pythia28 datasets=[hh] "
-              "model.archive=runs/caldpo_hh/LATEST/policy.pt")
+              "model.archive=<the printed path, e.g. runs/<exp_name>_<hash8>/LATEST/policy.pt>")
         return 0
     from caldpo.cli import run
 
