@@ -149,3 +149,54 @@ def test_stop_and_done_files(tmp_path):
     assert read_done(run_dir) == {"step": 3, "loss": 0.5}
     assert json.loads((run_dir / "DONE").read_text())["step"] == 3
     assert not (run_dir / "DONE.tmp").exists()
+
+
+def _reference_batches(flat_data, seed: int, n_epochs: int, batch_size: int) -> list[list[tuple]]:
+    """The reference code's batch iterator (preference mode, shuffle on, n_epochs set), written out
+    without tokenization: each epoch seeds Python's ``random`` with seed + epoch, shuffles the
+    per-prompt entries, walks each prompt's pairs in turn, and starts with an empty batch."""
+    state = random.getstate()
+    try:
+        out = []
+        for epoch in range(n_epochs):
+            random.seed(seed + epoch)
+            data = list(flat_data)
+            random.shuffle(data)
+            batch = []
+            for prompt, responses, pairs in data:
+                for i, j in pairs:
+                    batch.append((prompt, responses[i], responses[j]))
+                    if len(batch) == batch_size:
+                        out.append(batch)
+                        batch = []
+        return out
+    finally:
+        random.setstate(state)
+
+
+def test_batches_follow_the_reference_iterators_order(tmp_path):
+    """HH rows where prompts repeat (several pairs per prompt): the trainer's batches over 3 epochs are
+    the reference iterator's, pair for pair."""
+    from _data_fixtures import hh, write_jsonl
+
+    from caldpo.train.config import load_config
+    from caldpo.train.data import load_dataset
+    from caldpo.train.schedule import Examples
+
+    rng = random.Random(1)
+    rows = []
+    for k in range(23):
+        prompt = f"\n\nHuman: question {k % 9}?\n\nAssistant:"  # 9 prompts, 1-4 pairs each
+        rows.append(hh(prompt, f" answer {k} {rng.random():.3f}", f" other {k}"))
+    write_jsonl(tmp_path / "train.jsonl", rows)
+    write_jsonl(tmp_path / "test.jsonl", rows[:2])
+    groups, _ = load_dataset("hh", "train", path=str(tmp_path))
+    assert len(groups) == 9 and max(len(g.pairs) for g in groups.values()) > 1
+    flat = [(g.prompt, g.responses, g.pairs) for g in groups.values()]
+    expected = _reference_batches(flat, seed=0, n_epochs=3, batch_size=4)
+
+    data = Examples(load_config(["datasets=[hh]", f"data.paths.hh={tmp_path}"]), "train", sft=False, verbose=False)
+    sched = BatchSchedule(len(data), 0, batch_size=4, groups=data.group_of, n_groups=data.n_groups)
+    got = [[(data.items[i].prompt, data.items[i].chosen, data.items[i].rejected) for i in sched.indices(s * 4, 4)]
+           for s in range(len(expected))]
+    assert len(expected) == 3 * (23 // 4) and got == expected

@@ -416,15 +416,29 @@ def flatten(groups: dict[str, PromptGroup], *, sft: bool) -> list[Example]:
     return out
 
 
-def epoch_order(n: int, epoch: int, seed: int, shuffle: bool = True) -> list[int]:
+def epoch_order(n: int, epoch: int, seed: int, shuffle: bool = True, groups: Sequence[int] | None = None,
+                n_groups: int | None = None) -> list[int]:
     """The order of ``n`` examples in ``epoch``: a permutation fixed by ``seed + epoch``.
 
+    With ``groups`` (each example's prompt group, ``0 <= g < n_groups``, examples of a group in their
+    order) the ``n_groups`` groups are shuffled and each group's examples follow together, as the
+    reference code's batch iterator shuffles its per-prompt entries (``random.seed(seed + epoch)``,
+    ``random.shuffle``) and yields each prompt's pairs in turn: for the same groups the order is the
+    reference's. A group left empty (all its pairs dropped at load) keeps its place in the shuffle.
     Deterministic across runs and processes, so a resumed run can skip to its position.
     """
-    order = list(range(n))
+    if groups is None:
+        order = list(range(n))
+        if shuffle:
+            random.Random(seed + epoch).shuffle(order)
+        return order
+    members: list[list[int]] = [[] for _ in range(n_groups if n_groups is not None else max(groups, default=-1) + 1)]
+    for i, g in enumerate(groups):
+        members[g].append(i)
+    group_order = list(range(len(members)))
     if shuffle:
-        random.Random(seed + epoch).shuffle(order)
-    return order
+        random.Random(seed + epoch).shuffle(group_order)
+    return [i for g in group_order for i in members[g]]
 
 
 def tokenize_all(examples: Sequence[Example], tokenizer, *, max_length: int,

@@ -2,7 +2,8 @@
 
 One step = ``batch_size`` examples in global order; each rank takes its contiguous slice
 and splits it into ``gradient_accumulation_steps`` micro-batches. The order is a
-deterministic permutation per epoch (``batches.epoch_order``), so the data position is a
+deterministic permutation per epoch (``batches.epoch_order``: prompt groups shuffled, each
+group's pairs together, as the reference iterator), so the data position is a
 single count of examples consumed and resume is exact. A micro-batch is laid out once,
 in the run's layout (``layout.py``), and the policy and the reference both run that form.
 """
@@ -32,6 +33,8 @@ class Examples:
 
     def __init__(self, cfg: DictConfig, split: str, sft: bool, verbose: bool, tokenizer=None):
         self.items: list[Example] = []
+        self.group_of: list[int] = []  # each example's prompt group, numbered over all datasets in load order
+        self.n_groups = 0
         self.reports = []
         self.token_reports = []
         for name in cfg.datasets:
@@ -49,12 +52,20 @@ class Examples:
                 if verbose:
                     print(str(tok_report), flush=True)
                 self.token_reports.append(tok_report)
+            group = {g.prompt: self.n_groups + k for k, g in enumerate(groups.values())}
+            self.group_of.extend(group[it.prompt] for it in items)
+            self.n_groups += len(groups)
             self.items.extend(items)
         if not self.items:
             raise ConfigError(f"datasets={list(cfg.datasets)}: no {split} examples")
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def order(self, epoch: int, seed: int) -> list[int]:
+        """This split's order in ``epoch``: prompt groups shuffled, each group's pairs together
+        (``batches.epoch_order``, the reference iterator's order)."""
+        return epoch_order(len(self.items), epoch, seed, groups=self.group_of, n_groups=self.n_groups)
 
     def check_token_ids(self, rows: int | None, split: str) -> None:
         """Raise ``model.TokenIdError`` for the first token id outside the model's input embedding
@@ -78,7 +89,9 @@ class Examples:
 class BatchSchedule:
     """Which examples each step and each micro-batch of this rank takes.
 
-    n: training examples; seed: the run's seed (epoch e's order is ``epoch_order(n, e, seed)``).
+    n: training examples; seed: the run's seed; groups, n_groups: each example's prompt group
+    (``Examples.group_of``, ``Examples.n_groups``; None: every example its own group). Epoch e's
+    order is ``batches.epoch_order(n, e, seed, groups=groups, n_groups=n_groups)``.
     batch_size: examples per optimizer step. Each epoch yields its full batches only and drops the
     last ``n % batch_size`` examples of its order, as the reference code's batch iterator starts
     every epoch with an empty batch; ``epoch_examples`` is what an epoch trains on.
@@ -86,12 +99,13 @@ class BatchSchedule:
     """
 
     def __init__(self, n: int, seed: int, *, batch_size: int = 1, rank: int = 0, world: int = 1,
-                 accumulation_steps: int = 1):
+                 accumulation_steps: int = 1, groups: list[int] | None = None, n_groups: int | None = None):
         if n < batch_size:
             raise ValueError(f"{n} training examples cannot fill one batch of {batch_size}")
         self.n, self.seed, self.batch_size = n, seed, batch_size
         self.epoch_examples = n - n % batch_size
         self.rank, self.world, self.accumulation_steps = rank, world, accumulation_steps
+        self.groups, self.n_groups = groups, n_groups
         self._epoch, self._order = None, None
 
     def indices(self, start: int, count: int) -> list[int]:
@@ -101,7 +115,8 @@ class BatchSchedule:
         while len(out) < count:
             epoch, offset = divmod(pos, self.epoch_examples)
             if self._epoch != epoch:
-                self._order, self._epoch = epoch_order(self.n, epoch, self.seed, True), epoch
+                self._order = epoch_order(self.n, epoch, self.seed, groups=self.groups, n_groups=self.n_groups)
+                self._epoch = epoch
             take = min(count - len(out), self.epoch_examples - offset)
             out.extend(self._order[offset:offset + take])
             pos += take

@@ -28,7 +28,6 @@ from caldpo.kernels.options import from_config as kernel_options_from_config
 
 from . import checkpoint as ckpt
 from . import rundir
-from .batches import epoch_order
 from .config import (TRAINERS, ConfigError, check_run_dir, load_config, run_dir as cfg_run_dir, validate,
                      write_run_config)
 from .distributed import MetricSums, Process
@@ -100,7 +99,8 @@ class Trainer:
                               "after loading, not one full batch; lower batch_size or add data")
         self.schedule = BatchSchedule(len(self.train_data), cfg.seed, batch_size=cfg.batch_size,
                                       rank=self.process.rank, world=self.world,
-                                      accumulation_steps=cfg.gradient_accumulation_steps)
+                                      accumulation_steps=cfg.gradient_accumulation_steps,
+                                      groups=self.train_data.group_of, n_groups=self.train_data.n_groups)
         # n_epochs trains each epoch's full batches (the reference drops an epoch's partial batch)
         self.total_examples = (cfg.n_examples if cfg.n_examples is not None
                                else cfg.n_epochs * self.schedule.epoch_examples)
@@ -111,7 +111,7 @@ class Trainer:
         self.total_steps = self.total_examples // cfg.batch_size  # a partial final batch is dropped
         fault_point("data_load")
         self.eval_data = Examples(cfg, "test", self.sft, self.is_main, self.tokenizer)
-        self.eval_indices = epoch_order(len(self.eval_data), 0, cfg.seed)[: cfg.n_eval_examples]
+        self.eval_indices = self.eval_data.order(0, cfg.seed)[: cfg.n_eval_examples]  # the reference's eval order
 
         # layout and models
         attn = check_attention(cfg, self.device)
