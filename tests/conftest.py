@@ -41,6 +41,20 @@ def read_metrics(run_dir: Path, split: str = "train") -> list[dict]:
 
 
 @pytest.fixture(scope="session")
+def tiny_logprob_model():
+    """(config, LogProbModel with the torch head, tokenizer) of the tiny model in float32 with SDPA; shared:
+    tests must not change it."""
+    import torch
+
+    from caldpo.train.config import load_config
+    from caldpo.train.model import LogProbModel, load_causal_lm, load_tokenizer, model_path
+    cfg = load_config(TINY)
+    path = model_path(cfg)
+    lm = load_causal_lm(cfg, path, torch.float32, "sdpa")
+    return cfg, LogProbModel(lm, "torch"), load_tokenizer(cfg, path)
+
+
+@pytest.fixture(scope="session")
 def sft_run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("sft") / "run"
     run_train([*TINY, "loss=sft", f"run_dir={run_dir}", "n_examples=96", "batch_size=8", "lr=2e-3",

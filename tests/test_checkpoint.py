@@ -110,16 +110,21 @@ def test_rotation_keeps_the_newest_complete_checkpoints(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["step_4", "step_5"]
 
 
-def test_full_disk_says_so_removes_the_partial_save_and_names_the_intact_one(tmp_path, monkeypatch):
-    _save(tmp_path, 2)
+def _disk_full_on(monkeypatch, name: str) -> None:
+    """checkpoint.py's torch.save raises ENOSPC for files named ``name``, as on a full disk."""
     real_save = torch.save
 
     def full(obj, f, *a, **kw):
-        if str(f).endswith("trainer_state.pt"):
+        if str(f).endswith(name):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *a, **kw)
 
     monkeypatch.setattr(ckpt.torch, "save", full)
+
+
+def test_full_disk_says_so_removes_the_partial_save_and_names_the_intact_one(tmp_path, monkeypatch):
+    _save(tmp_path, 2)
+    _disk_full_on(monkeypatch, "trainer_state.pt")
     with pytest.raises(ckpt.CheckpointError) as e:
         _save(tmp_path, 4)
     assert e.value.exit_code == 3  # the run cannot continue safely, as a full metrics.jsonl (cli: exit 3)
@@ -132,14 +137,7 @@ def test_full_disk_during_the_policy_export_keeps_the_old_export(tmp_path, monke
     lm = torch.nn.Linear(4, 3)
     ckpt.save_policy(tmp_path, lm, 8, {"loss": 1.0}, export_hf=False)
     before = (tmp_path / "LATEST" / "policy.pt").read_bytes()
-    real_save = torch.save
-
-    def full(obj, f, *a, **kw):
-        if str(f).endswith("policy.pt"):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real_save(obj, f, *a, **kw)
-
-    monkeypatch.setattr(ckpt.torch, "save", full)
+    _disk_full_on(monkeypatch, "policy.pt")
     with pytest.raises(ckpt.SaveError) as e:
         ckpt.save_policy(tmp_path, lm, 16, {"loss": 0.5}, export_hf=False)
     assert e.value.exit_code == 3 and "no space left on device" in str(e.value)

@@ -22,13 +22,9 @@ TLDR = "SUBREDDIT: r/AskReddit\nTITLE: A short title\nPOST: " + "A short post. "
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    from caldpo.train.model import LogProbModel, load_causal_lm, load_tokenizer, model_path
-    cfg = load_config(TINY)
-    path = model_path(cfg)
-    tok = load_tokenizer(cfg, path)
-    lm = load_causal_lm(cfg, path, torch.float32, "sdpa")
-    return LogProbModel(lm, "torch"), tok
+def tiny(tiny_logprob_model):
+    _, model, tok = tiny_logprob_model
+    return model, tok
 
 
 def _cfg(*over):

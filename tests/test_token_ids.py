@@ -9,22 +9,17 @@ import pytest
 import torch
 
 from caldpo.train.batches import tokenize_example
-from caldpo.train.config import ConfigError, load_config
+from caldpo.train.config import ConfigError
 from caldpo.train.generate import generate_responses
 from caldpo.train.layout import pack
-from caldpo.train.model import LogProbModel, TokenIdError, load_causal_lm, load_tokenizer, model_path
-from conftest import TINY
+from caldpo.train.model import TokenIdError, load_causal_lm, model_path
 
 PROMPT, CHOSEN, REJECTED = "\n\nHuman: What is 2 plus 2?\n\nAssistant:", " 4, of course.", " 5"
 
 
 @pytest.fixture(scope="module")
-def tiny():
-    cfg = load_config(TINY)
-    path = model_path(cfg)
-    tok = load_tokenizer(cfg, path)
-    lm = load_causal_lm(cfg, path, torch.float32, "sdpa")
-    return cfg, LogProbModel(lm, "torch"), tok
+def tiny(tiny_logprob_model):
+    return tiny_logprob_model
 
 
 def _example(tok):
@@ -72,28 +67,20 @@ def test_generation_names_the_prompt_and_its_source_before_generating(tiny):
     assert f"token id {max(ids)} in prompt 1 (data/test.jsonl:7), position {ids.index(max(ids))}" in str(e.value)
 
 
-def test_examples_are_checked_once_at_load_naming_file_and_line(tiny):
-    """The trainer's path: every example's cached ids are checked against the embedding before training
-    (schedule.Examples.check_token_ids), naming the example's file:line and which text holds the id."""
-    import numpy as np
+def test_the_loaded_embedding_is_checked_against_the_tokenizer_once(tiny):
+    """The trainer's path: after loading, the input embedding must have a row for every id the tokenizer
+    can produce (its largest id, pad, EOS), so no example's ids need scanning and no forward meets one."""
+    from caldpo.train.model import check_embedding_covers_tokenizer
 
-    from caldpo.train.batches import Encoded, Example
-    from caldpo.train.schedule import Examples
+    _, _, tok = tiny
+    largest = max(len(tok) - 1, max(tok.get_vocab().values()))
+    top = max(largest, tok.eos_token_id, tok.pad_token_id)
 
-    _, model, _ = tiny
-    rows = model.lm.get_input_embeddings().num_embeddings
+    def lm(rows):
+        return SimpleNamespace(get_input_embeddings=lambda: torch.nn.Embedding(rows, 2))
 
-    def ex(rejected, source):
-        enc = Encoded(np.array([1, 2], dtype=np.int32), np.array([3, 4], dtype=np.int32),
-                      np.array(rejected, dtype=np.int32), False, False)
-        return Example("p", "c", "r", "keep_end", source, enc)
-
-    data = Examples.__new__(Examples)
-    data.items = [ex([5, 6], "hh/train.jsonl:3"), ex([7, rows, 8], "hh/train.jsonl:9")]
+    check_embedding_covers_tokenizer(lm(top + 1), tok)  # every id has its row: nothing raised
     with pytest.raises(TokenIdError) as e:
-        data.check_token_ids(rows, "train")
-    assert f"token id {rows} in the rejected of train example 1 (hh/train.jsonl:9)" in str(e.value)
-    assert f"({rows} rows" in str(e.value)
-    data.items = data.items[:1]
-    data.check_token_ids(rows, "train")  # ids in range: nothing raised
-    data.check_token_ids(None, "train")  # a model without an embedding to ask
+        check_embedding_covers_tokenizer(lm(top), tok)
+    assert (e.value.token, e.value.rows) == (top, top)
+    assert f"token id {top} in the tokenizer's" in str(e.value) and f"({len(tok)} tokens)" in str(e.value)

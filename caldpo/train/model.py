@@ -159,9 +159,8 @@ def check_vocab_and_positions(cfg: DictConfig, tokenizer, path: str, *, position
     if cfg.model.tokenizer_name_or_path:
         where += f" with model.tokenizer_name_or_path={cfg.model.tokenizer_name_or_path}"
     if isinstance(vocab, int) and vocab > 0:
-        largest = max(len(tokenizer) - 1, max(tokenizer.get_vocab().values(), default=-1))
-        special = {"pad": tokenizer.pad_token_id, "eos": tokenizer.eos_token_id}
-        bad = {k: v for k, v in special.items() if v is not None and v >= vocab}
+        largest, special = tokenizer_ids(tokenizer)
+        bad = {k: v for k, v in special.items() if v >= vocab}
         if largest >= vocab or bad:
             ids = ", ".join(f"{k} id {v}" for k, v in bad.items())
             raise ConfigError(
@@ -174,6 +173,13 @@ def check_vocab_and_positions(cfg: DictConfig, tokenizer, path: str, *, position
         raise ConfigError(f"max_length={cfg.max_length} exceeds the {limit} positions of {where} "
                           f"(max_position_embeddings={limit}); set max_length<={limit} "
                           f"(and max_prompt_length below it)")
+
+
+def tokenizer_ids(tokenizer) -> tuple[int, dict[str, int]]:
+    """The largest id ``tokenizer`` can produce (added tokens included) and its pad / EOS ids (those set)."""
+    largest = max(len(tokenizer) - 1, max(tokenizer.get_vocab().values(), default=-1))
+    special = {"pad": tokenizer.pad_token_id, "eos": tokenizer.eos_token_id}
+    return largest, {k: v for k, v in special.items() if v is not None}
 
 
 def load_archive_state(path: str | Path) -> dict[str, torch.Tensor]:
@@ -249,12 +255,25 @@ def embedding_rows(lm: nn.Module) -> int | None:
     return rows if isinstance(rows, int) else None
 
 
+def check_embedding_covers_tokenizer(lm: nn.Module, tokenizer) -> None:
+    """TokenIdError when the loaded input embedding has no row for an id ``tokenizer`` can produce (its
+    largest id, pad or EOS). ``check_vocab_and_positions`` compared the config's ``vocab_size`` before
+    loading; this compares the loaded weights, once, so no example's ids need scanning and no forward
+    can meet an id outside the embedding."""
+    rows = embedding_rows(lm)
+    largest, special = tokenizer_ids(tokenizer)
+    top = max(largest, *special.values())
+    if rows is not None and top >= rows:
+        name = next((f"the tokenizer's {k} id" for k, v in special.items() if v == top), "the tokenizer's largest id")
+        raise TokenIdError(top, rows, f"{name} ({len(tokenizer)} tokens)")
+
+
 def check_token_ids(ids: torch.Tensor, rows: int | None, row_name: Callable[[int], str]) -> None:
     """Raise TokenIdError for the first id of ``ids`` ([B, T] int64) outside ``[0, rows)``, naming the id,
     ``rows``, ``row_name(row)`` (which sequence; its dataset file:line when the caller knows it) and the
     position. Host tensors only (one reduction, no synchronization): ids already on an accelerator are
-    not checked here, so the training step never waits on one; the trainer checks every example's
-    ids once at load (``schedule.Examples.check_token_ids``, naming the file:line)."""
+    not checked here, so the training step never waits on one; the trainer checks the tokenizer against
+    the loaded embedding once (``check_embedding_covers_tokenizer``)."""
     if rows is None or ids.numel() == 0 or ids.device.type != "cpu":
         return
     bad = (ids < 0) | (ids >= rows)

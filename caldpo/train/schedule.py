@@ -67,24 +67,6 @@ class Examples:
         (``batches.epoch_order``, the reference iterator's order)."""
         return epoch_order(len(self.items), epoch, seed, groups=self.group_of, n_groups=self.n_groups)
 
-    def check_token_ids(self, rows: int | None, split: str) -> None:
-        """Raise ``model.TokenIdError`` for the first token id outside the model's input embedding
-        (``rows`` ids, ``model.embedding_rows``), naming the example's file:line and which text holds it.
-        One pass over the ids cached at load, before training: the forward then needs no check of its own."""
-        if rows is None:
-            return
-        from .model import TokenIdError
-        for i, ex in enumerate(self.items):
-            if ex.tokens is None:
-                continue
-            for side in ("prompt", "chosen", "rejected"):
-                ids = getattr(ex.tokens, side)
-                if ids is None or len(ids) == 0 or (0 <= int(ids.min()) and int(ids.max()) < rows):
-                    continue
-                bad = next(int(t) for t in ids if not 0 <= int(t) < rows)
-                raise TokenIdError(bad, rows, f"the {side} of {split} example {i}"
-                                   + (f" ({ex.source})" if ex.source else ""))
-
 
 class BatchSchedule:
     """Which examples each step and each micro-batch of this rank takes.

@@ -36,8 +36,8 @@ from .layout import resolve_layout
 from .losses import batch_loss
 from .metrics import MetricsWriter, Throughput, peak_memory_gb, read_jsonl
 from .model import (DTYPES, LogProbModel, apply_activation_checkpointing, apply_archive, check_attention,
-                    check_vocab_and_positions, count_matmul_params, embedding_rows, load_archive_state, load_causal_lm,
-                    load_tokenizer, model_path)
+                    check_embedding_covers_tokenizer, check_vocab_and_positions, count_matmul_params,
+                    load_archive_state, load_causal_lm, load_tokenizer, model_path)
 from .reference import ReferenceLogps, build_cache, cache_key, load_reference
 from .schedule import BatchSchedule, Collator, Examples
 
@@ -126,8 +126,7 @@ class Trainer:
         if archive is not None:
             apply_archive(lm, archive, cfg.model.archive)
         self.n_params, self.n_layers, self.hidden, self.vocab = count_matmul_params(lm)
-        for split, data in (("train", self.train_data), ("test", self.eval_data)):
-            data.check_token_ids(embedding_rows(lm), split)
+        check_embedding_covers_tokenizer(lm, self.tokenizer)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(lm, cfg.model.block_name)
         if cfg.compile:
