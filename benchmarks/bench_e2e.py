@@ -75,13 +75,6 @@ LR = 5e-7
 
 # ----------------------------------------------------------------------------- inputs
 
-def build_model(out: Path, hidden: int, layers: int, heads: int, vocab: int, max_len: int) -> Path:
-    """The tiny build's tokenizer and a GPT-NeoX of the given shape, vocabulary widened to ``vocab``."""
-    from caldpo.train.tiny import build_widened
-    return build_widened(out, vocab=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
-                         max_position_embeddings=max_len)
-
-
 def synthesize_hh(out_dir: Path, n_train: int, n_test: int, tokenizer, max_length: int, seed: int = 0) -> dict:
     """HH-format ``train.jsonl``/``test.jsonl``: 1-5 turns, log-normal lengths (in words), unique prompts.
 
@@ -792,8 +785,10 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory(prefix="bench_e2e_") as tmp:
         tmp = Path(tmp)
         args.scratch = tmp
-        args.model_dir = build_model(tmp / "model", args.hidden, args.layers, args.heads, args.vocab,
-                                     max(1024, 2 * args.max_length))
+        from caldpo.train.tiny import build_random
+        args.model_dir = build_random(tmp / "model", vocab=args.vocab, hidden_size=args.hidden,
+                                      num_layers=args.layers, num_heads=args.heads,
+                                      max_position_embeddings=max(1024, 2 * args.max_length))
         n_train = args.pairs * (args.steps + args.warmup) + 8
         from transformers import AutoTokenizer
         data_stats = synthesize_hh(tmp / "data", n_train, 8, AutoTokenizer.from_pretrained(args.model_dir),

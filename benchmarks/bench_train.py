@@ -29,13 +29,6 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 
-def build_model(out: Path, hidden: int, layers: int, heads: int, vocab: int, max_len: int) -> Path:
-    """The tiny build's tokenizer and a GPT-NeoX of the given shape, vocabulary widened to ``vocab``."""
-    from caldpo.train.tiny import build_widened
-    return build_widened(out, vocab=vocab, hidden_size=hidden, num_layers=layers, num_heads=heads,
-                         max_position_embeddings=max_len)
-
-
 def run(model_dir: Path, backend: str, args, run_dir: Path) -> dict:
     over = ["model=hf", f"model.name_or_path={model_dir}", "model.block_name=GPTNeoXLayer", "datasets=[sample]",
             "loss=caldpo", "loss.beta=0.1", f"kernels.backend={backend}", f"device={args.device}",
@@ -81,9 +74,12 @@ def main(argv=None) -> dict:
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
     results = {"device": args.device, "machine": platform.processor() or platform.machine(), "args": vars(args)}
+    from caldpo.train.tiny import build_random
+
     with tempfile.TemporaryDirectory() as tmp:
-        model_dir = build_model(Path(tmp) / "model", args.hidden, args.layers, args.heads, args.vocab,
-                                max(256, args.max_length))
+        model_dir = build_random(Path(tmp) / "model", vocab=args.vocab, hidden_size=args.hidden,
+                                 num_layers=args.layers, num_heads=args.heads,
+                                 max_position_embeddings=max(256, args.max_length))
         backends = list(dict.fromkeys(["auto", *args.backends.split(","), "reference"]))
         for backend in backends:
             results[backend] = run(model_dir, backend, args, Path(tmp) / f"run_{backend}")

@@ -149,25 +149,6 @@ def _portable_tokenizer_config(path: pathlib.Path) -> None:
     path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
-def build_widened(out_dir, *, vocab: int, hidden_size: int, num_layers: int, num_heads: int,
-                  max_position_embeddings: int) -> pathlib.Path:
-    """`build_tiny` of the given shape with the output vocabulary widened to `vocab` rows.
-
-    For benchmarks: the head gets a realistic size (e.g. Pythia's 50304) while the locally
-    trained tokenizer stays small; the extra rows are random and never targets.
-    """
-    import torch
-    from transformers import AutoModelForCausalLM
-
-    out = build_tiny(out_dir, hidden_size=hidden_size, num_layers=num_layers, num_heads=num_heads,
-                     max_position_embeddings=max_position_embeddings)
-    model = AutoModelForCausalLM.from_pretrained(out)
-    torch.manual_seed(0)
-    model.resize_token_embeddings(vocab, mean_resizing=False)
-    model.save_pretrained(out)
-    return pathlib.Path(out)
-
-
 def build_random(out_dir, *, vocab: int, hidden_size: int, num_layers: int, num_heads: int,
                  max_position_embeddings: int = 2048, device: str = "cpu", dtype: str = "float32",
                  seed: int = 0) -> pathlib.Path:
@@ -175,8 +156,8 @@ def build_random(out_dir, *, vocab: int, hidden_size: int, num_layers: int, num_
 
     For GPU benchmarks at billions of parameters (Pythia-2.8B: 2.78e9 parameters, 5.6 GB in bf16):
     the model is built from its config directly on ``device`` (e.g. ``"cuda"``) in ``dtype``
-    (``"bfloat16"``) and saved once as safetensors in that dtype; no fp32 copy on the host and no
-    second save (``build_widened`` builds on the CPU in fp32 and saves twice). The embedding has
+    (``"bfloat16"``) and saved once as safetensors in that dtype, with no fp32 copy on the host;
+    on the CPU in fp32 it is the benchmarks' widened model. The embedding has
     ``vocab`` rows (Pythia: 50304); the tokenizer is ``build_tokenizer``'s 512 tokens, so the rows
     beyond it are never targets. Returns ``out_dir``; the model leaves no memory on ``device``.
     """
