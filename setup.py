@@ -12,11 +12,13 @@ setup(
     package_data={"caldpo.train": ["conf/*.yaml", "conf/*/*.yaml", "sample/*.jsonl"]},
     install_requires=[
         "torch>=2.6",
-        "transformers>=4.45",
-        "datasets>=2.18",
+        # 5.x imports the `kernels` package and swaps layers for hub kernels unless told not to
+        # (caldpo/hf.py turns that off); a major release past the one tested is refused.
+        "transformers>=4.45,<6",
+        "datasets>=2.18,<6",
         "tokenizers>=0.19",
-        "hydra-core>=1.3",
-        "omegaconf>=2.3",
+        "hydra-core>=1.3,<1.4",  # the ConfigStore/compose API of 1.3
+        "omegaconf>=2.3,<2.4",
         "safetensors>=0.4",
         "submitit>=1.5",
         "tqdm>=4.66",

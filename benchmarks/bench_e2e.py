@@ -258,6 +258,7 @@ def worker_trl(args) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer, TrainerCallback
     from trl import DPOConfig, DPOTrainer
 
+    from caldpo.hf import from_pretrained
     from caldpo.train.metrics import Throughput
     from caldpo.train.model import count_matmul_params
 
@@ -268,9 +269,9 @@ def worker_trl(args) -> None:
     tok = AutoTokenizer.from_pretrained(args.model_dir)
     tok.pad_token = tok.eos_token
     attn = args.attn or "sdpa"
-    policy = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=torch.float32, attn_implementation=attn)
-    ref = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=getattr(torch, args.reference_dtype)
-                                               if cuda else torch.float32, attn_implementation=attn)
+    policy = from_pretrained(AutoModelForCausalLM, args.model_dir, dtype=torch.float32, attn_implementation=attn)
+    ref = from_pretrained(AutoModelForCausalLM, args.model_dir,
+                          dtype=getattr(torch, args.reference_dtype) if cuda else torch.float32, attn_implementation=attn)
     n_params, n_layers, hidden, _ = count_matmul_params(policy)
     clock = StepClock(Throughput(n_params, n_layers, hidden, device, with_reference=True, world=1),
                       args.peak_tflops)

@@ -3,7 +3,7 @@
 # 600-s device command, and with the machine's start inside a 15-minute lease):
 #   1. install the benchmark peers from benchmarks/wheels/ (benchmarks/fetch_wheels.sh)
 #   2. make caldpo importable (PYTHONPATH to this checkout)
-#   3. kernel tests on CUDA: tests/kernels/test_cuda.py and test_triton.py (compiled Triton)
+#   3. kernel tests on CUDA: tests/test_kernels/test_cuda.py and test_triton.py (compiled Triton)
 #   4. profile_head.py: the fused head's forward and backward apart, per backend
 #   5. bench_logprob_loss.py at Pythia shapes, bf16, with its peers
 #   6. bench_train.py: the real trainer, fused head vs materialised logits
@@ -103,7 +103,7 @@ tests_rc=0
 tests_cap="${TESTS_TIMEOUT_S:-$([ "$reserve" -gt 0 ] && echo 100 || echo 280)}"
 want tests || test_files_skip=1
 # shellcheck disable=SC2206
-test_files=(${TESTS:-tests/kernels/test_cuda.py tests/kernels/test_triton.py})
+test_files=(${TESTS:-tests/test_kernels/test_cuda.py tests/test_kernels/test_triton.py})
 [ -n "${test_files_skip:-}" ] && test_files=()
 for i in "${!test_files[@]}"; do
     f="${test_files[$i]}"

@@ -7,7 +7,10 @@ from pathlib import Path
 
 EOS = "<|endoftext|>"
 EOS_ID = 128
-REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
+# Genuine HH and TL;DR rows shipped with the tests (tests/data/realdata/SOURCES.md: where each line comes from, licenses).
+REALDATA = Path(__file__).resolve().parent / "data" / "realdata"
+# The team's copy beside a checkout, when there is one: the shipped rows must stay byte-identical to it.
+SHARED_REALDATA = Path(__file__).resolve().parents[2] / "shared" / "realdata"
 
 
 def char_tokenizer():

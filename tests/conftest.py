@@ -9,7 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from caldpo.hf import no_hub_kernels
+
 REPO = Path(__file__).resolve().parents[1]
+
+# Oracles that load a model with transformers directly must run its own layers too (caldpo.hf).
+no_hub_kernels()
 
 # Small, fast settings for the tiny model on the shipped sample.
 TINY = ["model=tiny", "datasets=[sample]", "max_length=96", "max_prompt_length=48", "n_eval_examples=32",

@@ -186,7 +186,6 @@ HH = REALDATA / "hh_rlhf_sample.jsonl"
 TLDR = REALDATA / "tldr_comparisons_sample.jsonl"
 
 
-@pytest.mark.skipif(not HH.is_file() or not TLDR.is_file(), reason=f"real data rows not found at {REALDATA}")
 def test_byte_level_joint_equals_separate_on_real_rows():
     """For Pythia's byte-level BPE and HH / TL;DR responses (they start with a space) the joint
     split is the reference code's separate tokenization, row for row: same prompt ids, same

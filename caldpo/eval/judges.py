@@ -65,13 +65,15 @@ def _load_hf(path: str, auto_cls, option: str, device: str, dtype: str):
     """
     import torch
     from transformers import AutoTokenizer
+
+    from caldpo.hf import from_pretrained
     p = Path(path)
     if not (p / "config.json").is_file():
         raise JudgeError(f"{option} {path}: not a Hugging Face model folder (no config.json)")
     dev = _device(device)
     torch_dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32,
                    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    return dev, AutoTokenizer.from_pretrained(p), auto_cls.from_pretrained(p, dtype=torch_dtype).to(dev).eval()
+    return dev, AutoTokenizer.from_pretrained(p), from_pretrained(auto_cls, p, dtype=torch_dtype).to(dev).eval()
 
 
 class RewardModelJudge:

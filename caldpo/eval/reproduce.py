@@ -73,12 +73,13 @@ def sample(model_dir: Path, prompts: list[str], n: int, seed: int, max_new_token
     ``policy_pt``'s state when given); the same seed, the same random draws."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
+
+    from caldpo.hf import from_pretrained
 
     hf_logging.disable_progress_bar()
     tok = AutoTokenizer.from_pretrained(model_dir)
-    lm = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    lm = from_pretrained(AutoModelForCausalLM, model_dir).eval()
     if policy_pt is not None:
         lm.load_state_dict(torch.load(policy_pt, map_location="cpu", weights_only=True)["state"])
     ids = [tok(p, add_special_tokens=False)["input_ids"] for p in prompts]

@@ -16,6 +16,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
+from caldpo.hf import from_pretrained
 from caldpo.kernels import KernelOptions, linear_logprobs, sequence_logprobs
 
 from .config import ConfigError
@@ -118,9 +119,8 @@ def load_causal_lm(cfg: DictConfig, path: str, dtype: torch.dtype, attn: str) ->
     trust = cfg.model.trust_remote_code
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
     _zero_dropout_config(config)
-    model = AutoModelForCausalLM.from_pretrained(
-        path, config=config, dtype=dtype, attn_implementation=attn,
-        trust_remote_code=trust, low_cpu_mem_usage=True)
+    model = from_pretrained(AutoModelForCausalLM, path, config=config, dtype=dtype, attn_implementation=attn,
+                            trust_remote_code=trust, low_cpu_mem_usage=True)
     disable_dropout(model)
     model.config.use_cache = False
     return model

@@ -186,7 +186,7 @@ def test_torch_compile_matches(gen):
 
 
 def test_backend_policy():
-    # auto on CPU: the native extension when it builds, else the torch path (tests/kernels/test_options.py)
+    # auto on CPU: the native extension when it builds, else the torch path (tests/test_kernels/test_options.py)
     assert resolve_backend("auto", "cpu") == ("native" if "native" in BACKENDS else "torch")
     assert resolve_backend("reference", "cpu") == "reference"
     assert {"reference", "torch"} <= set(available_backends("cpu"))

@@ -3,7 +3,7 @@
 TRITON_INTERPRET=1 must be set before Triton is first imported, so a plain
 `pytest tests` run re-runs this file in a subprocess with the variable set
 (`test_triton_under_interpreter`); the cases themselves run only there (or
-directly: `TRITON_INTERPRET=1 pytest tests/kernels/test_triton.py`).
+directly: `TRITON_INTERPRET=1 pytest tests/test_kernels/test_triton.py`).
 On a CUDA machine without the variable, the cases run on the GPU instead.
 """
 import os
