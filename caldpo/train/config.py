@@ -205,7 +205,7 @@ class Config:
     """``python -m caldpo.train key=value ...``: the top level (conf/config.yaml)."""
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model preset group"})
     loss: Any = field(default=MISSING, metadata={"help": "loss group: one dataclass per loss"})
-    seed: int = opt("seed of model init, data order and sampling")
+    seed: int = opt("seed of model init, data order (the reference iterator's seed) and sampling; 0 <= seed < 2**32")
     exp_name: str = opt("experiment name; the default run_dir is <local_run_root>/<exp_name>_<hash8>", identity=False)
     run_dir: Optional[str] = opt("run directory; null: <local_run_root>/<exp_name>_<hash8 of the training "
                                  "options>, so the same command resumes and a changed option starts anew",
@@ -232,8 +232,10 @@ class Config:
     max_length: int = opt("max tokens of prompt + response")
     max_prompt_length: int = opt("max prompt tokens when prompt + response is too long")
     n_epochs: int = opt("epochs over the training data (each trains its full batches: n // batch_size steps)")
-    n_examples: Optional[int] = opt("stop after this many training examples (overrides n_epochs when set)")
-    n_eval_examples: int = opt("evaluation examples", identity=False)
+    n_examples: Optional[int] = opt("stop at the first batch boundary at or past this many training examples, "
+                                    "counted as the reference iterator counts them (overrides n_epochs when set)")
+    n_eval_examples: int = opt("evaluation examples: the first ceil(n / eval_batch_size) batches of the test "
+                               "split's first-epoch order, as the reference trainer", identity=False)
     eval_every: int = opt("examples between evaluations", identity=False)
     do_first_eval: bool = opt("evaluate before the first step", identity=False)
     save_every: Optional[int] = opt("optimizer steps between resume checkpoints; null: only at the end and on stop",
@@ -575,6 +577,9 @@ def validate(cfg: DictConfig, world_size: int | None = None, *, argv: list[str] 
                           + (f": model.archive={inside}" if inside.is_file() else " (<run_dir>/LATEST/policy.pt)"))
     if cfg.model.archive is not None and not Path(cfg.model.archive).is_file():
         raise ConfigError(f"model.archive={cfg.model.archive}: no such file")
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise ConfigError(f"seed={cfg.seed}: must be in [0, 2**32) (the data order seeds numpy's RandomState "
+                          "with it, as the reference iterator does)")
     if training and cfg.n_examples is not None and cfg.n_examples < 1:
         raise ConfigError(f"n_examples={cfg.n_examples}: must be >= 1 (null trains n_epochs over the data)")
     if cfg.model.preset != "tiny" and cfg.model.name_or_path is None:
