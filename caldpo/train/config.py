@@ -488,7 +488,8 @@ def _check_packages(cfg: DictConfig) -> None:
         raise ConfigError("wandb.enabled=true but wandb is not installed: pip install wandb (or wandb.enabled=false)")
 
 
-def _check_devices(cfg: DictConfig, world_size: int, argv: list[str] | None, training: bool) -> None:
+def _check_devices(cfg: DictConfig, world_size: int, argv: list[str] | None, training: bool,
+                   launched: bool = False) -> None:
     import torch
     cuda = torch.cuda.is_available()
     if cfg.device == "cuda" and not cuda:
@@ -508,7 +509,7 @@ def _check_devices(cfg: DictConfig, world_size: int, argv: list[str] | None, tra
     if not training:
         return
     n_gpus = torch.cuda.device_count() if use_cuda else 0
-    under_launcher = "WORLD_SIZE" in os.environ
+    under_launcher = launched or "WORLD_SIZE" in os.environ
     if TRAINERS[cfg.trainer] == "fsdp" and not under_launcher and n_gpus > 1 and not cfg.allow_one_gpu:
         args = shlex.join(argv) if argv else f"trainer={cfg.trainer} ..."
         raise ConfigError(f"trainer={cfg.trainer} in one process would train on 1 of the {n_gpus} visible GPUs. "
@@ -517,11 +518,14 @@ def _check_devices(cfg: DictConfig, world_size: int, argv: list[str] | None, tra
 
 
 def validate(cfg: DictConfig, world_size: int | None = None, *, argv: list[str] | None = None,
-             training: bool = True) -> None:
+             training: bool = True, devices: bool = True, launched: bool = False) -> None:
     """The preflight: reject configurations and environments that cannot run, before any data or model loads.
 
     ``argv``: the command-line overrides (for the torchrun line of the many-GPU check).
-    ``training=False`` (generation) skips the trainer-only checks. Raises ConfigError.
+    ``training=False`` (generation) skips the trainer-only checks. ``devices=False`` skips the
+    checks of this machine's devices (CUDA, flash-attn, the GPU count): a submission host checks a
+    run that will start elsewhere. ``launched``: a launcher will start ``world_size`` processes
+    (no many-GPU hint). Raises ConfigError.
     """
     world_size = world_size or world_size_from_env()
     try:
@@ -590,8 +594,32 @@ def validate(cfg: DictConfig, world_size: int | None = None, *, argv: list[str] 
         raise ConfigError(f"exp_name={cfg.exp_name!r}: a name, not a path (no '/', '..' or '.'); "
                           "use run_dir= to choose a directory")
     _check_packages(cfg)
-    _check_devices(cfg, world_size, argv, training)
+    if devices:
+        _check_devices(cfg, world_size, argv, training, launched)
     _check_hub(cfg)
+
+
+def preflight(overrides: list[str], *, world_size: int = 1, on_node: bool = True) -> DictConfig:
+    """What a job checks before it is queued or before its launcher starts the trainer: the options
+    (``load_config``) and ``validate`` for ``world_size`` processes started by a launcher (torchrun,
+    Slurm, submitit). ``on_node=False`` (a submission host): the devices of this machine are not the
+    job's, so their checks wait for the job, whose script repeats the preflight on its first node.
+    Returns the config; raises ConfigError.
+    """
+    if world_size < 1:
+        raise ConfigError(f"world size {world_size}: must be >= 1")
+    cfg = load_config(overrides)
+    validate(cfg, world_size, argv=overrides, devices=on_node, launched=True)
+    return cfg
+
+
+def preflight_summary(cfg: DictConfig, world_size: int) -> str:
+    """One line naming what a preflight passed: the run's main options and its world size."""
+    datasets = ",".join(map(str, cfg.datasets))
+    archive = f" model.archive={cfg.model.archive}" if cfg.model.archive else ""
+    steps = f"n_examples={cfg.n_examples}" if cfg.n_examples is not None else f"n_epochs={cfg.n_epochs}"
+    return (f"model={cfg.model.preset} datasets=[{datasets}] loss={cfg.loss.name}{archive} batch_size={cfg.batch_size} "
+            f"{steps} device={cfg.device}, world size {world_size}")
 
 
 # ----------------------------------------------------------------------------- run identity
