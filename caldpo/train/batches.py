@@ -71,8 +71,8 @@ class Example(NamedTuple):
     """One training example: a preference pair, or (``rejected`` None) an SFT target.
 
     ``source`` names the row it came from (``"path:line"``, see ``data.Record.where``);
-    ``tokens`` holds its ids once ``tokenize_dataset`` has run; ``order`` is (reference group,
-    row number) within its dataset, what ``epoch_order`` shuffles by (``data._Groups.slot``).
+    ``tokens`` holds its ids once ``tokenize_dataset`` has run; ``order`` is (reference group, rank
+    among that group's rows) within its dataset, what ``EpochOrder`` orders by (``data._Groups.slot``).
     """
 
     prompt: str
@@ -408,16 +408,16 @@ def flatten(groups: dict[str, PromptGroup], *, sft: bool) -> list[Example]:
     """Training examples in group order: SFT, one per prompt with its SFT target;
     preference, one per pair. Each names its source row (``pair_sources``/``sft_source``) and
     its place in the reference order (``pair_order``/``sft_order``; groups built without them:
-    each group its own reference group, rows numbered in this order)."""
+    each group its own reference group, its pairs ranked in their order)."""
     out: list[Example] = []
     for k, g in enumerate(groups.values()):
         if sft:
-            order = getattr(g, "sft_order", None) or (k, len(out))
+            order = getattr(g, "sft_order", None) or (k, 0)
             out.append(Example(g.prompt, g.sft_target, None, g.truncation_mode, getattr(g, "sft_source", ""),
                                order=order))
             continue
         sources = getattr(g, "pair_sources", None) or [""] * len(g.pairs)
-        orders = getattr(g, "pair_order", None) or [(k, len(out) + m) for m in range(len(g.pairs))]
+        orders = getattr(g, "pair_order", None) or [(k, m) for m in range(len(g.pairs))]
         out.extend(Example(g.prompt, g.responses[i], g.responses[j], g.truncation_mode, src, order=o)
                    for (i, j), src, o in zip(g.pairs, sources, orders))
     return out
@@ -449,28 +449,32 @@ class EpochOrder:
     entry's pairs in turn (SFT: one example per entry). ``shuffle=False``: the entries in their order.
 
     groups: each example's reference group (``0 <= g < n_groups``), what ``flat_data`` holds one entry
-    of (``data._Groups.slot``); None: every example its own. A group whose examples were all dropped
-    at load keeps its place in the shuffle. rows: the key that orders a group's examples (their row
-    numbers; default: their index). Epochs asked in increasing order cost one shuffle each; an
-    earlier epoch starts again from the loaded order.
+    of (``data._Groups.slot``); None: every example its own. ranks: each example's rank among its
+    entry's rows (default: their index order). sizes: how many examples the reference walks per entry,
+    rows caldpo dropped included (default: the examples here); a group whose examples were all
+    dropped keeps its place in the shuffle. Epochs asked in increasing order cost one shuffle each;
+    an earlier epoch starts again from the loaded order.
     """
 
     def __init__(self, n: int, seed: int, *, groups: Sequence[int] | None = None, n_groups: int | None = None,
-                 rows: Sequence[int] | None = None, shuffle: bool = True):
+                 ranks: Sequence[int] | None = None, sizes: Sequence[int] | None = None, shuffle: bool = True):
         if groups is None:
             groups, n_groups = range(n), n
         elif n_groups is None:
-            n_groups = max(groups, default=-1) + 1
+            n_groups = len(sizes) if sizes is not None else max(groups, default=-1) + 1
         members: list[list[int]] = [[] for _ in range(n_groups)]
-        for i in (range(n) if rows is None else sorted(range(n), key=rows.__getitem__)):
+        for i in (range(n) if ranks is None else sorted(range(n), key=ranks.__getitem__)):
             members[groups[i]].append(i)
         self.members, self.seed, self.shuffle = members, seed, shuffle
+        self.ranks = ranks
+        self.sizes = list(sizes) if sizes is not None else [len(m) for m in members]
+        if len(self.sizes) != n_groups:
+            raise ValueError(f"sizes: {len(self.sizes)} entries for {n_groups} groups")
         epoch_seeds(seed, 0)  # the seed's range, checked now
         self._seeds: list[int] = []
         self._epoch, self._groups = -1, list(range(n_groups))
 
-    def __call__(self, epoch: int) -> list[int]:
-        """Example indices in ``epoch``'s order (0-based epochs)."""
+    def _shuffled(self, epoch: int) -> list[int]:
         if epoch < 0:
             raise ValueError(f"epoch {epoch} < 0")
         if self.shuffle:
@@ -481,16 +485,35 @@ class EpochOrder:
             while self._epoch < epoch:
                 self._epoch += 1
                 random.Random(self._seeds[self._epoch]).shuffle(self._groups)
-        return [i for g in self._groups for i in self.members[g]]
+        return self._groups
+
+    def __call__(self, epoch: int) -> list[int]:
+        """Example indices in ``epoch``'s order (0-based epochs)."""
+        return [i for g in self._shuffled(epoch) for i in self.members[g]]
+
+    def positions(self, epoch: int) -> list[tuple[int, int]]:
+        """``(example, its position in the reference's walk of the epoch)`` in ``epoch``'s order: the
+        reference walks ``sizes[g]`` rows per entry, dropped ones included."""
+        out, start = [], 0
+        for g in self._shuffled(epoch):
+            for k, i in enumerate(self.members[g]):
+                out.append((i, start + (self.ranks[i] if self.ranks is not None else k)))
+            start += self.sizes[g]
+        return out
+
+    @property
+    def reference_examples(self) -> int:
+        """Examples the reference walks per epoch (``sum(sizes)``)."""
+        return sum(self.sizes)
 
 
 def epoch_order(n: int, epoch: int, seed: int, shuffle: bool = True, groups: Sequence[int] | None = None,
-                n_groups: int | None = None, rows: Sequence[int] | None = None) -> list[int]:
+                n_groups: int | None = None, ranks: Sequence[int] | None = None) -> list[int]:
     """The order of ``n`` examples in ``epoch``: ``EpochOrder(...)(epoch)`` (the reference iterator's).
 
     Deterministic across runs and processes, so a resumed run can skip to its position.
     """
-    return EpochOrder(n, seed, groups=groups, n_groups=n_groups, rows=rows, shuffle=shuffle)(epoch)
+    return EpochOrder(n, seed, groups=groups, n_groups=n_groups, ranks=ranks, shuffle=shuffle)(epoch)
 
 
 def tokenize_all(examples: Sequence[Example], tokenizer, *, max_length: int,

@@ -234,8 +234,9 @@ class Config:
     n_epochs: int = opt("epochs over the training data (each trains its full batches: n // batch_size steps)")
     n_examples: Optional[int] = opt("stop at the first batch boundary at or past this many training examples, "
                                     "counted as the reference iterator counts them (overrides n_epochs when set)")
-    n_eval_examples: int = opt("evaluation examples: the first ceil(n / eval_batch_size) batches of the test "
-                               "split's first-epoch order, as the reference trainer", identity=False)
+    n_eval_examples: int = opt("evaluation examples: the reference trainer's first ceil(n / eval_batch_size) "
+                               "batches of the test split's first-epoch order, less pairs dropped at load",
+                               identity=False)
     eval_every: int = opt("examples between evaluations", identity=False)
     do_first_eval: bool = opt("evaluate before the first step", identity=False)
     save_every: Optional[int] = opt("optimizer steps between resume checkpoints; null: only at the end and on stop",

@@ -79,7 +79,7 @@ class PromptGroup:
     # provenance, not content (groups from different files compare equal):
     pair_sources: list[str] = field(default_factory=list, compare=False)  # parallel to pairs: Record.where of each pair's row
     sft_source: str = field(default="", compare=False)  # Record.where of the row that gave sft_target
-    # where each pair (and the SFT target) stands in the reference iterator's order (see _Groups.slot):
+    # where each pair (and the SFT target) stands in the reference iterator's order, (entry, rank in it):
     pair_order: list[tuple[int, int]] = field(default_factory=list, compare=False)  # parallel to pairs
     sft_order: tuple[int, int] | None = field(default=None, compare=False)
 
@@ -120,7 +120,9 @@ class DataReport(CountReport):
     anomalies: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     split_rule: str = ""  # how this split's rows were chosen (load_dataset); printed when set
-    order_groups: int = 0  # the reference iterator's shuffle units in this split (_Groups.slot); not printed
+    # rows of each of the reference iterator's entries (its shuffle units, _Groups.slot) in this split,
+    # dropped rows included; not printed
+    order_sizes: list[int] = field(default_factory=list)
 
     def count(self, rule: str, n: int = 1) -> None:
         self.add(self.anomalies, rule, n)
@@ -416,10 +418,11 @@ class _Groups:
         self.index: dict[str, dict[str, int]] = {}
         self.seen: dict[str, set[tuple[int, int]]] = {}
         self.slots: dict[str, int] = {}
-        self.n_slots = self.n_rows = 0
+        self.sizes: list[int] = []  # rows per reference group
 
     def slot(self, chosen_text: str | None = None) -> tuple[int, int]:
-        """(reference group, row number) of the next row of the split, dropped or kept.
+        """(reference group, rank of this row among that group's rows) of the next row of the split,
+        dropped or kept.
 
         The reference iterator (``preference_datasets.get_batch_iterator``) shuffles the entries of
         its ``flat_data``, one per key of the dataset loader's dict, in order of first appearance:
@@ -428,15 +431,16 @@ class _Groups:
         prompt) every row. The loaders keep every row, so a row dropped here (identical pair,
         CNN/DM, repeated SFT prompt) still takes its place and the shuffle stays theirs.
         """
-        row, self.n_rows = self.n_rows, self.n_rows + 1
         key = None if self.per_row or chosen_text is None else \
             chosen_text[: chosen_text.rfind(ASSISTANT) + len(ASSISTANT)]
-        if key is not None and key in self.slots:
-            return self.slots[key], row
-        slot, self.n_slots = self.n_slots, self.n_slots + 1
-        if key is not None:
-            self.slots[key] = slot
-        return slot, row
+        slot = self.slots.get(key) if key is not None else None
+        if slot is None:
+            slot = len(self.sizes)
+            self.sizes.append(0)
+            if key is not None:
+                self.slots[key] = slot
+        self.sizes[slot] += 1
+        return slot, self.sizes[slot] - 1
 
     def _group(self, prompt: str, target: str, where: str, order: tuple[int, int]) -> PromptGroup:
         g = self.groups.get(prompt)
@@ -694,7 +698,7 @@ def _load(name: str, split: str, sft: bool, path: str | None, on_error: str, cac
         apply_row(rec, report, on_error, lambda row, where=rec.where: add(row, where))
     report.prompts = len(groups.groups)
     report.pairs = sum(len(g.pairs) for g in groups.groups.values())
-    report.order_groups = groups.n_slots
+    report.order_sizes = groups.sizes
     if not groups.groups:
         raise DataError(source, None, f"no {split} examples{' in ' + files if files else ''} "
                         f"({report.rows_read} rows read; rules applied: "

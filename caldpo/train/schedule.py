@@ -35,10 +35,11 @@ class Examples:
 
     def __init__(self, cfg: DictConfig, split: str, sft: bool, verbose: bool, tokenizer=None):
         self.items: list[Example] = []
-        # each example's reference group (numbered over all datasets in load order) and row: what the
-        # order shuffles (batches.EpochOrder); n_groups counts the groups whose pairs were all dropped too
+        # each example's reference group (numbered over all datasets in load order) and its rank there, and
+        # the rows the reference walks per group, dropped ones included: what batches.EpochOrder orders by
         self.group_of: list[int] = []
-        self.row_of: list[int] = []
+        self.rank_of: list[int] = []
+        self.group_sizes: list[int] = []
         self.n_groups = 0
         self.reports = []
         self.token_reports = []
@@ -58,8 +59,10 @@ class Examples:
                     print(str(tok_report), flush=True)
                 self.token_reports.append(tok_report)
             self.group_of.extend(self.n_groups + it.order[0] for it in items)
-            self.row_of.extend(it.order[1] for it in items)
-            self.n_groups += report.order_groups
+            # SFT: the reference takes one example per group, where the group stands
+            self.rank_of.extend(0 if sft else it.order[1] for it in items)
+            self.group_sizes.extend([1] * len(report.order_sizes) if sft else report.order_sizes)
+            self.n_groups += len(report.order_sizes)
             self.items.extend(items)
         if not self.items:
             raise ConfigError(f"datasets={list(cfg.datasets)}: no {split} examples")
@@ -69,32 +72,39 @@ class Examples:
 
     def epoch_order(self, seed: int) -> EpochOrder:
         """This split's order, epoch after epoch (``batches.EpochOrder``: the reference iterator's)."""
-        return EpochOrder(len(self.items), seed, groups=self.group_of, n_groups=self.n_groups, rows=self.row_of)
+        return EpochOrder(len(self.items), seed, groups=self.group_of, n_groups=self.n_groups, ranks=self.rank_of,
+                          sizes=self.group_sizes)
 
     def order(self, epoch: int, seed: int) -> list[int]:
         """This split's order in ``epoch`` (``epoch_order``)."""
         return self.epoch_order(seed)(epoch)
 
 
-def evaluation_indices(order: list[int], n_eval_examples: int, eval_batch_size: int) -> list[int]:
-    """The evaluation examples, from the test split's first-epoch ``order`` (``Examples.order(0, seed)``).
+def evaluation_indices(order: EpochOrder, n_eval_examples: int, eval_batch_size: int) -> list[int]:
+    """The evaluation examples: those of the reference trainer's, from the test split's ``order``
+    (``Examples.epoch_order(seed)``), in its first epoch's order.
 
     The reference trainer evaluates what ``get_batch_iterator(split="test", shuffle=True,
     n_examples=n_eval_examples, batch_size=eval_batch_size)`` yields: whole batches of the first
-    epoch's order until ``n_eval_examples`` are reached, so ``ceil(n_eval_examples / eval_batch_size)``
-    batches. A split that holds fewer examples is evaluated whole, each example once (the reference
-    iterator would go on into a reshuffled second epoch and evaluate some examples twice).
+    epoch's order until ``n_eval_examples`` are reached, so its first ``ceil(n_eval_examples /
+    eval_batch_size)`` batches. caldpo evaluates the pairs it kept among those (a pair it dropped at
+    load is not replaced, so the set is the reference's less the dropped pairs). A split whose first
+    epoch holds fewer is evaluated whole, each example once (the reference iterator would go on into
+    a reshuffled second epoch and evaluate some examples twice).
     """
     n = -(-n_eval_examples // eval_batch_size) * eval_batch_size
-    return list(order[:n])
+    if n >= order.reference_examples:
+        return order(0)
+    return [i for i, pos in order.positions(0) if pos < n]
 
 
 class BatchSchedule:
     """Which examples each step and each micro-batch of this rank takes.
 
-    n: training examples; seed: the run's seed; groups, n_groups, rows: each example's reference
-    group and row (``Examples.group_of``, ``n_groups``, ``row_of``; None: every example its own
-    group). Epoch e's order is ``batches.EpochOrder(n, seed, groups=..., ...)(e)``.
+    n: training examples; seed: the run's seed; groups, n_groups, ranks: each example's reference
+    group and its rank there (``Examples.group_of``, ``n_groups``, ``rank_of``; None: every example
+    its own group). Epoch e's order is ``batches.EpochOrder(n, seed, groups=..., ...)(e)``: the
+    reference's, less the pairs dropped at load.
     batch_size: examples per optimizer step. Each epoch yields its full batches only and drops the
     last ``n % batch_size`` examples of its order, as ``get_batch_iterator`` starts every epoch with
     an empty batch; ``epoch_examples`` is what an epoch trains on. ``steps`` is how many batches
@@ -104,13 +114,13 @@ class BatchSchedule:
 
     def __init__(self, n: int, seed: int, *, batch_size: int = 1, rank: int = 0, world: int = 1,
                  accumulation_steps: int = 1, groups: list[int] | None = None, n_groups: int | None = None,
-                 rows: list[int] | None = None):
+                 ranks: list[int] | None = None):
         if n < batch_size:
             raise ValueError(f"{n} training examples cannot fill one batch of {batch_size}")
         self.n, self.seed, self.batch_size = n, seed, batch_size
         self.epoch_examples = n - n % batch_size
         self.rank, self.world, self.accumulation_steps = rank, world, accumulation_steps
-        self._orders = EpochOrder(n, seed, groups=groups, n_groups=n_groups, rows=rows)
+        self._orders = EpochOrder(n, seed, groups=groups, n_groups=n_groups, ranks=ranks)
         self._epoch, self._order = None, None
 
     def steps(self, n_epochs: int, n_examples: int | None = None) -> int:

@@ -101,14 +101,14 @@ class Trainer:
                                       rank=self.process.rank, world=self.world,
                                       accumulation_steps=cfg.gradient_accumulation_steps,
                                       groups=self.train_data.group_of, n_groups=self.train_data.n_groups,
-                                      rows=self.train_data.row_of)
+                                      ranks=self.train_data.rank_of)
         self.total_steps = self.schedule.steps(cfg.n_epochs, cfg.n_examples)  # the reference iterator's batches
         if self.total_steps < 1:
             raise ConfigError(f"n_epochs={cfg.n_epochs}: the run would train no step; use n_epochs >= 1 "
                               "(or n_examples)")
         fault_point("data_load")
         self.eval_data = Examples(cfg, "test", self.sft, self.is_main, self.tokenizer)
-        self.eval_indices = evaluation_indices(self.eval_data.order(0, cfg.seed), cfg.n_eval_examples,
+        self.eval_indices = evaluation_indices(self.eval_data.epoch_order(cfg.seed), cfg.n_eval_examples,
                                                cfg.eval_batch_size)
 
         # layout and models
