@@ -6,7 +6,8 @@
 #        CALDPO_CPU=1 slurm/submit.sh slurm/sft_hh.sh model=tiny 'datasets=[sample]'   # a cluster without GPUs
 #
 # Before anything is queued: the partition (-p, $SBATCH_PARTITION, the script's #SBATCH line, or the
-# cluster's default) must have the GPUs per node the job asks for (Slurm would leave it pending forever),
+# cluster's default) must have the GPUs per node the job asks for (--gpus-per-node, $SBATCH_GPUS_PER_NODE
+# or the script's #SBATCH line; other GPU options are not read), else Slurm would leave it pending forever;
 # the script's SFT_ARCHIVE rule must hold, and the trainer's preflight must pass the final command line
 # (the script's defaults merged with yours) for the job's world size: unknown or misspelt keys, bad
 # values, missing archive or data paths. A refusal prints one `caldpo: ...` line and exits 2, and no job
