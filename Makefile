@@ -1,29 +1,37 @@
 # Two commands: `make demo` (install, then SFT -> Cal-DPO -> generation on the shipped sample)
-# and `make test` (install, then the test suite). Both create ./.venv on first use.
+# and `make test` (install with the test extras, then the test suite). Both create ./.venv on first use.
+# `make install` installs what the demo runs (caldpo, torch, ninja for the native CPU head);
+# `make install-test` adds the test extras (pytest, Triton, ruff, TensorBoard, openai: about 1 GB).
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build by default; on a GPU machine: make install TORCH='torch==2.11.*' (or your CUDA build).
 TORCH ?= torch==2.13.0
 PY := $(VENV)/bin/python
 
-.PHONY: install demo test bench clean
+.PHONY: install install-test demo test bench clean
 
 $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
+	$(PY) -m pip install -q -e ".[native]"
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed setup.py
 	$(PY) -m pip install -q -e ".[test]"
 	touch $@
 
 install: $(VENV)/.installed
 
+install-test: $(VENV)/.installed-test
+
 demo: install
 	$(PY) -m caldpo.train.demo
 
-test: install
+test: install-test
 	$(PY) -m pytest -q tests
 
-bench: install
+bench: install-test
 	$(PY) benchmarks/bench_logprob_loss.py --device cpu
 
 clean:

@@ -9,11 +9,21 @@ or before the time limit submitit signals the tasks; ``Train.checkpoint`` asks t
 trainer to stop at the next step boundary (it writes a resume checkpoint) and has
 submitit requeue the same callable, which resumes from ``run_dir``.
 ``--gpus-per-node 0`` runs on CPUs (``device=cpu``, ``--tasks-per-node`` tasks).
+
+Nothing is queued that cannot run (``check_submission``, also what ``slurm/submit.sh`` runs
+through ``--check-only``): GPUs asked of a partition that has none (or fewer per node), which
+Slurm would leave pending forever, and the trainer's preflight of the overrides for the job's
+world size (unknown keys, bad values, missing archive or data paths) stop the submission with
+one ``caldpo: ...`` line and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
+import re
+import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -22,6 +32,76 @@ from pathlib import Path
 import submitit
 
 EXECUTORS = ("slurm", "local", "debug")
+
+
+class SubmitError(Exception):
+    """A job that must not be queued (it would pend forever); printed as one ``caldpo:`` line, exit 2."""
+
+    exit_code = 2
+
+
+def partitions() -> tuple[dict[str, int], str | None] | None:
+    """({partition: the most GPUs any of its nodes has}, the default partition) from ``sinfo``'s GRES
+    column (``gpu:8``, ``gpu:a100:8(S:0-1)``; ``(null)``: none). None when ``sinfo`` is missing or does
+    not answer: nothing to check against."""
+    if shutil.which("sinfo") is None:
+        return None
+    try:
+        out = subprocess.run(["sinfo", "-h", "-o", "%P|%G"], capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    if out.returncode != 0:
+        return None
+    gpus: dict[str, int] = {}
+    default = None
+    for line in out.stdout.split():
+        name, _, gres = line.partition("|")
+        if name.endswith("*"):
+            name = default = name[:-1]
+        counts = [int(m.group(1)) for m in re.finditer(r"gpu(?::[^:,(]+)?:(\d+)", gres)]
+        gpus[name] = max([gpus.get(name, 0), *counts])
+    return gpus, default
+
+
+def check_partition(partition: str | None, gpus_per_node: int, cpu_hint: str) -> None:
+    """Refuse a job that asks ``gpus_per_node`` GPUs of a partition whose nodes have fewer (none on a
+    CPU cluster): Slurm would queue it and leave it pending forever (Reason=PartitionConfig); also a
+    partition the cluster does not have. ``partition`` None: the cluster's default. ``cpu_hint``: how
+    this entry point runs on CPUs instead. Raises SubmitError."""
+    found = partitions()
+    if found is None:
+        return
+    gpus, default = found
+    name = partition or default
+    if name is None:
+        return
+    if name not in gpus:
+        raise SubmitError(f"partition {name!r} does not exist on this cluster; its partitions: {', '.join(gpus)}")
+    if gpus_per_node <= gpus[name]:
+        return
+    with_gpus = [p for p, n in gpus.items() if n >= gpus_per_node]
+    where = (f"partitions with {gpus_per_node} GPUs per node: {', '.join(with_gpus)}" if with_gpus
+             else "no partition of this cluster has them")
+    has = "has no GPUs" if gpus[name] == 0 else f"has at most {gpus[name]} GPUs per node"
+    raise SubmitError(f"partition {name} {has} and this job asks for {gpus_per_node} per node: Slurm would leave "
+                      f"it pending forever (Reason=PartitionConfig). To run on its CPUs: {cpu_hint}; for GPUs, "
+                      f"pick a partition ({where})")
+
+
+def check_submission(overrides: list[str], *, nodes: int, tasks_per_node: int, gpus_per_node: int,
+                     partition: str | None, executor: str = "slurm",
+                     cpu_hint: str = "python -m caldpo.launch --gpus-per-node 0 ...") -> str:
+    """The checks before a job is queued: the partition has the GPUs asked (Slurm only), then the trainer's
+    preflight (``caldpo.train.config.preflight``) of ``overrides`` for ``nodes * tasks_per_node``
+    processes; for Slurm without this machine's devices (the job's node repeats them). Returns the
+    preflight's one-line summary; raises SubmitError or ConfigError."""
+    from caldpo.train.config import preflight, preflight_summary
+
+    if executor == "slurm":
+        check_partition(partition, gpus_per_node, cpu_hint)
+    world = nodes * tasks_per_node
+    cfg = preflight(list(overrides), world_size=world, on_node=executor != "slurm")
+    return preflight_summary(cfg, world)
 
 
 def _override_key(o: str) -> str:
@@ -121,10 +201,7 @@ def prepare(overrides: list[str], *, nodes: int = 1, gpus_per_node: int = 8, tas
     if executor not in EXECUTORS:
         raise ValueError(f"executor must be one of {EXECUTORS}, not {executor!r}")
     overrides = list(overrides)
-    if executor != "slurm":
-        nodes, gpus_per_node, tasks_per_node = 1, 0, 1
-    if tasks_per_node is None:
-        tasks_per_node = max(1, gpus_per_node)
+    nodes, gpus_per_node, tasks_per_node = _shape(executor, nodes, gpus_per_node, tasks_per_node)
     if gpus_per_node == 0:
         overrides = _with_default(overrides, "device", "cpu")
     if run_dir is None:
@@ -150,6 +227,13 @@ def prepare(overrides: list[str], *, nodes: int = 1, gpus_per_node: int = 8, tas
     return ex, Train(overrides, run_dir, stop_wait_s)
 
 
+def _shape(executor: str, nodes: int, gpus_per_node: int, tasks_per_node: int | None) -> tuple[int, int, int]:
+    """(nodes, GPUs per node, tasks per node) of a job: one task per GPU by default; one CPU task off Slurm."""
+    if executor != "slurm":
+        return 1, 0, 1
+    return nodes, gpus_per_node, max(1, gpus_per_node) if tasks_per_node is None else tasks_per_node
+
+
 def submit(overrides: list[str], **options) -> submitit.Job:
     """Submit one training run; returns the submitit job (``job.results()[0]`` is rank 0's summary).
 
@@ -160,8 +244,14 @@ def submit(overrides: list[str], **options) -> submitit.Job:
     overrides say ``device=...``), log_dir, run_dir (default runs/<job_name>_<time>),
     job_name, signal_delay_s (checkpoint this long before the time limit),
     stop_wait_s (how long ``checkpoint`` waits for the trainer's stop checkpoint).
+    ``check_submission`` runs first: a job that cannot run raises SubmitError or ConfigError
+    and nothing is queued.
     """
     ex, fn = prepare(overrides, **options)
+    opts = {k: p.default for k, p in inspect.signature(prepare).parameters.items() if k != "overrides"} | options
+    nodes, gpus, tasks = _shape(opts["executor"], opts["nodes"], opts["gpus_per_node"], opts["tasks_per_node"])
+    check_submission(fn.overrides, nodes=nodes, tasks_per_node=tasks, gpus_per_node=gpus,
+                     partition=opts["partition"], executor=opts["executor"])
     return ex.submit(fn)
 
 
@@ -193,23 +283,42 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--signal-delay", type=int, default=120,
                    help="seconds before the time limit at which the job checkpoints and requeues")
     p.add_argument("--wait", action="store_true", help="wait for the job and print its result")
+    p.add_argument("--check-only", action="store_true",
+                   help="run the submission checks (the partition has the GPUs asked, the trainer's preflight of "
+                        "the overrides for nodes x tasks processes) and exit 0, or 2 naming the problem; "
+                        "submit nothing")
+    p.add_argument("--cpu-hint", default="python -m caldpo.launch --gpus-per-node 0 ...", help=argparse.SUPPRESS)
     p.add_argument("overrides", nargs="*", help="training overrides key=value (after --)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    from caldpo.cli import run
+
     args = build_parser().parse_args(argv)
-    job = submit(args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
-                 tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, partition=args.partition,
-                 time_min=args.time, mem=args.mem, sbatch=dict(args.sbatch), executor=args.executor,
-                 log_dir=args.log_dir, run_dir=args.run_dir, job_name=args.job_name,
-                 signal_delay_s=args.signal_delay)
-    print(f"submitted job {job.job_id} (logs: {job.paths.folder})", flush=True)
-    if args.wait:
-        result = job.results()[0]
-        print(result, flush=True)
-        return 0 if result and not (isinstance(result, dict) and result.get("stopped")) else 1
-    return 0
+    if args.check_only:
+        nodes, gpus, tasks = _shape(args.executor, args.nodes, args.gpus_per_node, args.tasks_per_node)
+        overrides = args.overrides if gpus else _with_default(args.overrides, "device", "cpu")
+
+        def check() -> None:
+            summary = check_submission(overrides, nodes=nodes, tasks_per_node=tasks, gpus_per_node=gpus,
+                                       partition=args.partition, executor=args.executor, cpu_hint=args.cpu_hint)
+            print(f"caldpo: submission checks passed: {summary}", flush=True)
+        return run(check, errors=(SubmitError,))
+
+    def launch() -> int:
+        job = submit(args.overrides, nodes=args.nodes, gpus_per_node=args.gpus_per_node,
+                     tasks_per_node=args.tasks_per_node, cpus_per_task=args.cpus_per_task, partition=args.partition,
+                     time_min=args.time, mem=args.mem, sbatch=dict(args.sbatch), executor=args.executor,
+                     log_dir=args.log_dir, run_dir=args.run_dir, job_name=args.job_name,
+                     signal_delay_s=args.signal_delay)
+        print(f"submitted job {job.job_id} (logs: {job.paths.folder})", flush=True)
+        if args.wait:
+            result = job.results()[0]
+            print(result, flush=True)
+            return 0 if result and not (isinstance(result, dict) and result.get("stopped")) else 1
+        return 0
+    return run(launch, errors=(SubmitError,))
 
 
 if __name__ == "__main__":

@@ -12,7 +12,16 @@
 #   MASTER_PORT      rendezvous port (default derived from the job id)
 #   SRUN_ARGS, TORCHRUN_ARGS   extra words for srun / torchrun
 #   CALDPO_TRAIN_MODULE        module torchrun runs (default caldpo.train)
+#   CALDPO_CPU=1               CPU nodes: device=cpu model.fsdp_policy_mp=null join the defaults
+#                              (slurm/submit.sh also asks Slurm for no GPUs)
 #   CALDPO_DRY_RUN=1           print the launch command instead of running it
+#   CALDPO_PREFLIGHT=1         (slurm/submit.sh) run the submission checks of the final command
+#                              line (caldpo.launch --check-only) and launch nothing; with
+#                              CALDPO_SUBMIT_NODES, CALDPO_SUBMIT_GPUS, CALDPO_SUBMIT_PARTITION
+#
+# Before torchrun starts, the trainer's preflight checks the final command line on this node
+# (python -m caldpo.train --preflight): a bad option or path ends the job with one `caldpo: ...`
+# line and exit status 2, not a traceback from every worker.
 
 caldpo_log() { echo "[caldpo $(date +%H:%M:%S)] $*"; }
 
@@ -23,6 +32,15 @@ caldpo_main() {
     local -a user=("$@") merged=()
     local -A given=()
     local o
+    if [ "${CALDPO_CPU:-0}" = 1 ]; then
+        # CPU nodes: the CPU device and no bf16 mixed precision (emulated, slow on CPUs), in place of the
+        # script's GPU defaults; the command line still wins.
+        local -a cpu=(device=cpu model.fsdp_policy_mp=null) kept=()
+        for o in "${DEFAULTS[@]}"; do
+            case $(_caldpo_key "$o") in device|model.fsdp_policy_mp) ;; *) kept+=("$o") ;; esac
+        done
+        DEFAULTS=("${kept[@]}" "${cpu[@]}")
+    fi
     for o in "${user[@]}"; do given[$(_caldpo_key "$o")]=1; done
     # Defaults whose key the user set are dropped: a Hydra command line may not
     # name one key twice.
@@ -40,9 +58,17 @@ caldpo_main() {
     final+=("run_dir=$RUN_DIR")
 
     if _caldpo_needs_archive "${final[@]}"; then
-        echo "error: this run starts from an SFT model: set SFT_ARCHIVE=<sft run dir>/LATEST/policy.pt" \
+        echo "caldpo: this run starts from an SFT model: set SFT_ARCHIVE=<sft run dir>/LATEST/policy.pt" \
              "or pass model.archive=<path> (model.archive=null to start from the base model)" >&2
         return 2
+    fi
+
+    local python=${PYTHON:-python3}
+    local root=${CALDPO_HOME:-}
+    [ -n "$root" ] && export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
+    if [ "${CALDPO_PREFLIGHT:-0}" = 1 ]; then
+        _caldpo_submission_checks "$python" "${final[@]}"
+        return
     fi
 
     local nnodes=${SLURM_NNODES:-${SLURM_JOB_NUM_NODES:-1}}
@@ -57,9 +83,6 @@ caldpo_main() {
     else
         head=${SLURM_JOB_NODELIST:-localhost}
     fi
-    local python=${PYTHON:-python3}
-    local root=${CALDPO_HOME:-}
-    [ -n "$root" ] && export PYTHONPATH="$root${PYTHONPATH:+:$PYTHONPATH}"
 
     local -a cmd=()
     if [ -n "${SLURM_JOB_ID:-}" ]; then
@@ -79,6 +102,10 @@ caldpo_main() {
     if [ -n "${CALDPO_DRY_RUN:-}" ] && [ "${CALDPO_DRY_RUN}" != 0 ]; then
         printf 'DRY RUN:'; printf ' %q' "${cmd[@]}"; printf '\n'
         return 0
+    fi
+    if [ "${CALDPO_TRAIN_MODULE:-caldpo.train}" = caldpo.train ]; then
+        _caldpo_run_check "$python" -m caldpo.train --preflight --world-size="$((nnodes * nproc))" "${final[@]}" \
+            || return
     fi
     printf '+'; printf ' %q' "${cmd[@]}"; printf '\n'
 
@@ -129,6 +156,33 @@ _caldpo_stop() {
     [ -n "$STOP_SIGNAL" ] || STOP_SIGNAL=$1
     caldpo_log "SIG$1: asking the trainer to checkpoint and stop ($RUN_DIR/STOP)"
     mkdir -p "$RUN_DIR" && touch "$RUN_DIR/STOP"
+}
+
+# Runs a check (python -m caldpo...); 0 passes, 2 is a refusal its one `caldpo:` line explains,
+# anything else means the check itself could not run (no caldpo in that interpreter, ...).
+_caldpo_run_check() {
+    local python=$1 rc
+    "$@"
+    rc=$?
+    if [ "$rc" -ne 0 ] && [ "$rc" -ne 2 ]; then
+        echo "caldpo: the preflight could not run under $python (exit $rc): set PYTHON to the python of the" \
+             "environment caldpo is installed in" >&2
+        return 2
+    fi
+    return "$rc"
+}
+
+# slurm/submit.sh's checks before sbatch: the partition has the GPUs asked and the trainer's preflight of
+# the final command line for the job's world size (no device checks: this is not the job's node).
+_caldpo_submission_checks() {
+    local python=$1; shift
+    local nodes=${CALDPO_SUBMIT_NODES:-1} gpus=${CALDPO_SUBMIT_GPUS:-0}
+    local tasks=${NPROC_PER_NODE:-$gpus}
+    [ "$tasks" -gt 0 ] 2>/dev/null || tasks=1
+    local -a args=(--check-only --nodes "$nodes" --gpus-per-node "$gpus" --tasks-per-node "$tasks"
+                   --cpu-hint "CALDPO_CPU=1 slurm/submit.sh [sbatch options] <script> ... (slurm/README.md)")
+    [ -n "${CALDPO_SUBMIT_PARTITION:-}" ] && args+=(--partition "$CALDPO_SUBMIT_PARTITION")
+    _caldpo_run_check "$python" -m caldpo.launch "${args[@]}" -- "$@"
 }
 
 # True when the command line leaves model.archive unset or empty.

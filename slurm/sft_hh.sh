@@ -1,8 +1,11 @@
 #!/bin/bash
 # SFT of Pythia-2.8B on Anthropic HH (the reference model of caldpo_hh.sh).
 #
-# Usage: sbatch [sbatch options] slurm/sft_hh.sh [key=value trainer overrides]
-# e.g.   sbatch -N 2 slurm/sft_hh.sh batch_size=128 lr=1e-6
+# Usage: slurm/submit.sh [sbatch options] slurm/sft_hh.sh [key=value trainer overrides]
+#        (checks the partition's GPUs and the trainer's options, then runs sbatch with these arguments;
+#        plain `sbatch [sbatch options] slurm/sft_hh.sh ...` works too, checked when the job starts)
+# e.g.   slurm/submit.sh -N 2 slurm/sft_hh.sh batch_size=128 lr=1e-6
+#        CALDPO_CPU=1 slurm/submit.sh slurm/sft_hh.sh ...   # CPU nodes (no GPUs)
 # sbatch options override the #SBATCH lines; see slurm/README.md for the
 # environment variables (NPROC_PER_NODE, RUN_DIR, PYTHON, ...).
 #SBATCH --job-name=sft_hh

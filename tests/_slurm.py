@@ -17,7 +17,8 @@ TINY_TLDR = ["model=tiny", "device=cpu", "trainer=FSDPTrainer", "model.archive=n
              "model.fsdp_policy_mp=null", "batch_size=4", "gradient_accumulation_steps=1",
              "eval_batch_size=4", "n_eval_examples=4", "max_length=64", "max_prompt_length=32",
              "warmup_steps=0", "lr=1e-4", "eval_every=100000", "export_hf=false"]
-# sbatch options that fit the scripts' GPU defaults onto a CPU-only test node.
+# sbatch options that fit the scripts' GPU defaults onto a CPU-only test node (slurm/README.md, "CPU nodes";
+# with slurm/submit.sh, CALDPO_CPU=1 asks for no GPUs by itself).
 CPU_SBATCH = ["--gpus-per-node=0", "--cpus-per-task=2", "--mem=6G", "--time=10"]
 
 
@@ -69,6 +70,31 @@ def sbatch(script: str, overrides: list[str], *, sbatch_opts: list[str] = (), en
     out = subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=cwd, timeout=60)
     assert out.returncode == 0, f"{' '.join(cmd)} failed: {out.stderr}"
     return int(out.stdout.strip().split(";")[0])
+
+
+def submit_sh(script: str, overrides: list[str], *, sbatch_opts: list[str] = (), env: dict | None = None,
+              cwd: Path = REPO) -> subprocess.CompletedProcess:
+    """``slurm/submit.sh [sbatch_opts] slurm/<script> [overrides]`` (the checks, then sbatch)."""
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false",
+                "PYTHON": sys.executable, **(env or {})}
+    for k in ("SFT_ARCHIVE", "CALDPO_CPU", "RUN_DIR"):
+        if env is None or k not in env:
+            full_env.pop(k, None)
+    cmd = ["bash", str(REPO / "slurm" / "submit.sh"), *sbatch_opts, str(REPO / "slurm" / script), *overrides]
+    return subprocess.run(cmd, capture_output=True, text=True, env=full_env, cwd=cwd, timeout=120)
+
+
+def jobs_named(name: str) -> list[str]:
+    """Ids of the jobs slurmctld knows by this name, queued, running or recently ended (scontrol keeps ended
+    jobs for MinJobAge; this cluster has no accounting for sacct)."""
+    out = subprocess.run(["scontrol", "-o", "show", "jobs"], capture_output=True, text=True, timeout=30)
+    ids = []
+    for line in out.stdout.splitlines():
+        fields = dict(w.split("=", 1) for w in line.split() if "=" in w)
+        if fields.get("JobName") == name:
+            ids.append(fields.get("JobId", "?"))
+    queued = subprocess.run(["squeue", "-h", "-n", name, "-o", "%i"], capture_output=True, text=True, timeout=30)
+    return ids + [i for i in queued.stdout.split() if i not in ids]
 
 
 def job_info(job_id: int) -> dict[str, str]:

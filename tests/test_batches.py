@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from _data_fixtures import EOS, EOS_ID, char_tokenizer, ids
-from caldpo.train.batches import EOSInTextError, Example, collate, epoch_order, flatten, tokenize_example
+from caldpo.train.batches import EOSInTextError, EpochOrder, Example, collate, epoch_order, flatten, tokenize_example
 from caldpo.train.data import PromptGroup
 
 M = -100
@@ -101,18 +101,46 @@ def test_flatten():
     g2 = PromptGroup("p2", [" t"], [], " t", "keep_start")
     groups = {"p1": g1, "p2": g2}
     g1.pair_sources, g1.sft_source, g2.sft_source = ["f:1", "f:3"], "f:1", "f:2"
-    assert flatten(groups, sft=False) == [Example("p1", " a", " b", "keep_end", "f:1"),
-                                          Example("p1", " c", " a", "keep_end", "f:3")]
-    assert flatten(groups, sft=True) == [Example("p1", " a", None, "keep_end", "f:1"),
-                                         Example("p2", " t", None, "keep_start", "f:2")]
+    # groups built without their reference order: each group its own, its pairs ranked in order
+    assert flatten(groups, sft=False) == [Example("p1", " a", " b", "keep_end", "f:1", order=(0, 0)),
+                                          Example("p1", " c", " a", "keep_end", "f:3", order=(0, 1))]
+    assert flatten(groups, sft=True) == [Example("p1", " a", None, "keep_end", "f:1", order=(0, 0)),
+                                         Example("p2", " t", None, "keep_start", "f:2", order=(1, 0))]
+    g1.pair_order, g1.sft_order = [(3, 5), (0, 9)], (3, 5)
+    assert [ex.order for ex in flatten(groups, sft=False)] == [(3, 5), (0, 9)]
+    assert [ex.order for ex in flatten(groups, sft=True)] == [(3, 5), (1, 0)]
     assert flatten(groups, sft=True)[1].source == "f:2" and flatten(groups, sft=True)[1].tokens is None
 
 
 def test_epoch_order_deterministic_permutation():
+    """A permutation fixed by seed and epoch; epoch 1 is epoch 0 shuffled again (cumulative), each shuffle
+    seeded by numpy's draws from the seed (tests/test_schedule.py holds the reference iterator written out)."""
+    import random
+
+    import numpy as np
+
     o = epoch_order(50, epoch=0, seed=0)
     assert sorted(o) == list(range(50)) and o != list(range(50))
     assert o == epoch_order(50, epoch=0, seed=0)
-    assert o != epoch_order(50, epoch=1, seed=0)
-    assert epoch_order(50, epoch=1, seed=0) == epoch_order(50, epoch=0, seed=1)  # keyed by seed + epoch
+    s0, s1 = (int(v) for v in np.random.RandomState(0).randint(0, 2 ** 32, size=2))
+    first = list(range(50))
+    random.Random(s0).shuffle(first)
+    assert o == first
+    random.Random(s1).shuffle(first)
+    assert epoch_order(50, epoch=1, seed=0) == first
+    assert epoch_order(50, epoch=0, seed=1) != o
     assert epoch_order(5, epoch=3, seed=7, shuffle=False) == [0, 1, 2, 3, 4]
-    assert epoch_order(10, epoch=0, seed=0) == [7, 8, 1, 5, 3, 4, 2, 0, 9, 6]  # random.Random(0).shuffle
+    # groups: shuffled as units, a group's examples in row order, an empty group still takes a shuffle slot
+    grouped = epoch_order(5, epoch=0, seed=0, groups=[2, 0, 2, 1, 0], n_groups=4, ranks=[2, 1, 0, 0, 0])
+    units = list(range(4))
+    random.Random(s0).shuffle(units)
+    assert grouped == [i for g in units for i in {0: [4, 1], 1: [3], 2: [2, 0], 3: []}[g]]
+    # positions in the reference's walk count the rows it has and caldpo dropped (group 2's rank 1, group 3)
+    order = EpochOrder(5, 0, groups=[2, 0, 2, 1, 0], n_groups=4, ranks=[2, 1, 0, 0, 0], sizes=[2, 1, 3, 2])
+    starts, at = {}, 0
+    for g in units:
+        starts[g], at = at, at + [2, 1, 3, 2][g]
+    ranks = [2, 1, 0, 0, 0]
+    assert order.positions(0) == [(i, starts[g] + ranks[i]) for g in units for i in {0: [4, 1], 1: [3], 2: [2, 0],
+                                                                                        3: []}[g]]
+    assert order.reference_examples == 8 and order(0) == grouped

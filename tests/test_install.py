@@ -62,3 +62,93 @@ def test_models_load_without_hub_kernels(tmp_path):
                          env=env, timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     assert out.stdout.split()[-4:] == ["True", "False", "False", "NO"], out.stdout
+
+
+def _make_dry_run(target: str, tmp_path: Path) -> list[str]:
+    """The commands ``make <target>`` would run into a fresh venv (make -n prints, runs nothing)."""
+    out = subprocess.run(["make", "-n", target, f"VENV={tmp_path / 'venv'}"], capture_output=True, text=True,
+                         cwd=TESTS.parent, timeout=60)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.splitlines()
+
+
+def test_make_demo_installs_only_what_it_runs_and_make_test_the_test_extras(tmp_path):
+    """`make demo` installs caldpo with the native head's ninja, not the test extras (Triton alone is ~1 GB);
+    `make test` and CI (.ci/run) install the test extras before the suite."""
+    import shutil
+    if shutil.which("make") is None:
+        pytest.skip("GNU make is not installed")
+    demo = _make_dry_run("demo", tmp_path)
+    installs = [c for c in demo if " pip install" in c]
+    assert any('-e ".[native]"' in c for c in installs), demo
+    assert not any("[test]" in c for c in demo), demo
+    assert demo[-1].endswith("-m caldpo.train.demo")
+    test = _make_dry_run("test", tmp_path)
+    at = next(i for i, c in enumerate(test) if '-e ".[test]"' in c)
+    assert test[-1].endswith("-m pytest -q tests") and at < len(test) - 1, test
+    ci = (TESTS.parent / ".ci" / "run").read_text()
+    assert "make install-test" in ci and "make test" in ci
+
+
+# Packages that only the test extras bring: the demo must run with every one of them missing.
+_TEST_ONLY = ("pytest", "_pytest", "triton", "tensorboard", "openai", "ruff")
+_DEMO = """
+import sys
+BLOCKED = set(sys.argv[2].split(","))
+class Hide:  # every finder answers as if the test extras were not installed
+    def __init__(self, finder):
+        self.finder = finder
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in BLOCKED or not hasattr(self.finder, "find_spec"):
+            return None
+        return self.finder.find_spec(name, path, target)
+    def __getattr__(self, attr):
+        return getattr(self.finder, attr)
+sys.meta_path[:] = [Hide(f) for f in sys.meta_path]
+import importlib.util
+assert all(importlib.util.find_spec(m) is None for m in BLOCKED)  # hidden, installed or not
+from caldpo.train import demo
+demo.SFT = ["loss=sft", "lr=1e-3", "n_examples=16"]
+demo.CALDPO = ["loss=caldpo", "loss.beta=0.1", "lr=2e-4", "n_examples=16"]
+demo.GENERATE = ["generate.n_prompts=2", "max_new_tokens=4"]
+demo.COMMON = [*demo.COMMON, "n_eval_examples=32", "export_at_eval=false"]
+out = demo.main(["--root", sys.argv[1]])
+assert not any(m.split(".")[0] in BLOCKED for m in sys.modules), sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+print("DEMO-OK", out["plot"])
+"""
+
+
+def test_the_demo_runs_without_the_test_extras(tmp_path):
+    """Every stage of `make demo` (SFT, Cal-DPO, generation, the local-LM judge, the plot), shortened, with the
+    test extras made unimportable: what `make install` installs is what the demo needs."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-c", _DEMO, str(tmp_path / "demo"), ",".join(_TEST_ONLY)],
+                         capture_output=True, text=True, env=env, cwd=TESTS.parent, timeout=900)
+    assert out.returncode == 0 and "DEMO-OK" in out.stdout, (out.stdout[-3000:], out.stderr[-5000:])
+    assert Path(out.stdout.split("DEMO-OK", 1)[1].split()[0]).is_file()
+
+
+_BUILD = """
+import sys
+from caldpo.kernels import native
+print("AVAILABLE", native.available(), native.unavailable_reason())
+"""
+
+
+def test_first_native_build_says_what_it_does_once(tmp_path):
+    """A build into an empty CALDPO_CACHE prints one line on stderr naming where it goes (the build takes
+    about half a minute of CPU); the next process finds the cached build and prints nothing."""
+    from caldpo.kernels import native
+    reason = native._missing_tools()
+    if reason is not None:
+        pytest.skip(f"the native head cannot be built here: {reason}")
+    env = {**os.environ, "CALDPO_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    env.pop("CALDPO_NATIVE_DISABLE", None)
+    runs = [subprocess.run([sys.executable, "-c", _BUILD], capture_output=True, text=True, env=env, timeout=600)
+            for _ in range(2)]
+    for r in runs:
+        assert r.returncode == 0 and "AVAILABLE True None" in r.stdout, (r.stdout, r.stderr[-3000:])
+    lines = [line for line in runs[0].stderr.splitlines() if "building the native CPU head" in line]
+    assert len(lines) == 1, runs[0].stderr
+    assert lines[0].startswith("caldpo: building the native CPU head (first use") and str(tmp_path / "cache") in lines[0]
+    assert "building" not in runs[1].stderr, runs[1].stderr

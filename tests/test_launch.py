@@ -112,3 +112,43 @@ def test_local_executor_trains(tmp_path):
              if '"loss"' in line and '"train"' in line]
     assert steps == [1, 2, 3, 4]
     assert "'step': 4" in out.stdout
+
+
+REASON = S.cluster_reason()
+cluster = pytest.mark.skipif(REASON is not None, reason=f"no Slurm cluster: {REASON}")
+
+
+def _launch_cli(args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run([sys.executable, "-m", "caldpo.launch", "--log-dir", str(tmp_path / "logs"), *args],
+                          capture_output=True, text=True, cwd=S.REPO, env=env, timeout=300)
+
+
+@cluster
+def test_launch_checks_before_queueing(tmp_path):
+    """`caldpo.launch` (CLI and python API) refuses a misspelt override and GPUs that the partition lacks with one
+    `caldpo:` line and exit 2, before submitit writes or queues anything; --check-only runs the checks alone."""
+    from caldpo.launch import SubmitError, partitions
+    from caldpo.train.config import ConfigError
+
+    name = f"launchcheck_{os.getpid()}"
+    ok = _launch_cli(["--check-only", "--gpus-per-node", "0", "--tasks-per-node", "2", "--", "model=tiny",
+                      "trainer=FSDPTrainer", "batch_size=4"], tmp_path)
+    assert ok.returncode == 0 and "caldpo: submission checks passed:" in ok.stdout, ok.stderr
+    assert "device=cpu, world size 2" in ok.stdout, ok.stdout
+    typo = _launch_cli(["--gpus-per-node", "0", "--job-name", name, "--", "model=tiny", "batchsize=4"], tmp_path)
+    assert typo.returncode == 2 and typo.stderr.strip().splitlines() == [
+        "caldpo: config error: batchsize: unknown option; did you mean batch_size? "
+        "(python -m caldpo.train --help lists every option)"], typo.stderr
+    odd = _launch_cli(["--check-only", "--gpus-per-node", "0", "--tasks-per-node", "3", "--", "model=tiny",
+                       "trainer=FSDPTrainer", "batch_size=4"], tmp_path)
+    assert odd.returncode == 2 and "batch_size=4 is not divisible" in odd.stderr and "(3)" in odd.stderr, odd.stderr
+    with pytest.raises(ConfigError, match="batchsize"):
+        launch.submit(["model=tiny", "batchsize=4"], gpus_per_node=0, job_name=name, log_dir=tmp_path / "logs")
+    found = partitions()
+    if found is not None and found[0].get(found[1], 0) < 8:
+        gpus = _launch_cli(["--job-name", name, "--", "model=tiny"], tmp_path)
+        assert gpus.returncode == 2 and "has no GPUs" in gpus.stderr and "--gpus-per-node 0" in gpus.stderr, gpus.stderr
+        with pytest.raises(SubmitError, match="pending forever"):
+            launch.submit(["model=tiny"], gpus_per_node=8, job_name=name, log_dir=tmp_path / "logs")
+    assert S.jobs_named(name) == [] and not (tmp_path / "logs").exists()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,7 +14,7 @@ from caldpo.train.batches import Encoded, Example
 from caldpo.train.distributed import MetricSums, Process
 from caldpo.train.layout import PackedBatch
 from caldpo.train.rundir import clear_stop, read_done, request_stop, stop_requested, write_done
-from caldpo.train.schedule import BatchSchedule, Collator
+from caldpo.train.schedule import BatchSchedule, Collator, evaluation_indices
 
 
 def test_schedule_walks_epochs_in_fixed_permutations():
@@ -31,26 +32,9 @@ def test_schedule_walks_epochs_in_fixed_permutations():
     assert BatchSchedule(n, seed=4).indices(0, 3 * n) != first
 
 
-def test_each_epoch_drops_its_partial_batch_as_the_reference_iterator():
-    """The reference code's batch iterator starts every epoch with an empty batch: an epoch of n examples
-    yields n // batch_size batches of its own permutation, and the last n % batch_size are never trained.
-    Written out here from that rule (not from BatchSchedule) and compared step by step over 3 epochs."""
-    from caldpo.train.batches import epoch_order
-
-    n, bs, seed = 11, 4, 5
-    expected = []
-    for epoch in range(3):
-        order, batch = epoch_order(n, epoch, seed), []
-        for i in order:
-            batch.append(i)
-            if len(batch) == bs:
-                expected.append(batch)
-                batch = []
-    sched = BatchSchedule(n, seed, batch_size=bs)
-    assert sched.epoch_examples == 8
-    assert [sched.indices(s * bs, bs) for s in range(len(expected))] == expected
+def test_a_split_smaller_than_a_batch_is_refused():
     with pytest.raises(ValueError, match="cannot fill one batch"):
-        BatchSchedule(3, seed, batch_size=4)
+        BatchSchedule(3, 0, batch_size=4)
 
 
 def test_micro_batches_cover_the_step_once_across_ranks():
@@ -151,52 +135,186 @@ def test_stop_and_done_files(tmp_path):
     assert not (run_dir / "DONE.tmp").exists()
 
 
-def _reference_batches(flat_data, seed: int, n_epochs: int, batch_size: int) -> list[list[tuple]]:
-    """The reference code's batch iterator (preference mode, shuffle on, n_epochs set), written out
-    without tokenization: each epoch seeds Python's ``random`` with seed + epoch, shuffles the
-    per-prompt entries, walks each prompt's pairs in turn, and starts with an empty batch."""
-    state = random.getstate()
-    try:
-        out = []
-        for epoch in range(n_epochs):
-            random.seed(seed + epoch)
-            data = list(flat_data)
-            random.shuffle(data)
-            batch = []
-            for prompt, responses, pairs in data:
-                for i, j in pairs:
-                    batch.append((prompt, responses[i], responses[j]))
-                    if len(batch) == batch_size:
-                        out.append(batch)
-                        batch = []
-        return out
-    finally:
-        random.setstate(state)
+# ----------------------------------------------------------------------------- the reference iterator
+#
+# The Cal-DPO authors' data module is a fork of the original DPO repository's preference_datasets.py
+# (eric-mitchell/direct-preference-optimization; Cal-DPO/Cal-DPO Pythia-2.8b-exp). Its rule, written out
+# below with the loop structure of get_batch_iterator, over row numbers instead of tokenized texts:
+# * get_hh keys a dict by the prompt cut from `chosen` at its last "\n\nAssistant:" and appends each row's
+#   pair there (every row, identical chosen/rejected included); get_tldr keys by row index + prompt, so every
+#   TL;DR row is an entry; flat_data holds one entry per key, in the dict's order (first appearance);
+# * under TemporarilySeededRandom(seed) (random.seed and np.random.seed) it draws
+#   permutation_seeds = iter(np.random.randint(0, 2**32, size=1000000));
+# * each epoch shuffles the same flat_data list in place (random.shuffle under the next permutation seed),
+#   so shuffles accumulate, then walks each entry's pairs (SFT: one example per entry); a batch is yielded
+#   when full, a new epoch starts with an empty batch, and after a yield the iterator stops once its example
+#   count (every example appended, those of dropped partial batches too) reaches n_examples;
+# * the trainer builds both iterators without passing its seed (get_batch_iterator's default 0), evaluation
+#   with split="test", n_examples=n_eval_examples, batch_size=eval_batch_size.
+# random.seed(numpy int64) hashes the value on Python <= 3.10 (hash == value below 2**32) and is refused by
+# 3.11, hence int() below.
+
+ASSISTANT = "\n\nAssistant:"
 
 
-def test_batches_follow_the_reference_iterators_order(tmp_path):
-    """HH rows where prompts repeat (several pairs per prompt): the trainer's batches over 3 epochs are
-    the reference iterator's, pair for pair."""
-    from _data_fixtures import hh, write_jsonl
+def their_flat_data(rows: list[dict], name: str) -> list[list[int]]:
+    """get_hh / get_tldr then flat_data: each entry's rows (1-based line numbers), entries in dict order."""
+    data: dict[str, list[int]] = {}
+    for index, row in enumerate(rows):
+        if name == "hh":
+            key = row["chosen"][:row["chosen"].rfind(ASSISTANT) + len(ASSISTANT)]
+        else:
+            key = str(index) + json.dumps(row["info"])
+        data.setdefault(key, []).append(index + 1)
+    return list(data.values())
 
+
+def their_batches(flat_data: list[list[int]], *, batch_size: int, seed: int = 0, n_epochs: int | None = None,
+                  n_examples: int | None = None, sft: bool = False, shuffle: bool = True):
+    """get_batch_iterator's loop; yields batches of line numbers (SFT: an entry's first row stands for it)."""
+    saved = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed)
+    permutation_seeds = iter(np.random.randint(0, 2 ** 32, size=1000000))
+    random.setstate(saved[0])
+    np.random.set_state(saved[1])
+    flat_data = [list(e) for e in flat_data]
+    epoch_idx = example_idx = 0
+    done = False
+    while True:
+        if n_epochs is not None and epoch_idx >= n_epochs:
+            break
+        if shuffle:
+            state = random.getstate()
+            random.seed(int(next(permutation_seeds)))
+            random.shuffle(flat_data)
+            random.setstate(state)
+        batch = []
+        for entry in flat_data:
+            if done:
+                break
+            for line in (entry[:1] if sft else entry):
+                if done:
+                    break
+                batch.append(line)
+                example_idx += 1
+                if len(batch) == batch_size:
+                    yield batch
+                    if n_examples is not None and example_idx >= n_examples:
+                        done = True
+                    batch = []
+        if done:
+            break
+        epoch_idx += 1
+
+
+def their_epoch_orders(flat_data, n_epochs: int, seed: int, sft: bool = False) -> list[list[int]]:
+    """Each epoch's order: the iterator with batches of one."""
+    per_epoch = len(flat_data) if sft else sum(map(len, flat_data))
+    flat = [b[0] for b in their_batches(flat_data, batch_size=1, seed=seed, n_epochs=n_epochs, sft=sft)]
+    return [flat[e * per_epoch:(e + 1) * per_epoch] for e in range(n_epochs)]
+
+
+def _lines(data, indices) -> list[int]:
+    return [int(data.items[i].source.rsplit(":", 1)[1]) for i in indices]
+
+
+def _real_rows(name: str) -> tuple[bytes, list[dict]]:
+    from _data_fixtures import REALDATA
+
+    raw = (REALDATA / f"{name}_sample.jsonl").read_bytes()
+    return raw, [json.loads(line) for line in raw.decode().splitlines()]
+
+
+def _examples(name: str, path: Path, split: str, sft: bool):
     from caldpo.train.config import load_config
-    from caldpo.train.data import load_dataset
     from caldpo.train.schedule import Examples
 
-    rng = random.Random(1)
-    rows = []
-    for k in range(23):
-        prompt = f"\n\nHuman: question {k % 9}?\n\nAssistant:"  # 9 prompts, 1-4 pairs each
-        rows.append(hh(prompt, f" answer {k} {rng.random():.3f}", f" other {k}"))
-    write_jsonl(tmp_path / "train.jsonl", rows)
-    write_jsonl(tmp_path / "test.jsonl", rows[:2])
-    groups, _ = load_dataset("hh", "train", path=str(tmp_path))
-    assert len(groups) == 9 and max(len(g.pairs) for g in groups.values()) > 1
-    flat = [(g.prompt, g.responses, g.pairs) for g in groups.values()]
-    expected = _reference_batches(flat, seed=0, n_epochs=3, batch_size=4)
+    cfg = load_config([f"datasets=[{name}]", f"data.paths.{name}={path}", *(["loss=sft"] if sft else [])])
+    return Examples(cfg, split, sft=sft, verbose=False)
 
-    data = Examples(load_config(["datasets=[hh]", f"data.paths.hh={tmp_path}"]), "train", sft=False, verbose=False)
-    sched = BatchSchedule(len(data), 0, batch_size=4, groups=data.group_of, n_groups=data.n_groups)
-    got = [[(data.items[i].prompt, data.items[i].chosen, data.items[i].rejected) for i in sched.indices(s * 4, 4)]
-           for s in range(len(expected))]
-    assert len(expected) == 3 * (23 // 4) and got == expected
+
+@pytest.mark.parametrize("sft", [False, True])
+def test_order_is_the_reference_iterators_on_real_hh_rows(tmp_path, sft):
+    """Every genuine HH row (tests/data/realdata): the order of each of 4 epochs, at two seeds, and the
+    evaluation examples, pair for pair against the iterator written out above. caldpo drops 2 identical pairs
+    and splits 6 rows at another prompt; it trains the others in the reference's order, the 2 dropped rows
+    keeping their entries' places in the shuffle. SFT: one example per entry, in the entries' order."""
+    raw, rows = _real_rows("hh_rlhf")
+    (tmp_path / "train.jsonl").write_bytes(raw)
+    (tmp_path / "test.jsonl").write_bytes(raw)
+    flat = their_flat_data(rows, "hh")
+    assert len(flat) == 83 and len(rows) == 83
+    for split in ("train", "test"):
+        data = _examples("hh", tmp_path, split, sft)
+        kept = _lines(data, range(len(data)))
+        assert len(kept) == (83 if sft else 81)
+        for seed in (0, 11):
+            theirs = their_epoch_orders(flat, 4, seed, sft)
+            order = data.epoch_order(seed)
+            for epoch, their in enumerate(theirs):
+                assert _lines(data, order(epoch)) == [line for line in their if line in kept], (split, seed, epoch)
+            assert _lines(data, data.order(2, seed)) == [line for line in theirs[2] if line in kept]  # a fresh start
+    # evaluation: the pairs caldpo has among the reference trainer's evaluation batches (ceil(40 / 16) of 16)
+    theirs = [line for b in their_batches(flat, batch_size=16, n_examples=40, sft=sft) for line in b]
+    assert len(theirs) == 48
+    got = _lines(data, evaluation_indices(data.epoch_order(0), n_eval_examples=40, eval_batch_size=16))
+    assert got == [line for line in theirs if line in kept] and (sft or len(got) < 48)
+
+
+def test_order_is_the_reference_iterators_on_real_tldr_rows(tmp_path):
+    """The genuine TL;DR comparison rows (their own split: test): every row is an entry of the reference's
+    flat_data (get_tldr keys by row index); the 2 CNN/DM rows caldpo drops keep their places."""
+    raw, rows = _real_rows("tldr_comparisons")
+    (tmp_path / "tldr.jsonl").write_bytes(raw)
+    data = _examples("tldr", tmp_path / "tldr.jsonl", "test", sft=False)
+    kept = _lines(data, range(len(data)))
+    assert len(rows) == 21 and len(kept) == 19
+    flat = their_flat_data(rows, "tldr")
+    for epoch, their in enumerate(their_epoch_orders(flat, 3, 0)):
+        assert _lines(data, data.order(epoch, 0)) == [line for line in their if line in kept], epoch
+
+
+def test_batches_steps_and_evaluation_are_the_reference_iterators(tmp_path):
+    """The real HH rows less the two caldpo drops, so that both sides hold the same 81 pairs: training batches
+    over 3 epochs (each epoch's partial batch dropped), the step count for n_examples within an epoch, at an
+    epoch's dropped tail and across epochs, and the evaluation batches, batch for batch. A resume from any
+    count of examples takes the same batches."""
+    raw, rows = _real_rows("hh_rlhf")
+    lines = [line for line in raw.decode().splitlines(keepends=True) if (r := json.loads(line))["chosen"] != r["rejected"]]
+    (tmp_path / "train.jsonl").write_text("".join(lines))
+    (tmp_path / "test.jsonl").write_text("".join(lines))
+    flat = their_flat_data([json.loads(line) for line in lines], "hh")
+    train = _examples("hh", tmp_path, "train", sft=False)
+    assert len(train) == 81
+    bs = 8
+    sched = BatchSchedule(len(train), 0, batch_size=bs, groups=train.group_of, n_groups=train.n_groups,
+                          ranks=train.rank_of)
+
+    def ours(n_steps, start=0):
+        return [_lines(train, sched.indices((start + s) * bs, bs)) for s in range(n_steps)]
+
+    theirs = list(their_batches(flat, batch_size=bs, n_epochs=3))
+    assert len(theirs) == sched.steps(3) == 30 and ours(30) == theirs
+    assert ours(17, start=13) == theirs[13:]  # resumed at 104 examples, in the second epoch
+    for n_examples in (8, 20, 80, 81, 88, 100, 170):  # 81: the count passes it among epoch 0's dropped tail
+        theirs = list(their_batches(flat, batch_size=bs, n_examples=n_examples))
+        assert sched.steps(1, n_examples) == len(theirs), n_examples
+        assert ours(len(theirs)) == theirs, n_examples
+    test = _examples("hh", tmp_path, "test", sft=False)
+    for n_eval, ebs in ((40, 16), (48, 16), (1, 4), (81, 81)):
+        theirs = [line for b in their_batches(flat, batch_size=ebs, n_examples=n_eval) for line in b]
+        assert _lines(test, evaluation_indices(test.epoch_order(0), n_eval, ebs)) == theirs, (n_eval, ebs)
+    # a split smaller than the reference's evaluation batches: evaluated whole, each example once
+    assert sorted(evaluation_indices(test.epoch_order(0), 256, 32)) == list(range(81))
+
+
+def test_epoch_seeds_are_numpys_draws_one_after_the_other():
+    """Drawing fewer than the reference's 1,000,000 seeds gives their first values (legacy RandomState)."""
+    from caldpo.train.batches import epoch_seeds
+
+    np.random.seed(5)
+    every = np.random.randint(0, 2 ** 32, size=1000000)
+    assert epoch_seeds(5, 300) == [int(v) for v in every[:300]]
+    with pytest.raises(ValueError, match="2\\*\\*32"):
+        epoch_seeds(-1, 1)

@@ -47,6 +47,7 @@ def test_ctrl_c_during_setup_is_one_line(tmp_path, monkeypatch, capsys):
 @pytest.mark.parametrize("override, message", [
     ("datasets=[sample,sample]", "sample listed more than once"),
     ("n_examples=0", "n_examples=0: must be >= 1"),
+    ("seed=-1", r"seed=-1: must be in \[0, 2\*\*32\) \(the data order seeds numpy's RandomState"),
 ])
 def test_preflight_refuses(override, message):
     from caldpo.train.config import validate

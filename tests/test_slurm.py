@@ -94,6 +94,128 @@ def test_caldpo_needs_an_archive():
     assert "model.archive=null" in args and args[-1] == f"run_dir={S.REPO}/rel/dir"
 
 
+def test_cpu_option_replaces_the_gpu_defaults():
+    """CALDPO_CPU=1: device=cpu and no bf16 mixed precision in place of the scripts' GPU defaults; the command
+    line still wins."""
+    rc, words, out = dry_run("caldpo_tldr.sh", ["model.archive=null"], {"CALDPO_CPU": "1"})
+    assert rc == 0, out
+    args = trainer_args(words)
+    assert "device=cpu" in args and "model.fsdp_policy_mp=null" in args, args
+    assert not any(a == "model.fsdp_policy_mp=bfloat16" for a in args)
+    rc, words, out = dry_run("caldpo_tldr.sh", ["model.archive=null", "model.fsdp_policy_mp=float32"], {"CALDPO_CPU": "1"})
+    args = trainer_args(words)
+    assert [a for a in args if a.startswith("model.fsdp_policy_mp=")] == ["model.fsdp_policy_mp=float32"], args
+
+
+def test_the_readmes_local_example_runs_offline(tmp_path):
+    """slurm/README.md's run outside Slurm, as written there, with the hub unreachable: one local torchrun of
+    the tiny model on the shipped sample, to DONE."""
+    text = (S.REPO / "slurm" / "README.md").read_text()
+    command = next(line for line in text.splitlines() if line.startswith("CALDPO_CPU=1 bash slurm/"))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("SFT_ARCHIVE", "RUN_DIR")}
+    env.update(HF_HUB_OFFLINE="1", PYTHON=sys.executable, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false",
+               RUN_DIR=str(tmp_path / "run"))
+    out = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=env, cwd=S.REPO, timeout=600)
+    assert out.returncode == 0, (command, out.stdout[-3000:], out.stderr[-3000:])
+    assert (tmp_path / "run" / "DONE").exists() and "device=cpu" in out.stdout, out.stdout[-3000:]
+
+
+def test_submit_needs_a_run_script():
+    out = subprocess.run(["bash", str(S.REPO / "slurm" / "submit.sh"), "--time=5"], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 2 and "slurm/<script>.sh" in out.stderr, out.stderr
+
+
+# ----------------------------------------------------------------------------- checks at submission (submit.sh)
+
+def _refused(out: subprocess.CompletedProcess, *wanted: str) -> str:
+    """A refusal: exit 2 and one `caldpo:` line on stderr holding every ``wanted`` text; nothing from sbatch."""
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert out.returncode == 2 and len(lines) == 1 and lines[0].startswith("caldpo: "), (out.returncode, out.stderr)
+    for w in wanted:
+        assert w in lines[0], (w, lines[0])
+    assert "Submitted batch job" not in out.stdout and "Traceback" not in out.stderr
+    return lines[0]
+
+
+@cluster
+def test_submit_refuses_a_typo_before_queueing(tmp_path, tldr_file):
+    """A misspelt override is named at submission, with the key it meant; no job is queued."""
+    name = f"typo_{os.getpid()}"
+    args = [*tiny_args(tldr_file, tmp_path / "run"), "batchsize=4"]
+    out = S.submit_sh("caldpo_tldr.sh", args, sbatch_opts=[f"--job-name={name}", "--time=5"],
+                      env={"CALDPO_CPU": "1"}, cwd=tmp_path)
+    _refused(out, "batchsize: unknown option; did you mean batch_size?")
+    assert S.jobs_named(name) == [] and not (tmp_path / "run").exists()
+
+
+@cluster
+def test_submit_refuses_a_missing_sft_archive(tmp_path, tldr_file):
+    """Cal-DPO without SFT_ARCHIVE, or with one that is not there: refused at submission, nothing queued."""
+    name = f"noarchive_{os.getpid()}"
+    args = [a for a in tiny_args(tldr_file, tmp_path / "run") if not a.startswith("model.archive=")]
+    out = S.submit_sh("caldpo_tldr.sh", args, sbatch_opts=[f"--job-name={name}"], env={"CALDPO_CPU": "1"},
+                      cwd=tmp_path)
+    _refused(out, "SFT_ARCHIVE=<sft run dir>/LATEST/policy.pt")
+    missing = tmp_path / "sft" / "LATEST" / "policy.pt"
+    out = S.submit_sh("caldpo_tldr.sh", args, sbatch_opts=[f"--job-name={name}"],
+                      env={"CALDPO_CPU": "1", "SFT_ARCHIVE": str(missing)}, cwd=tmp_path)
+    _refused(out, f"model.archive={missing}: no such file")
+    assert S.jobs_named(name) == []
+
+
+@cluster
+def test_submit_refuses_gpus_a_partition_does_not_have(tmp_path, tldr_file):
+    """The scripts ask for 8 GPUs per node; on this CPU-only partition Slurm would leave such a job pending
+    forever. submit.sh says so, names the CPU option, and queues nothing."""
+    from caldpo.launch import partitions
+    found = partitions()
+    if found is None or found[0].get(found[1], 0) >= 8:
+        pytest.skip(f"the default partition has GPUs here ({found}); the refusal needs one without")
+    name = f"gpus_{os.getpid()}"
+    out = S.submit_sh("sft_tldr.sh", tiny_args(tldr_file, tmp_path / "run"), sbatch_opts=[f"--job-name={name}"],
+                      cwd=tmp_path)
+    _refused(out, f"partition {found[1]} has no GPUs", "asks for 8 per node", "pending forever", "CALDPO_CPU=1")
+    assert S.jobs_named(name) == []
+
+
+@cluster
+def test_cpu_option_runs_on_a_cpu_node(tmp_path, tldr_file):
+    """CALDPO_CPU=1 slurm/submit.sh with no GPU option at all: the checks pass, the job gets no GPUs, runs on
+    CPU and finishes."""
+    name = f"cpu_{os.getpid()}"
+    run_dir, log = tmp_path / "run", tmp_path / "cpu.out"
+    args = [a for a in tiny_args(tldr_file, run_dir) if not a.startswith(("n_examples=", "device=",
+                                                                          "model.fsdp_policy_mp="))]
+    out = S.submit_sh("sft_tldr.sh", [*args, "n_examples=8"],
+                      sbatch_opts=[f"--job-name={name}", "--cpus-per-task=1", "--mem=3G", "--time=10",
+                                   f"--output={log}"], env={"CALDPO_CPU": "1", "NPROC_PER_NODE": "1"}, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert "caldpo: submission checks passed:" in out.stdout and "device=cpu" in out.stdout, out.stdout
+    job = int(out.stdout.split("Submitted batch job")[1].split()[0])
+    info = S.wait_job(job, 300)
+    assert_completed(info, run_dir, log)
+    assert info.get("TresPerNode", "") in ("", "gres:gpu:0", "gpu:0") and "gpu:8" not in str(info), info
+    text = S.log_text(log)
+    assert "device=cpu" in text and "model.fsdp_policy_mp=null" in text and "world=1" in text, text[-3000:]
+
+
+@cluster
+def test_a_job_with_a_typo_ends_with_one_line_and_status_2(tmp_path, tldr_file):
+    """Submitted with plain sbatch (no checks at submission), the job's own preflight stops it before torchrun:
+    one `caldpo:` line, exit status 2, no traceback."""
+    log = tmp_path / "typo.out"
+    job = S.sbatch("sft_tldr.sh", [*tiny_args(tldr_file, tmp_path / "run"), "batchsize=4"],
+                   sbatch_opts=[*S.CPU_SBATCH, "--cpus-per-task=1", "--mem=2G", f"--output={log}"], cwd=tmp_path)
+    info = S.wait_job(job, 120)
+    text = S.log_text(log)
+    assert info.get("JobState") == "FAILED" and info.get("ExitCode") == "2:0", (info, text)
+    errors = [line for line in text.splitlines() if line.startswith("caldpo:")]
+    assert errors == ["caldpo: config error: batchsize: unknown option; did you mean batch_size? "
+                      "(python -m caldpo.train --help lists every option)"], text
+    assert "Traceback" not in text and "torch.distributed.run" not in text, text
+
+
 # ----------------------------------------------------------------------------- real jobs
 
 @pytest.fixture(scope="module")

@@ -15,7 +15,9 @@ names the torch version, the Python ABI, the machine and a hash of the source
 and flags, so a cached build is reused only when it matches; a finished build is
 imported directly (no compiler, ninja or rebuild check needed). An exclusive
 `flock` serialises concurrent builds across processes (released by the kernel
-if a builder dies). Importing this module never builds or raises: a missing
+if a builder dies). A build that actually runs prints one line on stderr (what it
+builds, about how long, where it goes); a cached one prints nothing. Importing this
+module never builds or raises: a missing
 compiler or ninja with no cached build, or a failed build, makes `available()`
 False and `unavailable_reason()` says why.
 """
@@ -109,6 +111,9 @@ def _build(build_dir: str):
             reason = _missing_tools()
             if reason is not None:
                 raise _Unavailable(reason)
+            # the first use on a machine compiles for about half a minute: say so, once, where it happens
+            print(f"caldpo: building the native CPU head (first use, ~30 s; cached in {build_dir})",
+                  file=sys.stderr, flush=True)
             mod = load(name=NAME, sources=[SOURCE], extra_cflags=list(CFLAGS), extra_ldflags=list(LDFLAGS),
                        build_directory=build_dir, verbose=os.environ.get("CALDPO_NATIVE_VERBOSE") == "1")
             with open(os.path.join(build_dir, BUILT), "w") as f:

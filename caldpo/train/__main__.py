@@ -2,9 +2,35 @@
 
 Exit status: 0 finished (or already finished); 2 bad options, data or run directory; 3 a run that
 cannot continue safely (non-finite weights, a full disk); 75 stopped on request (STOP file, SIGTERM,
-SIGUSR1) and 130 after Ctrl-C, a resume checkpoint kept: rerun the same command to resume."""
+SIGUSR1) and 130 after Ctrl-C, a resume checkpoint kept: rerun the same command to resume.
+
+python -m caldpo.train --preflight[=submit] [--world-size N] key=value ...: check the options and this
+machine as a job of N processes would (exit 0 with one line, or 2 with the error), train nothing;
+--preflight=submit leaves this machine's devices out (a login host submitting the run elsewhere)."""
 import os
 import sys
+
+
+def _preflight_flags(argv: list[str]) -> tuple[str | None, int, list[str]]:
+    """(``--preflight`` mode or None, ``--world-size``, the overrides); a bad flag is a ConfigError."""
+    from .config import ConfigError
+
+    mode, world, rest, it = None, 1, [], iter(argv)
+    for a in it:
+        if a == "--preflight" or a.startswith("--preflight="):
+            mode = a.partition("=")[2] or "node"
+            if mode not in ("node", "submit"):
+                raise ConfigError(f"{a}: use --preflight (this machine runs the job) or --preflight=submit")
+        elif a == "--world-size" or a.startswith("--world-size="):
+            value = a.partition("=")[2] if "=" in a else next(it, "")
+            if not value.isdigit() or int(value) < 1:
+                raise ConfigError(f"--world-size {value!r}: a positive number of processes")
+            world = int(value)
+        else:
+            rest.append(a)
+    if mode is None and world != 1:
+        raise ConfigError("--world-size goes with --preflight (torchrun sets the world size of a training run)")
+    return mode, world, rest
 
 
 def cli(argv: list[str] | None = None) -> int:
@@ -19,7 +45,14 @@ def cli(argv: list[str] | None = None) -> int:
         return 0
     from caldpo.cli import run, stopped_status
 
-    from .config import load_config, validate
+    from .config import load_config, preflight, preflight_summary, validate
+
+    if any(a.startswith(("--preflight", "--world-size")) for a in argv):
+        def check() -> None:
+            mode, world, overrides = _preflight_flags(argv)
+            cfg = preflight(overrides, world_size=world, on_node=mode == "node")
+            print(f"caldpo: preflight passed: {preflight_summary(cfg, world)}", flush=True)
+        return run(check)
 
     status = run(lambda: validate(load_config(argv), argv=argv))  # the preflight, before the trainer, data and models are imported
     if status:

@@ -1,4 +1,4 @@
-"""Tokenization, truncation, label masking, collation and the deterministic example order.
+"""Tokenization, truncation, label masking, collation and the reference iterator's example order.
 
 This module owns how text becomes token ids (``encode_example``), the truncation rule
 (``truncate_prompt``, shared by training and generation) and the load-time pass that
@@ -71,7 +71,8 @@ class Example(NamedTuple):
     """One training example: a preference pair, or (``rejected`` None) an SFT target.
 
     ``source`` names the row it came from (``"path:line"``, see ``data.Record.where``);
-    ``tokens`` holds its ids once ``tokenize_dataset`` has run.
+    ``tokens`` holds its ids once ``tokenize_dataset`` has run; ``order`` is (reference group, rank
+    among that group's rows) within its dataset, what ``EpochOrder`` orders by (``data._Groups.slot``).
     """
 
     prompt: str
@@ -80,6 +81,7 @@ class Example(NamedTuple):
     truncation_mode: str
     source: str = ""
     tokens: Encoded | None = None
+    order: tuple[int, int] | None = None
 
 
 class ExampleError(DataError):
@@ -404,41 +406,114 @@ def collate(examples: list[dict], pad_token_id: int) -> dict[str, Any]:
 
 def flatten(groups: dict[str, PromptGroup], *, sft: bool) -> list[Example]:
     """Training examples in group order: SFT, one per prompt with its SFT target;
-    preference, one per pair. Each names its source row (``pair_sources``/``sft_source``)."""
-    if sft:
-        return [Example(g.prompt, g.sft_target, None, g.truncation_mode, getattr(g, "sft_source", ""))
-                for g in groups.values()]
-    out = []
-    for g in groups.values():
+    preference, one per pair. Each names its source row (``pair_sources``/``sft_source``) and
+    its place in the reference order (``pair_order``/``sft_order``; groups built without them:
+    each group its own reference group, its pairs ranked in their order)."""
+    out: list[Example] = []
+    for k, g in enumerate(groups.values()):
+        if sft:
+            order = getattr(g, "sft_order", None) or (k, 0)
+            out.append(Example(g.prompt, g.sft_target, None, g.truncation_mode, getattr(g, "sft_source", ""),
+                               order=order))
+            continue
         sources = getattr(g, "pair_sources", None) or [""] * len(g.pairs)
-        out.extend(Example(g.prompt, g.responses[i], g.responses[j], g.truncation_mode, src)
-                   for (i, j), src in zip(g.pairs, sources))
+        orders = getattr(g, "pair_order", None) or [(k, m) for m in range(len(g.pairs))]
+        out.extend(Example(g.prompt, g.responses[i], g.responses[j], g.truncation_mode, src, order=o)
+                   for (i, j), src, o in zip(g.pairs, sources, orders))
     return out
 
 
-def epoch_order(n: int, epoch: int, seed: int, shuffle: bool = True, groups: Sequence[int] | None = None,
-                n_groups: int | None = None) -> list[int]:
-    """The order of ``n`` examples in ``epoch``: a permutation fixed by ``seed + epoch``.
+def epoch_seeds(seed: int, n_epochs: int) -> list[int]:
+    """The reference iterator's shuffle seed of each of the first ``n_epochs`` epochs.
 
-    With ``groups`` (each example's prompt group, ``0 <= g < n_groups``, examples of a group in their
-    order) the ``n_groups`` groups are shuffled and each group's examples follow together, as the
-    reference code's batch iterator shuffles its per-prompt entries (``random.seed(seed + epoch)``,
-    ``random.shuffle``) and yields each prompt's pairs in turn: for the same groups the order is the
-    reference's. A group left empty (all its pairs dropped at load) keeps its place in the shuffle.
+    ``preference_datasets.get_batch_iterator`` seeds numpy's global RandomState with its ``seed``
+    and draws ``np.random.randint(0, 2**32, size=1000000)`` before its first epoch; epoch e seeds
+    Python's ``random`` with the e-th value. A legacy RandomState draws these values one after the
+    other, so the first ``n_epochs`` of them are drawn here. The reference passes numpy int64s to
+    ``random.seed``, which Python <= 3.10 seeds by their hash: for 0 <= v < 2**32 that is ``v``
+    itself (Python 3.11 refuses the type), so ``int(v)`` is the same seed.
+    """
+    if not 0 <= seed < 2 ** 32:
+        raise ValueError(f"seed={seed}: the data order seeds numpy's RandomState, which takes 0 <= seed < 2**32")
+    draws = np.random.RandomState(seed).randint(0, 2 ** 32, size=n_epochs, dtype=np.int64)
+    return [int(v) for v in draws]
+
+
+class EpochOrder:
+    """The order of ``n`` examples epoch after epoch, as the reference iterator yields them.
+
+    ``preference_datasets.get_batch_iterator`` (the original DPO repository's, forked by the Cal-DPO
+    authors) keeps one list ``flat_data`` of per-prompt entries and, before each epoch, shuffles
+    that same list in place with ``random.shuffle`` under ``random.seed(epoch_seeds(seed)[e])``: the
+    shuffles are cumulative (epoch e's order is epoch e-1's, shuffled again). It then walks each
+    entry's pairs in turn (SFT: one example per entry). ``shuffle=False``: the entries in their order.
+
+    groups: each example's reference group (``0 <= g < n_groups``), what ``flat_data`` holds one entry
+    of (``data._Groups.slot``); None: every example its own. ranks: each example's rank among its
+    entry's rows (default: their index order). sizes: how many examples the reference walks per entry,
+    rows caldpo dropped included (default: the examples here); a group whose examples were all
+    dropped keeps its place in the shuffle. Epochs asked in increasing order cost one shuffle each;
+    an earlier epoch starts again from the loaded order.
+    """
+
+    def __init__(self, n: int, seed: int, *, groups: Sequence[int] | None = None, n_groups: int | None = None,
+                 ranks: Sequence[int] | None = None, sizes: Sequence[int] | None = None, shuffle: bool = True):
+        if groups is None:
+            groups, n_groups = range(n), n
+        elif n_groups is None:
+            n_groups = len(sizes) if sizes is not None else max(groups, default=-1) + 1
+        members: list[list[int]] = [[] for _ in range(n_groups)]
+        for i in (range(n) if ranks is None else sorted(range(n), key=ranks.__getitem__)):
+            members[groups[i]].append(i)
+        self.members, self.seed, self.shuffle = members, seed, shuffle
+        self.ranks = ranks
+        self.sizes = list(sizes) if sizes is not None else [len(m) for m in members]
+        if len(self.sizes) != n_groups:
+            raise ValueError(f"sizes: {len(self.sizes)} entries for {n_groups} groups")
+        epoch_seeds(seed, 0)  # the seed's range, checked now
+        self._seeds: list[int] = []
+        self._epoch, self._groups = -1, list(range(n_groups))
+
+    def _shuffled(self, epoch: int) -> list[int]:
+        if epoch < 0:
+            raise ValueError(f"epoch {epoch} < 0")
+        if self.shuffle:
+            if epoch < self._epoch:
+                self._epoch, self._groups = -1, list(range(len(self.members)))
+            if len(self._seeds) <= epoch:
+                self._seeds = epoch_seeds(self.seed, max(epoch + 1, 2 * len(self._seeds)))
+            while self._epoch < epoch:
+                self._epoch += 1
+                random.Random(self._seeds[self._epoch]).shuffle(self._groups)
+        return self._groups
+
+    def __call__(self, epoch: int) -> list[int]:
+        """Example indices in ``epoch``'s order (0-based epochs)."""
+        return [i for g in self._shuffled(epoch) for i in self.members[g]]
+
+    def positions(self, epoch: int) -> list[tuple[int, int]]:
+        """``(example, its position in the reference's walk of the epoch)`` in ``epoch``'s order: the
+        reference walks ``sizes[g]`` rows per entry, dropped ones included."""
+        out, start = [], 0
+        for g in self._shuffled(epoch):
+            for k, i in enumerate(self.members[g]):
+                out.append((i, start + (self.ranks[i] if self.ranks is not None else k)))
+            start += self.sizes[g]
+        return out
+
+    @property
+    def reference_examples(self) -> int:
+        """Examples the reference walks per epoch (``sum(sizes)``)."""
+        return sum(self.sizes)
+
+
+def epoch_order(n: int, epoch: int, seed: int, shuffle: bool = True, groups: Sequence[int] | None = None,
+                n_groups: int | None = None, ranks: Sequence[int] | None = None) -> list[int]:
+    """The order of ``n`` examples in ``epoch``: ``EpochOrder(...)(epoch)`` (the reference iterator's).
+
     Deterministic across runs and processes, so a resumed run can skip to its position.
     """
-    if groups is None:
-        order = list(range(n))
-        if shuffle:
-            random.Random(seed + epoch).shuffle(order)
-        return order
-    members: list[list[int]] = [[] for _ in range(n_groups if n_groups is not None else max(groups, default=-1) + 1)]
-    for i, g in enumerate(groups):
-        members[g].append(i)
-    group_order = list(range(len(members)))
-    if shuffle:
-        random.Random(seed + epoch).shuffle(group_order)
-    return [i for g in group_order for i in members[g]]
+    return EpochOrder(n, seed, groups=groups, n_groups=n_groups, ranks=ranks, shuffle=shuffle)(epoch)
 
 
 def tokenize_all(examples: Sequence[Example], tokenizer, *, max_length: int,

@@ -205,7 +205,7 @@ class Config:
     """``python -m caldpo.train key=value ...``: the top level (conf/config.yaml)."""
     model: ModelConfig = field(default_factory=ModelConfig, metadata={"help": "model preset group"})
     loss: Any = field(default=MISSING, metadata={"help": "loss group: one dataclass per loss"})
-    seed: int = opt("seed of model init, data order and sampling")
+    seed: int = opt("seed of model init, data order (the reference iterator's seed) and sampling; 0 <= seed < 2**32")
     exp_name: str = opt("experiment name; the default run_dir is <local_run_root>/<exp_name>_<hash8>", identity=False)
     run_dir: Optional[str] = opt("run directory; null: <local_run_root>/<exp_name>_<hash8 of the training "
                                  "options>, so the same command resumes and a changed option starts anew",
@@ -232,8 +232,11 @@ class Config:
     max_length: int = opt("max tokens of prompt + response")
     max_prompt_length: int = opt("max prompt tokens when prompt + response is too long")
     n_epochs: int = opt("epochs over the training data (each trains its full batches: n // batch_size steps)")
-    n_examples: Optional[int] = opt("stop after this many training examples (overrides n_epochs when set)")
-    n_eval_examples: int = opt("evaluation examples", identity=False)
+    n_examples: Optional[int] = opt("stop at the first batch boundary at or past this many training examples, "
+                                    "counted as the reference iterator counts them (overrides n_epochs when set)")
+    n_eval_examples: int = opt("evaluation examples: the reference trainer's first ceil(n / eval_batch_size) "
+                               "batches of the test split's first-epoch order, less pairs dropped at load",
+                               identity=False)
     eval_every: int = opt("examples between evaluations", identity=False)
     do_first_eval: bool = opt("evaluate before the first step", identity=False)
     save_every: Optional[int] = opt("optimizer steps between resume checkpoints; null: only at the end and on stop",
@@ -486,7 +489,8 @@ def _check_packages(cfg: DictConfig) -> None:
         raise ConfigError("wandb.enabled=true but wandb is not installed: pip install wandb (or wandb.enabled=false)")
 
 
-def _check_devices(cfg: DictConfig, world_size: int, argv: list[str] | None, training: bool) -> None:
+def _check_devices(cfg: DictConfig, world_size: int, argv: list[str] | None, training: bool,
+                   launched: bool = False) -> None:
     import torch
     cuda = torch.cuda.is_available()
     if cfg.device == "cuda" and not cuda:
@@ -506,7 +510,7 @@ def _check_devices(cfg: DictConfig, world_size: int, argv: list[str] | None, tra
     if not training:
         return
     n_gpus = torch.cuda.device_count() if use_cuda else 0
-    under_launcher = "WORLD_SIZE" in os.environ
+    under_launcher = launched or "WORLD_SIZE" in os.environ
     if TRAINERS[cfg.trainer] == "fsdp" and not under_launcher and n_gpus > 1 and not cfg.allow_one_gpu:
         args = shlex.join(argv) if argv else f"trainer={cfg.trainer} ..."
         raise ConfigError(f"trainer={cfg.trainer} in one process would train on 1 of the {n_gpus} visible GPUs. "
@@ -515,11 +519,14 @@ def _check_devices(cfg: DictConfig, world_size: int, argv: list[str] | None, tra
 
 
 def validate(cfg: DictConfig, world_size: int | None = None, *, argv: list[str] | None = None,
-             training: bool = True) -> None:
+             training: bool = True, devices: bool = True, launched: bool = False) -> None:
     """The preflight: reject configurations and environments that cannot run, before any data or model loads.
 
     ``argv``: the command-line overrides (for the torchrun line of the many-GPU check).
-    ``training=False`` (generation) skips the trainer-only checks. Raises ConfigError.
+    ``training=False`` (generation) skips the trainer-only checks. ``devices=False`` skips the
+    checks of this machine's devices (CUDA, flash-attn, the GPU count): a submission host checks a
+    run that will start elsewhere. ``launched``: a launcher will start ``world_size`` processes
+    (no many-GPU hint). Raises ConfigError.
     """
     world_size = world_size or world_size_from_env()
     try:
@@ -575,6 +582,9 @@ def validate(cfg: DictConfig, world_size: int | None = None, *, argv: list[str] 
                           + (f": model.archive={inside}" if inside.is_file() else " (<run_dir>/LATEST/policy.pt)"))
     if cfg.model.archive is not None and not Path(cfg.model.archive).is_file():
         raise ConfigError(f"model.archive={cfg.model.archive}: no such file")
+    if not 0 <= cfg.seed < 2 ** 32:
+        raise ConfigError(f"seed={cfg.seed}: must be in [0, 2**32) (the data order seeds numpy's RandomState "
+                          "with it, as the reference iterator does)")
     if training and cfg.n_examples is not None and cfg.n_examples < 1:
         raise ConfigError(f"n_examples={cfg.n_examples}: must be >= 1 (null trains n_epochs over the data)")
     if cfg.model.preset != "tiny" and cfg.model.name_or_path is None:
@@ -585,8 +595,32 @@ def validate(cfg: DictConfig, world_size: int | None = None, *, argv: list[str] 
         raise ConfigError(f"exp_name={cfg.exp_name!r}: a name, not a path (no '/', '..' or '.'); "
                           "use run_dir= to choose a directory")
     _check_packages(cfg)
-    _check_devices(cfg, world_size, argv, training)
+    if devices:
+        _check_devices(cfg, world_size, argv, training, launched)
     _check_hub(cfg)
+
+
+def preflight(overrides: list[str], *, world_size: int = 1, on_node: bool = True) -> DictConfig:
+    """What a job checks before it is queued or before its launcher starts the trainer: the options
+    (``load_config``) and ``validate`` for ``world_size`` processes started by a launcher (torchrun,
+    Slurm, submitit). ``on_node=False`` (a submission host): the devices of this machine are not the
+    job's, so their checks wait for the job, whose script repeats the preflight on its first node.
+    Returns the config; raises ConfigError.
+    """
+    if world_size < 1:
+        raise ConfigError(f"world size {world_size}: must be >= 1")
+    cfg = load_config(overrides)
+    validate(cfg, world_size, argv=overrides, devices=on_node, launched=True)
+    return cfg
+
+
+def preflight_summary(cfg: DictConfig, world_size: int) -> str:
+    """One line naming what a preflight passed: the run's main options and its world size."""
+    datasets = ",".join(map(str, cfg.datasets))
+    archive = f" model.archive={cfg.model.archive}" if cfg.model.archive else ""
+    steps = f"n_examples={cfg.n_examples}" if cfg.n_examples is not None else f"n_epochs={cfg.n_epochs}"
+    return (f"model={cfg.model.preset} datasets=[{datasets}] loss={cfg.loss.name}{archive} batch_size={cfg.batch_size} "
+            f"{steps} device={cfg.device}, world size {world_size}")
 
 
 # ----------------------------------------------------------------------------- run identity

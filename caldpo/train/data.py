@@ -31,6 +31,9 @@ All datasets
   * ``chosen == rejected``: no preference signal, and Cal-DPO's two calibration
     targets would pull one text both ways; dropped and counted (``identical_pair_dropped``).
     With ``sft=True`` the row still provides its prompt's SFT target.
+  * the order the trainer shuffles is the reference iterator's, whose units are not always
+    these groups: each row also gets its reference group (``_Groups.slot``: HH's prompt as the
+    reference code cuts it from ``chosen``; every TL;DR row its own), rows dropped here included.
   * pairs are grouped by prompt in order of first appearance; equal responses within
     a group are stored once; the SFT target is the chosen response of the prompt's
     first row (the reference code keeps the last one's; they differ only for prompts
@@ -76,6 +79,9 @@ class PromptGroup:
     # provenance, not content (groups from different files compare equal):
     pair_sources: list[str] = field(default_factory=list, compare=False)  # parallel to pairs: Record.where of each pair's row
     sft_source: str = field(default="", compare=False)  # Record.where of the row that gave sft_target
+    # where each pair (and the SFT target) stands in the reference iterator's order, (entry, rank in it):
+    pair_order: list[tuple[int, int]] = field(default_factory=list, compare=False)  # parallel to pairs
+    sft_order: tuple[int, int] | None = field(default=None, compare=False)
 
 
 class CountReport:
@@ -114,6 +120,9 @@ class DataReport(CountReport):
     anomalies: dict[str, int] = field(default_factory=dict)
     skipped: dict[str, int] = field(default_factory=dict)
     split_rule: str = ""  # how this split's rows were chosen (load_dataset); printed when set
+    # rows of each of the reference iterator's entries (its shuffle units, _Groups.slot) in this split,
+    # dropped rows included; not printed
+    order_sizes: list[int] = field(default_factory=list)
 
     def count(self, rule: str, n: int = 1) -> None:
         self.add(self.anomalies, rule, n)
@@ -397,18 +406,46 @@ def apply_row(rec: Record, report: DataReport, on_error: str, fn) -> Any:
 
 
 class _Groups:
-    """Builds prompt groups in order of first appearance."""
+    """Builds prompt groups in order of first appearance, and numbers each row's reference group.
 
-    def __init__(self, truncation_mode: str, report: DataReport, sft: bool):
-        self.mode, self.report, self.sft = truncation_mode, report, sft
+    ``per_row``: every row is its own reference group (TL;DR); otherwise (HH, the sample) a row's
+    reference group is its prompt as the reference code cuts it (``slot``).
+    """
+
+    def __init__(self, truncation_mode: str, report: DataReport, sft: bool, per_row: bool = False):
+        self.mode, self.report, self.sft, self.per_row = truncation_mode, report, sft, per_row
         self.groups: dict[str, PromptGroup] = {}
         self.index: dict[str, dict[str, int]] = {}
         self.seen: dict[str, set[tuple[int, int]]] = {}
+        self.slots: dict[str, int] = {}
+        self.sizes: list[int] = []  # rows per reference group
 
-    def _group(self, prompt: str, target: str, where: str) -> PromptGroup:
+    def slot(self, chosen_text: str | None = None) -> tuple[int, int]:
+        """(reference group, rank of this row among that group's rows) of the next row of the split,
+        dropped or kept.
+
+        The reference iterator (``preference_datasets.get_batch_iterator``) shuffles the entries of
+        its ``flat_data``, one per key of the dataset loader's dict, in order of first appearance:
+        for HH (``get_hh``) the prompt cut from ``chosen`` at its last ``"\\n\\nAssistant:"``
+        (``chosen_text`` is that whole text), for TL;DR (``get_tldr``, keyed by row index plus
+        prompt) every row. The loaders keep every row, so a row dropped here (identical pair,
+        CNN/DM, repeated SFT prompt) still takes its place and the shuffle stays theirs.
+        """
+        key = None if self.per_row or chosen_text is None else \
+            chosen_text[: chosen_text.rfind(ASSISTANT) + len(ASSISTANT)]
+        slot = self.slots.get(key) if key is not None else None
+        if slot is None:
+            slot = len(self.sizes)
+            self.sizes.append(0)
+            if key is not None:
+                self.slots[key] = slot
+        self.sizes[slot] += 1
+        return slot, self.sizes[slot] - 1
+
+    def _group(self, prompt: str, target: str, where: str, order: tuple[int, int]) -> PromptGroup:
         g = self.groups.get(prompt)
         if g is None:
-            g = self.groups[prompt] = PromptGroup(prompt, [], [], target, self.mode, [], where)
+            g = self.groups[prompt] = PromptGroup(prompt, [], [], target, self.mode, [], where, sft_order=order)
             self.index[prompt], self.seen[prompt] = {}, set()
         return g
 
@@ -420,12 +457,13 @@ class _Groups:
         return idx[text]
 
     def add_pair(self, prompt: str, chosen: str, rejected: str, where: str = "") -> None:
+        order = self.slot(prompt + chosen)
         if chosen == rejected:
             self.report.count("identical_pair_dropped")
             if self.sft:
-                self._response(prompt, self._group(prompt, chosen, where).sft_target)
+                self._response(prompt, self._group(prompt, chosen, where, order).sft_target)
             return
-        g = self._group(prompt, chosen, where)
+        g = self._group(prompt, chosen, where, order)
         pair = (self._response(prompt, chosen), self._response(prompt, rejected))
         seen = self.seen[prompt]
         if pair in seen:
@@ -435,12 +473,14 @@ class _Groups:
         seen.add(pair)
         g.pairs.append(pair)
         g.pair_sources.append(where)
+        g.pair_order.append(order)
 
     def add_target(self, prompt: str, target: str, where: str = "") -> None:
+        order = self.slot()
         if prompt in self.groups:
             self.report.count("repeated_sft_prompt_first_kept")
             return
-        self._response(prompt, self._group(prompt, target, where).sft_target)
+        self._response(prompt, self._group(prompt, target, where, order).sft_target)
 
 
 # ----------------------------------------------------------------------------- sources
@@ -622,7 +662,7 @@ def _load(name: str, split: str, sft: bool, path: str | None, on_error: str, cac
         report.split_rule = (("comparison rows by their own 'split' field; other rows " if name == "tldr" else "")
                              + f"held-out cut by prompt: test = prompts whose sha256 falls in the first {held_out:g} "
                              f"of its range (data.held_out), train = the rest")
-    groups = _Groups(TRUNCATION_MODE[name], report, sft)
+    groups = _Groups(TRUNCATION_MODE[name], report, sft, per_row=name == "tldr")
     keep_splits = TLDR_SPLITS[split]
 
     def in_split(prompt: str) -> bool:
@@ -642,7 +682,10 @@ def _load(name: str, split: str, sft: bool, path: str | None, on_error: str, cac
             report.count("other_split")
             return
         out = parse_tldr_any(row, report)
-        if out[0] == "drop" or not own_split and not in_split(out[1]):
+        if out[0] == "drop":  # a CNN/DM row: the reference's TL;DR files keep it, so it keeps its place
+            groups.slot()
+            return
+        if not own_split and not in_split(out[1]):
             return
         if out[0] == "pair":
             groups.add_pair(*out[1:], where)
@@ -655,6 +698,7 @@ def _load(name: str, split: str, sft: bool, path: str | None, on_error: str, cac
         apply_row(rec, report, on_error, lambda row, where=rec.where: add(row, where))
     report.prompts = len(groups.groups)
     report.pairs = sum(len(g.pairs) for g in groups.groups.values())
+    report.order_sizes = groups.sizes
     if not groups.groups:
         raise DataError(source, None, f"no {split} examples{' in ' + files if files else ''} "
                         f"({report.rows_read} rows read; rules applied: "

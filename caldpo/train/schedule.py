@@ -1,11 +1,13 @@
 """From examples to micro-batches: the examples of a split, their order, and each micro-batch's layout.
 
 One step = ``batch_size`` examples in global order; each rank takes its contiguous slice
-and splits it into ``gradient_accumulation_steps`` micro-batches. The order is a
-deterministic permutation per epoch (``batches.epoch_order``: prompt groups shuffled, each
-group's pairs together, as the reference iterator), so the data position is a
-single count of examples consumed and resume is exact. A micro-batch is laid out once,
-in the run's layout (``layout.py``), and the policy and the reference both run that form.
+and splits it into ``gradient_accumulation_steps`` micro-batches. The order is the reference
+iterator's (``preference_datasets.get_batch_iterator``; ``batches.EpochOrder``: its per-prompt
+entries shuffled cumulatively, epoch after epoch, with seeds drawn from numpy, each entry's pairs
+together), and so are the batch boundaries (``BatchSchedule``) and the evaluation examples
+(``evaluation_indices``). Each epoch's order is a function of the seed and the epoch, so the data
+position is a single count of examples consumed and resume is exact. A micro-batch is laid out
+once, in the run's layout (``layout.py``), and the policy and the reference both run that form.
 """
 from __future__ import annotations
 
@@ -13,7 +15,7 @@ from typing import Any
 
 from omegaconf import DictConfig
 
-from .batches import Example, collate, epoch_order, flatten, tokenize_dataset, tokenized
+from .batches import EpochOrder, Example, collate, flatten, tokenize_dataset, tokenized
 from .config import ConfigError
 from .data import load_dataset
 from .layout import pack
@@ -33,7 +35,11 @@ class Examples:
 
     def __init__(self, cfg: DictConfig, split: str, sft: bool, verbose: bool, tokenizer=None):
         self.items: list[Example] = []
-        self.group_of: list[int] = []  # each example's prompt group, numbered over all datasets in load order
+        # each example's reference group (numbered over all datasets in load order) and its rank there, and
+        # the rows the reference walks per group, dropped ones included: what batches.EpochOrder orders by
+        self.group_of: list[int] = []
+        self.rank_of: list[int] = []
+        self.group_sizes: list[int] = []
         self.n_groups = 0
         self.reports = []
         self.token_reports = []
@@ -52,9 +58,11 @@ class Examples:
                 if verbose:
                     print(str(tok_report), flush=True)
                 self.token_reports.append(tok_report)
-            group = {g.prompt: self.n_groups + k for k, g in enumerate(groups.values())}
-            self.group_of.extend(group[it.prompt] for it in items)
-            self.n_groups += len(groups)
+            self.group_of.extend(self.n_groups + it.order[0] for it in items)
+            # SFT: the reference takes one example per group, where the group stands
+            self.rank_of.extend(0 if sft else it.order[1] for it in items)
+            self.group_sizes.extend([1] * len(report.order_sizes) if sft else report.order_sizes)
+            self.n_groups += len(report.order_sizes)
             self.items.extend(items)
         if not self.items:
             raise ConfigError(f"datasets={list(cfg.datasets)}: no {split} examples")
@@ -62,33 +70,74 @@ class Examples:
     def __len__(self) -> int:
         return len(self.items)
 
+    def epoch_order(self, seed: int) -> EpochOrder:
+        """This split's order, epoch after epoch (``batches.EpochOrder``: the reference iterator's)."""
+        return EpochOrder(len(self.items), seed, groups=self.group_of, n_groups=self.n_groups, ranks=self.rank_of,
+                          sizes=self.group_sizes)
+
     def order(self, epoch: int, seed: int) -> list[int]:
-        """This split's order in ``epoch``: prompt groups shuffled, each group's pairs together
-        (``batches.epoch_order``, the reference iterator's order)."""
-        return epoch_order(len(self.items), epoch, seed, groups=self.group_of, n_groups=self.n_groups)
+        """This split's order in ``epoch`` (``epoch_order``)."""
+        return self.epoch_order(seed)(epoch)
+
+
+def evaluation_indices(order: EpochOrder, n_eval_examples: int, eval_batch_size: int) -> list[int]:
+    """The evaluation examples: those of the reference trainer's, from the test split's ``order``
+    (``Examples.epoch_order(seed)``), in its first epoch's order.
+
+    The reference trainer evaluates what ``get_batch_iterator(split="test", shuffle=True,
+    n_examples=n_eval_examples, batch_size=eval_batch_size)`` yields: whole batches of the first
+    epoch's order until ``n_eval_examples`` are reached, so its first ``ceil(n_eval_examples /
+    eval_batch_size)`` batches. caldpo evaluates the pairs it kept among those (a pair it dropped at
+    load is not replaced, so the set is the reference's less the dropped pairs). A split whose first
+    epoch holds fewer is evaluated whole, each example once (the reference iterator would go on into
+    a reshuffled second epoch and evaluate some examples twice).
+    """
+    n = -(-n_eval_examples // eval_batch_size) * eval_batch_size
+    if n >= order.reference_examples:
+        return order(0)
+    return [i for i, pos in order.positions(0) if pos < n]
 
 
 class BatchSchedule:
     """Which examples each step and each micro-batch of this rank takes.
 
-    n: training examples; seed: the run's seed; groups, n_groups: each example's prompt group
-    (``Examples.group_of``, ``Examples.n_groups``; None: every example its own group). Epoch e's
-    order is ``batches.epoch_order(n, e, seed, groups=groups, n_groups=n_groups)``.
+    n: training examples; seed: the run's seed; groups, n_groups, ranks: each example's reference
+    group and its rank there (``Examples.group_of``, ``n_groups``, ``rank_of``; None: every example
+    its own group). Epoch e's order is ``batches.EpochOrder(n, seed, groups=..., ...)(e)``: the
+    reference's, less the pairs dropped at load.
     batch_size: examples per optimizer step. Each epoch yields its full batches only and drops the
-    last ``n % batch_size`` examples of its order, as the reference code's batch iterator starts
-    every epoch with an empty batch; ``epoch_examples`` is what an epoch trains on.
+    last ``n % batch_size`` examples of its order, as ``get_batch_iterator`` starts every epoch with
+    an empty batch; ``epoch_examples`` is what an epoch trains on. ``steps`` is how many batches
+    the reference iterator yields before it stops.
     Raises ValueError when ``n < batch_size`` (no epoch holds one batch).
     """
 
     def __init__(self, n: int, seed: int, *, batch_size: int = 1, rank: int = 0, world: int = 1,
-                 accumulation_steps: int = 1, groups: list[int] | None = None, n_groups: int | None = None):
+                 accumulation_steps: int = 1, groups: list[int] | None = None, n_groups: int | None = None,
+                 ranks: list[int] | None = None):
         if n < batch_size:
             raise ValueError(f"{n} training examples cannot fill one batch of {batch_size}")
         self.n, self.seed, self.batch_size = n, seed, batch_size
         self.epoch_examples = n - n % batch_size
         self.rank, self.world, self.accumulation_steps = rank, world, accumulation_steps
-        self.groups, self.n_groups = groups, n_groups
+        self._orders = EpochOrder(n, seed, groups=groups, n_groups=n_groups, ranks=ranks)
         self._epoch, self._order = None, None
+
+    def steps(self, n_epochs: int, n_examples: int | None = None) -> int:
+        """Optimizer steps of a run: ``n_epochs`` epochs of ``n // batch_size`` batches, or with
+        ``n_examples`` (which caldpo lets override ``n_epochs``) the batches ``get_batch_iterator``
+        yields until its example count reaches ``n_examples``. That count is checked after each
+        batch and includes the examples of the partial batches dropped at earlier epochs' ends, so
+        the run stops at the first batch boundary at or past ``n_examples`` (100 examples in batches
+        of 64 train 2 steps)."""
+        per_epoch = self.n // self.batch_size
+        if n_examples is None:
+            return n_epochs * per_epoch
+        # batch j (1-based) of epoch e ends at count e * n + j * batch_size: the first epoch whose last
+        # batch reaches n_examples, then the first batch of it that does
+        full = self.batch_size * per_epoch
+        epoch = max(0, -(-(n_examples - full) // self.n))
+        return epoch * per_epoch + max(1, -(-(n_examples - epoch * self.n) // self.batch_size))
 
     def indices(self, start: int, count: int) -> list[int]:
         """Example indices at training positions [start, start + count) (a position counts the examples
@@ -97,8 +146,7 @@ class BatchSchedule:
         while len(out) < count:
             epoch, offset = divmod(pos, self.epoch_examples)
             if self._epoch != epoch:
-                self._order = epoch_order(self.n, epoch, self.seed, groups=self.groups, n_groups=self.n_groups)
-                self._epoch = epoch
+                self._order, self._epoch = self._orders(epoch), epoch
             take = min(count - len(out), self.epoch_examples - offset)
             out.extend(self._order[offset:offset + take])
             pos += take

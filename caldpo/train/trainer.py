@@ -39,7 +39,7 @@ from .model import (DTYPES, LogProbModel, apply_activation_checkpointing, apply_
                     check_embedding_covers_tokenizer, check_vocab_and_positions, count_matmul_params,
                     load_archive_state, load_causal_lm, load_tokenizer, model_path)
 from .reference import ReferenceLogps, build_cache, cache_key, load_reference
-from .schedule import BatchSchedule, Collator, Examples
+from .schedule import BatchSchedule, Collator, Examples, evaluation_indices
 
 __all__ = ["Examples", "Trainer", "main"]
 
@@ -100,18 +100,16 @@ class Trainer:
         self.schedule = BatchSchedule(len(self.train_data), cfg.seed, batch_size=cfg.batch_size,
                                       rank=self.process.rank, world=self.world,
                                       accumulation_steps=cfg.gradient_accumulation_steps,
-                                      groups=self.train_data.group_of, n_groups=self.train_data.n_groups)
-        # n_epochs trains each epoch's full batches (the reference drops an epoch's partial batch)
-        self.total_examples = (cfg.n_examples if cfg.n_examples is not None
-                               else cfg.n_epochs * self.schedule.epoch_examples)
-        if self.total_examples < cfg.batch_size:
-            raise ConfigError(f"batch_size={cfg.batch_size}: the run would train on {self.total_examples} examples "
-                              f"(n_examples={cfg.n_examples}), not one full batch; raise n_examples or lower "
-                              "batch_size")
-        self.total_steps = self.total_examples // cfg.batch_size  # a partial final batch is dropped
+                                      groups=self.train_data.group_of, n_groups=self.train_data.n_groups,
+                                      ranks=self.train_data.rank_of)
+        self.total_steps = self.schedule.steps(cfg.n_epochs, cfg.n_examples)  # the reference iterator's batches
+        if self.total_steps < 1:
+            raise ConfigError(f"n_epochs={cfg.n_epochs}: the run would train no step; use n_epochs >= 1 "
+                              "(or n_examples)")
         fault_point("data_load")
         self.eval_data = Examples(cfg, "test", self.sft, self.is_main, self.tokenizer)
-        self.eval_indices = self.eval_data.order(0, cfg.seed)[: cfg.n_eval_examples]  # the reference's eval order
+        self.eval_indices = evaluation_indices(self.eval_data.epoch_order(cfg.seed), cfg.n_eval_examples,
+                                               cfg.eval_batch_size)
 
         # layout and models
         attn = check_attention(cfg, self.device)
