@@ -231,15 +231,25 @@ def test_damaged_checkpoint_is_named_and_the_previous_one_used(server, baseline,
     assert_same_run(baseline, run)
 
 
-@pytest.mark.parametrize("target", ["trainer_state.pt", ".metadata"])
-def test_planted_pickle_with_a_matching_manifest_is_refused(server, interrupted, tmp_path, target):
+def _plant_dotted(path: Path, marker: Path) -> None:
+    """The issue's payload: protocol 4's STACK_GLOBAL with the module DCP's metadata lives in and the dotted
+    name ``os.system`` (resolved by attribute traversal: that module imports os)."""
+    def s(x: str) -> bytes:
+        return b"\x8c" + bytes([len(x.encode())]) + x.encode()
+    path.write_bytes(b"\x80\x04" + s("torch.distributed.checkpoint.metadata") + s("os.system") + b"\x93("
+                     + s(f"touch {marker}") + b"tR.")
+
+
+@pytest.mark.parametrize("target,payload", [("trainer_state.pt", "reduce"), (".metadata", "reduce"),
+                                            (".metadata", "dotted_global")])
+def test_planted_pickle_with_a_matching_manifest_is_refused(server, interrupted, tmp_path, target, payload):
     """Whoever can rewrite the manifest too is trusted (README); still, no code runs and the file is named."""
     from caldpo.train.checkpoint import MANIFEST, sha256_file
     run = tmp_path / "run"
     shutil.copytree(interrupted, run)
     step = run / "checkpoints" / "step_4"
     marker = tmp_path / "PWNED"
-    _plant(step / target, marker)
+    (_plant_dotted if payload == "dotted_global" else _plant)(step / target, marker)
     man = json.loads((step / MANIFEST).read_text())
     man["files"][target] = {"size": (step / target).stat().st_size, "sha256": sha256_file(step / target)}
     (step / MANIFEST).write_text(json.dumps(man))
