@@ -113,8 +113,9 @@ def write_output(path: Path | str, data: bytes | str, what: str = "") -> Path:
         write_atomic(path, data)
     except OSError as e:
         before = f"the previous {path.name} is unchanged" if path.exists() else f"no {path.name} was written"
-        full = " (the disk is full)" if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) else ""
-        raise OutputError(f"writing {what + ' ' if what else ''}{path} failed: {os_reason(e)}{full} "
+        why = {errno.ENOSPC: " (the disk is full)", errno.EDQUOT: " (the disk quota is used up)",
+               errno.EFBIG: " (over the file-size limit, ulimit -f)"}.get(e.errno, "")
+        raise OutputError(f"writing {what + ' ' if what else ''}{path} failed: {os_reason(e)}{why} "
                           f"({free_space(path.parent)}); {before}. Free space (or choose another path) "
                           "and run again", exit_code=3) from None
     return path

@@ -29,6 +29,8 @@ import json
 import os
 from pathlib import Path
 
+from caldpo.files import check_writable, json_text, write_output
+
 from .judges import ChatJudge, Comparison, JudgeError, LocalLMJudge, RewardModelJudge, VerdictCache, shown_order
 from .prompts import TASKS, detect_task
 from .stats import win_rate
@@ -199,13 +201,13 @@ def main(argv: list[str] | None = None) -> dict:
     if a.limit is not None:
         pairs = pairs[: a.limit]
     out = Path(a.out) if a.out else Path(a.samples).with_suffix(f".{a.judge}.eval.json")
+    check_writable(out, "--out")  # before any judging is paid for
     judge = make_judge(a, out)
     report = evaluate(pairs, judge, task=a.task, seed=a.seed, ties=a.ties)
     report["sides"] = sides
     if isinstance(judge, ChatJudge):
         report["requests"] = judge.requests
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    write_output(out, json_text(report, indent=1, ensure_ascii=False), "the evaluation report")
     print(format_table(report, sides))
     print(f"report: {out}")
     return report

@@ -11,7 +11,6 @@ loop (``train``), one optimizer step (``train_step``) and evaluation (``evaluate
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import shutil
@@ -23,6 +22,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from caldpo.files import json_text, write_output
 from caldpo.kernels import resolve_backend
 from caldpo.kernels.options import from_config as kernel_options_from_config
 
@@ -371,15 +371,13 @@ class Trainer:
         if self.reference is not None:
             ref_responses = generate_responses(self.reference, self.tokenizer, prompts, self.cfg, self.device, bs, modes)
         if self.is_main:
-            out = self.run_dir / "samples" / f"step_{self.step}.json"
-            out.parent.mkdir(exist_ok=True)
             rows = []
             for i, (it, r) in enumerate(zip(items, responses)):
                 row = {"prompt": it.prompt, "response": r}
                 if ref_responses is not None:
                     row["reference_model_response"] = ref_responses[i]
                 rows.append({**row, "reference": it.chosen})
-            out.write_text(json.dumps(rows, indent=1))
+            write_output(self.run_dir / "samples" / f"step_{self.step}.json", json_text(rows, indent=1), "samples")
 
     def save_resume(self) -> None:
         """A resume checkpoint of this step (a step saved already is re-saved atomically, see checkpoint.py).
