@@ -653,25 +653,59 @@ def run_dir(cfg: DictConfig) -> Path:
 IDENTITY_FILE = "identity.json"
 
 
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:200]
+
+
+def read_identity(path: Path) -> dict[str, Any]:
+    """The training options ``<run_dir>/identity.json`` records; ConfigError naming the file and what to do
+    when it is not the JSON caldpo writes (truncated by a crash or a full disk, edited, another file)."""
+    stored = path / IDENTITY_FILE
+    try:
+        options = json.loads(stored.read_text(encoding="utf-8"))["options"]
+        if not isinstance(options, dict):
+            raise TypeError(f"'options' is a {type(options).__name__}, not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = "no 'options' key" if isinstance(e, KeyError) else _first_line(e)
+        raise ConfigError(f"{stored}: unreadable ({why}). It records the training options of the run in {path}, "
+                          "which a rerun compares with the command's. Restore it from a copy; or delete it, and "
+                          f"the run's config.yaml is compared instead; or choose another run_dir") from None
+    return options
+
+
+def read_run_config(path: Path) -> DictConfig:
+    """``<run_dir>/config.yaml`` as written by the run; ConfigError naming the file and what to do when it is
+    not YAML or not a caldpo run's configuration."""
+    file = path / "config.yaml"
+    try:
+        cfg = OmegaConf.load(file)
+    except Exception as e:  # noqa: BLE001 - yaml's and OmegaConf's errors alike: the file cannot be read
+        cfg, why = None, f"not YAML: {_first_line(e)}"
+    else:
+        why = "not a caldpo run's configuration (no 'model' section)"
+    if isinstance(cfg, DictConfig) and "model" in cfg:
+        return cfg
+    fix = ("delete it, and the rerun writes it again from this command (whose training options match "
+           f"{IDENTITY_FILE})" if (path / IDENTITY_FILE).exists() else "choose another run_dir")
+    raise ConfigError(f"{file}: {why}. It is the configuration of the run in {path} (read by reruns and "
+                      f"caldpo.plot). Restore it from a copy, or {fix}")
+
+
 def check_run_dir(cfg: DictConfig, path: Path) -> dict[str, tuple[Any, Any]]:
     """Compare the run stored in ``path`` (if any) with ``cfg`` before any work.
 
-    Raises ConfigError listing the training options that differ (old -> new). Returns the
-    other options that differ (non-identity ones, e.g. save_every), {} for a new run.
+    Raises ConfigError listing the training options that differ (old -> new), or naming an
+    ``identity.json`` / ``config.yaml`` that cannot be read and what to do. Returns the other
+    options that differ (non-identity ones, e.g. save_every), {} for a new run.
     """
     stored = path / IDENTITY_FILE
     if not has_trained(path):
         return {}  # a run stopped before its first step (a data or model error): nothing to protect
     if stored.exists():
-        old = json.loads(stored.read_text())["options"]
+        old = read_identity(path)
     elif (path / "config.yaml").exists():  # a run written before identity.json existed
-        try:
-            old_cfg = OmegaConf.load(path / "config.yaml")
-        except Exception as e:  # noqa: BLE001 - any unreadable file means the same to the user
-            old_cfg = e
-        if not isinstance(old_cfg, DictConfig) or "model" not in old_cfg:
-            raise ConfigError(f"run_dir={path} holds a config.yaml that is not a caldpo run's; "
-                              "choose another run_dir")
+        old_cfg = read_run_config(path)
         old = {k: OmegaConf.select(old_cfg, k, default="<absent>") for k in run_identity(cfg)}
         old["model.archive"] = _archive_identity(old["model.archive"]) if old["model.archive"] != "<absent>" else None
         new_arch = run_identity(cfg)["model.archive"]
@@ -689,7 +723,7 @@ def check_run_dir(cfg: DictConfig, path: Path) -> dict[str, tuple[Any, Any]]:
                           "(or drop run_dir= to get <local_run_root>/<exp_name>_<hash> of these options)")
     others: dict[str, tuple[Any, Any]] = {}
     if (path / "config.yaml").exists():
-        old_all = _flat_all(OmegaConf.load(path / "config.yaml"))
+        old_all = _flat_all(read_run_config(path))
         new_all = _flat_all(cfg)
         others = {k: (old_all.get(k), new_all.get(k)) for k in sorted(set(old_all) | set(new_all))
                   if k not in new and old_all.get(k) != new_all.get(k)}
@@ -716,15 +750,16 @@ def has_trained(path: Path) -> bool:
 
 def write_run_config(cfg: DictConfig, path: Path) -> None:
     """Write ``config.yaml`` and ``identity.json`` once, when the run starts fresh; never rewrite them
-    once the run has trained (:func:`has_trained`)."""
+    once the run has trained (:func:`has_trained`). Each is written whole (``caldpo.files.write_output``)."""
+    from caldpo.files import json_text, write_output
     path.mkdir(parents=True, exist_ok=True)
     fresh = not has_trained(path)
     if fresh or not (path / "config.yaml").exists():
-        OmegaConf.save(cfg, path / "config.yaml", resolve=True)
+        write_output(path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True), "the run's configuration")
     if fresh or not (path / IDENTITY_FILE).exists():
         ident = run_identity(cfg)
-        (path / IDENTITY_FILE).write_text(json.dumps({"hash": identity_hash(ident), "options": ident},
-                                                     indent=1, default=str))
+        write_output(path / IDENTITY_FILE, json_text({"hash": identity_hash(ident), "options": ident}, indent=1,
+                                                     default=str), "the run's identity")
 
 
 # ----------------------------------------------------------------------------- help
