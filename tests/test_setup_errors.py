@@ -1,4 +1,7 @@
-"""What a user sees when a run stops during setup: another model's archive, a corrected rerun, Ctrl-C."""
+"""What a user sees when a run stops during setup: another model's archive, a corrected rerun, Ctrl-C,
+damaged run-directory files, a read-only run directory, a damaged model folder."""
+import json
+
 import pytest
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
@@ -111,3 +114,45 @@ def test_run_dir_on_a_read_only_filesystem_is_one_line(tmp_path, capsys, read_on
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert err.startswith(f"caldpo: cannot write run_dir {run_dir}: [Errno 30] Read-only file system (")
     assert "MiB free" in err and "Choose a writable run_dir=" in err
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _drop_eos(path):
+    cfg = json.loads(path.read_text())
+    del cfg["eos_token"]
+    path.write_text(json.dumps(cfg))
+
+
+MODEL_DAMAGE = {  # case -> (file, damage, what the line names)
+    "config.json truncated": ("config.json", _truncate, "config.json is not valid JSON ("),
+    "config.json missing": ("config.json", lambda p: p.unlink(), "no config.json there"),
+    "tokenizer.json truncated": ("tokenizer.json", _truncate, "tokenizer.json is not valid JSON"),
+    "tokenizer_config.json not an object": ("tokenizer_config.json", lambda p: p.write_text("[]"),
+                                            "tokenizer_config.json holds a JSON list"),
+    "weights truncated": ("model.safetensors", _truncate, "model.safetensors: "),
+    "tokenizer without EOS": ("tokenizer_config.json", _drop_eos, "the tokenizer has no EOS token"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_DAMAGE))
+def test_a_damaged_model_folder_is_a_config_error_before_the_data_loads(tmp_path, capsys, monkeypatch, case):
+    import shutil
+
+    import caldpo.train.schedule as schedule
+    from caldpo.train.tiny import tiny_model_dir
+
+    def no_data(*a, **kw):
+        raise AssertionError("the data loaded before the model folder was checked")
+    monkeypatch.setattr(schedule, "load_dataset", no_data)
+    name, damage, says = MODEL_DAMAGE[case]
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir(), folder)
+    damage(folder / name)
+    assert cli(["model=hf", f"model.name_or_path={folder}", *TINY[1:], f"run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"caldpo: config error: model.name_or_path={folder}: ") and err.count("\n") == 1, err
+    assert says in err and "Traceback" not in err

@@ -478,6 +478,66 @@ def _check_hub(cfg: DictConfig) -> None:
                       f"use a local copy: {fix}")
 
 
+MODEL_JSON_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "added_tokens.json", "model.safetensors.index.json",
+                    "pytorch_model.bin.index.json")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a ``.safetensors`` file cannot be complete (from its header and size alone), or None."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes: shorter than the 8-byte size of its header"
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            return f"{size} bytes, but its header alone claims {n}: truncated"
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return "its header is not the JSON of a safetensors file"
+    if size < 8 + n + end:
+        return f"{size} bytes, but its header describes {8 + n + end}: truncated"
+    return None
+
+
+def _check_model_files(cfg: DictConfig) -> None:
+    """Local model and tokenizer folders, before anything loads: the folder has a ``config.json``; every JSON
+    file transformers reads there (``MODEL_JSON_FILES``) parses as a JSON object; every ``.safetensors``
+    file is as long as its header says. A truncated or edited file is a ConfigError naming it (and, for
+    JSON, the line and column), instead of a library traceback after the data has loaded."""
+    m = cfg.model
+    if m.preset == "tiny" and m.name_or_path is None:
+        return  # built locally by caldpo.train.tiny
+    for key in ("name_or_path", "tokenizer_name_or_path"):
+        if m[key] is None or not Path(m[key]).expanduser().is_dir():
+            continue
+        folder = Path(m[key]).expanduser()
+        option = f"model.{key}={m[key]}"
+        fix = "restore it from the model's source (download it again, or save_pretrained again)"
+        if key == "name_or_path" and not (folder / "config.json").is_file():
+            raise ConfigError(f"{option}: no config.json there: not a Hugging Face model folder (save_pretrained "
+                              "writes one); point model.name_or_path at the folder holding config.json")
+        for name in MODEL_JSON_FILES:
+            file = folder / name
+            if not file.is_file():
+                continue
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except (ValueError, OSError) as e:
+                raise ConfigError(f"{option}: {file} is not valid JSON ({e}): a truncated or edited file; "
+                                  f"{fix}") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"{option}: {file} holds a JSON {type(data).__name__}, not an object; {fix}")
+        if key == "name_or_path":
+            for file in sorted(folder.glob("*.safetensors")):
+                problem = _safetensors_problem(file)
+                if problem:
+                    raise ConfigError(f"{option}: {file}: {problem}; {fix}")
+
+
 def _check_packages(cfg: DictConfig) -> None:
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("tensorboard=true but TensorBoard is not installed: pip install tensorboard "
@@ -587,6 +647,7 @@ def validate(cfg: DictConfig, world_size: int | None = None, *, argv: list[str] 
     _check_packages(cfg)
     _check_devices(cfg, world_size, argv, training)
     _check_hub(cfg)
+    _check_model_files(cfg)
 
 
 # ----------------------------------------------------------------------------- run identity
