@@ -149,6 +149,10 @@ class DataConfig:
     paths: DataPaths = field(default_factory=DataPaths, metadata={"help": "local dataset paths"})
     on_error: str = opt("raise: stop at a broken row (file:line) | skip: skip and count it",
                         choices=("raise", "skip"))
+    on_change: str = opt("a resumed run whose split's examples differ from those its checkpoint trained on "
+                         "(rows edited, added, removed, reordered): refuse: stop, naming the split and its files "
+                         "| continue: resume on the changed data, with a warning",
+                         choices=("refuse", "continue"), identity=False)
     cache_dir: Optional[str] = opt("datasets library cache for hub downloads", identity=False)
     held_out: float = opt("fraction of prompts cut out as the test split (sha256 of the prompt) when one "
                           "data file serves both splits; a folder's train/test files are used as they are")

@@ -9,6 +9,9 @@ in the run's layout (``layout.py``), and the policy and the reference both run t
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 from typing import Any
 
 from omegaconf import DictConfig
@@ -33,6 +36,8 @@ class Examples:
 
     def __init__(self, cfg: DictConfig, split: str, sft: bool, verbose: bool, tokenizer=None):
         self.items: list[Example] = []
+        self.max_length, self.max_prompt_length = cfg.max_length, cfg.max_prompt_length
+        self.files: dict[str, list[str]] = {}  # dataset -> the files its examples were read from, in order
         self.group_of: list[int] = []  # each example's prompt group, numbered over all datasets in load order
         self.n_groups = 0
         self.reports = []
@@ -56,16 +61,47 @@ class Examples:
             self.group_of.extend(group[it.prompt] for it in items)
             self.n_groups += len(groups)
             self.items.extend(items)
+            self.files[name] = list(dict.fromkeys(_file_of(it.source) for it in items if it.source)) or [report.source]
         if not self.items:
             raise ConfigError(f"datasets={list(cfg.datasets)}: no {split} examples")
 
     def __len__(self) -> int:
         return len(self.items)
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Hex sha256 identifying this split's examples: it changes whenever they change (a row edited,
+        added, removed or reordered; another truncation). The one definition every consumer uses (the
+        resume check stores it in each checkpoint).
+
+        PROVISIONAL: sha256 over each example's prompt, chosen, rejected and truncation mode, in order,
+        then ``max_length`` and ``max_prompt_length``. The token-cache rewrite of ``Examples`` replaces
+        this definition with its own (one that also follows the tokenization); consumers read only
+        ``examples.fingerprint``."""
+        h = hashlib.sha256()
+        for it in self.items:
+            h.update(json.dumps([it.prompt, it.chosen, it.rejected, it.truncation_mode]).encode() + b"\n")
+        h.update(json.dumps([len(self.items), self.max_length, self.max_prompt_length]).encode())
+        return h.hexdigest()
+
+    @property
+    def sources(self) -> str:
+        """Where this split's examples were read, for messages: ``<dataset>: <file>, <file> (and N more)``."""
+        return "; ".join(f"{name}: {', '.join(fs[:3])}" + (f" (and {len(fs) - 3} more)" if len(fs) > 3 else "")
+                         for name, fs in self.files.items())
+
     def order(self, epoch: int, seed: int) -> list[int]:
         """This split's order in ``epoch``: prompt groups shuffled, each group's pairs together
         (``batches.epoch_order``, the reference iterator's order)."""
         return epoch_order(len(self.items), epoch, seed, groups=self.group_of, n_groups=self.n_groups)
+
+
+def _file_of(source: str) -> str:
+    """The file of an example's ``source`` (``data.Record.where``: ``path:line``, ``path item N``, ``path row N``)."""
+    for sep in (" item ", " row "):
+        if sep in source:
+            return source.rsplit(sep, 1)[0]
+    return source.rsplit(":", 1)[0]
 
 
 class BatchSchedule:
