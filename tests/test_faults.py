@@ -389,6 +389,11 @@ def test_resume_on_unchanged_data_is_not_refused(server, interrupted_on_own_data
     run, data = interrupted_on_own_data
     codes, log = train(server, run, f"data.paths.sample={data}")
     assert codes == [0] and "resumed from" in log and "data changed" not in log, log[-3000:]
+    # the resume marker has a split of its own: each train step once among the "train" records
+    recs = records(run)
+    assert [r["split"] for r in recs if "resumed_from_step" in r] == ["resume"]
+    steps = [r["step"] for r in recs if r["split"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
 
 
 # ----------------------------------------------------------------------------- reference log-prob cache

@@ -107,10 +107,13 @@ def dashboard_scalars(record: dict, batch_size: int) -> tuple[dict[str, float], 
     The step is the number of training examples seen (the authors' ``example_counter``, their
     W&B step). Keys with no authors' name keep ``"<split>/<key>"`` (``train/lr``,
     ``train/tokens_per_second``, ``eval/eval_seconds``). A training record with ``step_time``
-    (seconds) also gives the authors' ``examples_per_second`` = batch_size / step_time.
+    (seconds) also gives the authors' ``examples_per_second`` = batch_size / step_time. Records of
+    other splits (a resumed run's ``"resume"`` marker) give no scalars.
     """
     split = record.get("split", "train")
     out: dict[str, float] = {}
+    if split not in ("train", "eval"):  # the "resume" marker of a resumed run: no metric to draw
+        return out, int(record.get("examples", record.get("step", 0)))
     for k, v in record.items():
         if not isinstance(v, (int, float)) or isinstance(v, bool) or k in TRAIN_ONLY and split != "train":
             continue
@@ -184,6 +187,8 @@ class MetricsWriter:
         if self.tb is None and self.wandb is None:
             return
         scalars, step = dashboard_scalars(record, self.batch_size)
+        if not scalars:
+            return
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)

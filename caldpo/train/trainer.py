@@ -208,7 +208,8 @@ class Trainer:
         self.signals.install()
         first_eval = last_eval = None
         if self.resumed_from is not None:
-            self.writer.write({"split": "train", "resumed_from_step": self.resumed_from, "step": self.step,
+            # a split of its own: a reader of "train" records sees each step once
+            self.writer.write({"split": "resume", "resumed_from_step": self.resumed_from, "step": self.step,
                                "examples": self.examples_seen})
             first_eval = self._first_eval_record() if self.is_main else None
         tty = sys.stderr.isatty()
