@@ -338,6 +338,62 @@ def test_an_unwritable_report_is_refused_before_any_request(tmp_path, no_proxy, 
     assert code == 2 and server.requests == 0 and err.startswith(f"caldpo: cannot write --out={out}: [Errno 30]")
 
 
+# ----------------------------------------------------------------------------- position bias
+
+def test_position_test_against_the_binomial_written_out():
+    """p = P(|X - n/2| >= |k - n/2|) for X ~ Binomial(n, 1/2), summed outcome by outcome."""
+    from caldpo.eval.stats import binomial_two_sided_p, position_bias
+
+    for n in range(0, 21):
+        for k in range(n + 1):
+            want = sum(math.comb(n, i) for i in range(n + 1) if abs(i - n / 2) >= abs(k - n / 2)) / 2 ** n
+            assert binomial_two_sided_p(k, n) == pytest.approx(min(1.0, want), rel=1e-12), (k, n)
+    assert binomial_two_sided_p(0, 16) == pytest.approx(2 / 2 ** 16)  # the demo's 16/16 second-shown picks
+    assert position_bias(0, 16)["follows_position"] and position_bias(16, 16)["follows_position"]
+    assert not position_bias(8, 16)["follows_position"] and not position_bias(12, 16)["follows_position"]  # p=.077
+    assert not position_bias(0, 5)["follows_position"]  # 5 decisive verdicts cannot reach p < 0.05
+    assert position_bias(0, 6)["follows_position"] and not position_bias(0, 0)["follows_position"]
+
+
+class _Judge:
+    """A judge reading position only ("B": the second shown) or content (the response holding "good")."""
+
+    def __init__(self, by: str):
+        self.by, self.name = by, f"stub:{by}"
+
+    def judge(self, items):
+        from caldpo.eval.judges import Judgement
+        if self.by == "position":
+            return [Judgement("B", "Verdict: B") for _ in items]
+        return [Judgement("A" if "good" in c.a else "B", "") for c in items]
+
+
+def test_a_judge_following_position_is_warned_about():
+    from caldpo.eval.__main__ import evaluate, format_table
+    pairs = [(f"\n\nHuman: q {i}?\n\nAssistant:", f" a good answer {i}", f" plain {i}") for i in range(16)]
+    biased = evaluate(pairs, _Judge("position"))
+    s = biased["summary"]
+    assert s["follows_position"] and s["first_shown_preferred"] == 0 and s["decisive"] == 16
+    assert s["position_p_value"] == pytest.approx(2 / 2 ** 16)
+    table = format_table(biased)
+    assert "WARNING: this judge follows position, not content: it preferred the response shown second in 16/16 " \
+           "decisive verdicts (two-sided exact binomial test against 1/2: p = 3.1e-05 < 0.05)" in table
+    fair = evaluate(pairs, _Judge("content"))
+    assert fair["summary"]["wins"] == 16 and not fair["summary"]["follows_position"]
+    assert "WARNING" not in format_table(fair) and "p = " in format_table(fair)
+
+
+def test_the_demo_says_what_its_win_rate_means():
+    from caldpo.eval.stats import position_bias
+    from caldpo.train.demo import win_rate_meaning
+    summary = {"wins": 12, "ties": 0, "losses": 4, **{k: v for k, v in position_bias(0, 16).items() if k != "p_value"},
+               "position_p_value": position_bias(0, 16)["p_value"]}
+    line = win_rate_meaning(summary)
+    assert "\n" not in line and "over 16 judged test prompts" in line and "not a measure of quality" in line
+    assert "followed position" in line and "reflects the order shown" in line
+    assert "followed position" not in win_rate_meaning({**summary, "follows_position": False})
+
+
 # ----------------------------------------------------------------------------- local models
 
 @pytest.fixture(scope="module")
@@ -389,6 +445,18 @@ def test_reward_model_judge_scores_like_the_models_own_forward(tmp_path, tiny_di
         assert it["outcome"] == ("win" if sc > sb else "loss")
     s = report["summary"]
     assert s["wins"] + s["losses"] == 5 and s["unparsable"] == 0
+
+
+def test_reward_model_judge_refuses_a_model_without_a_reward_head(tmp_path, tiny_dir, capsys):
+    """A causal LM's folder loads as a sequence classifier with a randomly initialised score head: refused."""
+    samples, _ = _hf_samples(tmp_path)
+    code = cli([str(samples), "--judge", "reward-model", "--reward-model", str(tiny_dir), "--device", "cpu",
+                "--out", str(tmp_path / "rm.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"caldpo: --reward-model {tiny_dir}: the checkpoint holds no weights for its "
+                          "GPTNeoXForSequenceClassification head (score.weight)")
+    assert "GPTNeoXForCausalLM" in err and not (tmp_path / "rm.json").exists()
 
 
 def test_local_lm_judge_reads_the_verdict_tokens(tmp_path, tiny_dir):

@@ -61,12 +61,15 @@ def _device(device: str):
 # ----------------------------------------------------------------------------- reward model
 
 def _load_hf(path: str, auto_cls, option: str, device: str, dtype: str):
-    """(device, tokenizer, model in eval mode) of a local Hugging Face folder; JudgeError if it is not one.
+    """(device, tokenizer, model in eval mode) of a local Hugging Face folder; JudgeError if it is not one, or
+    if the checkpoint lacks weights the model class needs (transformers would initialise them at random: a
+    causal LM's folder loaded as a sequence classifier gets a random score head) or holds them in other shapes.
 
     dtype "auto": bfloat16 on CUDA, float32 elsewhere.
     """
     import torch
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from caldpo.hf import from_pretrained
     p = Path(path)
@@ -75,7 +78,25 @@ def _load_hf(path: str, auto_cls, option: str, device: str, dtype: str):
     dev = _device(device)
     torch_dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32,
                    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    return dev, AutoTokenizer.from_pretrained(p), from_pretrained(auto_cls, p, dtype=torch_dtype).to(dev).eval()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would precede the one line said below
+    try:
+        model, info = from_pretrained(auto_cls, p, dtype=torch_dtype, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ())
+    if missing or mismatched:
+        prefix = getattr(model, "base_model_prefix", "")
+        head = [k for k in missing if prefix and not k.startswith(prefix + ".")]
+        archs = ", ".join(getattr(model.config, "architectures", None) or ["?"])
+        what = (f"no weights for its {type(model).__name__} head ({', '.join(head[:4])})" if head
+                else f"no weights for {len(missing)} of its parameters ({', '.join(missing[:4])})" if missing
+                else f"weights of other shapes for {', '.join(mismatched[:4])}")
+        raise JudgeError(f"{option} {path}: the checkpoint holds {what}; transformers would initialise them at "
+                         f"random and the judge would score noise. The folder was saved from {archs}: give "
+                         f"{'a reward model (a sequence-classification checkpoint with its trained score head)' if auto_cls.__name__.endswith('SequenceClassification') else 'a complete model folder'}")
+    return dev, AutoTokenizer.from_pretrained(p), model.to(dev).eval()
 
 
 class RewardModelJudge:
