@@ -329,13 +329,19 @@ def test_a_torn_cache_line_is_cut_so_the_next_reply_is_kept(tmp_path, no_proxy):
         assert server.requests == 5 and all(it["cached"] for it in again["items"])
 
 
-def test_an_unwritable_report_is_refused_before_any_request(tmp_path, no_proxy, capsys, read_only):
+def test_an_unwritable_report_or_cache_is_refused_before_any_request(tmp_path, no_proxy, capsys, read_only):
     out = read_only(tmp_path / "ro") / "r.json"
     with ReplyServer(lambda n, user: ReplyServer.completion("Verdict: A")) as server:
         code = cli([str(_samples(tmp_path, 2)), "--judge", "chat", "--model", "m", "--base-url", server.url,
                     "--out", str(out)])
     err = capsys.readouterr().err
     assert code == 2 and server.requests == 0 and err.startswith(f"caldpo: cannot write --out={out}: [Errno 30]")
+    cache = out.parent / "cache.jsonl"  # the verdict cache likewise: nothing is paid for that cannot be kept
+    with ReplyServer(lambda n, user: ReplyServer.completion("Verdict: A")) as server:
+        code = cli([str(_samples(tmp_path, 2)), "--judge", "chat", "--model", "m", "--base-url", server.url,
+                    "--out", str(tmp_path / "r.json"), "--cache", str(cache)])
+    err = capsys.readouterr().err
+    assert code == 2 and server.requests == 0 and err.startswith(f"caldpo: cannot write --cache={cache}: [Errno 30]")
 
 
 # ----------------------------------------------------------------------------- position bias

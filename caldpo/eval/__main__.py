@@ -173,7 +173,8 @@ def make_judge(a: argparse.Namespace, report_path: Path):
     if not key and a.base_url is None:
         raise EvalError(f"--judge chat without --base-url talks to OpenAI, which needs a key: set ${a.api_key_env} "
                         "(or name another variable with --api-key-env)")
-    cache = VerdictCache(a.cache or report_path.with_suffix(".cache.jsonl"))
+    cache_path = check_writable(Path(a.cache) if a.cache else report_path.with_suffix(".cache.jsonl"), "--cache")
+    cache = VerdictCache(cache_path)
     return ChatJudge(a.model, base_url=a.base_url, api_key=key, cache=cache, concurrency=a.concurrency,
                      retries=a.retries, backoff=a.backoff, max_tokens=a.max_tokens, timeout=a.timeout, seed=a.seed)
 

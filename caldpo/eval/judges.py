@@ -18,7 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-from caldpo.files import os_reason, prepare_jsonl
+from caldpo.files import OutputError, free_space, os_reason, prepare_jsonl
 
 from .prompts import PROMPT_VERSION, judge_messages, parse_verdict
 
@@ -266,9 +266,15 @@ class VerdictCache:
         with self.lock:
             self.data[key] = raw
             if self.path:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"key": key, "raw": raw}) + "\n")
+                try:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    with open(self.path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps({"key": key, "raw": raw}) + "\n")
+                except OSError as e:  # a torn line left here is cut on the next open
+                    raise OutputError(f"writing the verdict cache {self.path} failed: {os_reason(e)} "
+                                      f"({free_space(self.path.parent)}); the replies stored before are kept. Free "
+                                      "space (or pass another --cache) and run again: it asks only for the rest",
+                                      exit_code=3) from None
 
 
 class MalformedReply(ValueError):
