@@ -390,14 +390,13 @@ def test_a_judge_following_position_is_warned_about():
 
 
 def test_the_demo_says_what_its_win_rate_means():
-    from caldpo.eval.stats import position_bias
+    from caldpo.eval.__main__ import evaluate
     from caldpo.train.demo import win_rate_meaning
-    summary = {"wins": 12, "ties": 0, "losses": 4, **{k: v for k, v in position_bias(0, 16).items() if k != "p_value"},
-               "position_p_value": position_bias(0, 16)["p_value"]}
-    line = win_rate_meaning(summary)
+    pairs = [(f"\n\nHuman: q {i}?\n\nAssistant:", f" a good answer {i}", f" plain {i}") for i in range(16)]
+    line = win_rate_meaning(evaluate(pairs, _Judge("position"))["summary"])
     assert "\n" not in line and "over 16 judged test prompts" in line and "not a measure of quality" in line
-    assert "followed position" in line and "reflects the order shown" in line
-    assert "followed position" not in win_rate_meaning({**summary, "follows_position": False})
+    assert "followed position (the WARNING above: p = 3.1e-05)" in line and "reflects the order shown" in line
+    assert "followed position" not in win_rate_meaning(evaluate(pairs, _Judge("content"))["summary"])
 
 
 # ----------------------------------------------------------------------------- local models
