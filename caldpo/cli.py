@@ -10,6 +10,10 @@ exception                                   line printed                        
 ``caldpo.train.data.DataError``             ``caldpo: data error: <message>``          2
 ``caldpo.train.rundir.RunError``,           ``caldpo: <message>``                      its ``exit_code``
 ``caldpo.train.checkpoint.CheckpointError``                                            (default 2)
+``caldpo.files.OutputError``                ``caldpo: <message>``                      its ``exit_code``
+                                                                                       (2: found before
+                                                                                       the work, 3: the
+                                                                                       write failed)
 the entry point's own ``errors``             ``caldpo: <message>``                      its ``exit_code``
 (``EvalError``, ``JudgeError``,                                                        (default 2)
 ``PlotError``)
@@ -35,6 +39,7 @@ ERRORS: tuple[tuple[str, str, str], ...] = (
     ("caldpo.train.data", "DataError", "data error: "),
     ("caldpo.train.rundir", "RunError", ""),
     ("caldpo.train.checkpoint", "CheckpointError", ""),
+    ("caldpo.files", "OutputError", ""),
 )
 INTERRUPTED = 130  # 128 + SIGINT, as a shell reports a process that Ctrl-C ended
 STOPPED = 75  # EX_TEMPFAIL (sysexits.h): a run stopped on request (STOP file, SIGTERM, SIGUSR1); rerun to resume

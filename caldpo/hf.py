@@ -34,7 +34,8 @@ def from_pretrained(auto_cls, path, **kwargs):
         path: a local folder or hub name, as transformers takes it.
         kwargs: passed through (``dtype``, ``attn_implementation``, ``config``, ...).
 
-    Returns: the model, its layers those of its own modeling code.
+    Returns: the model, its layers those of its own modeling code (with ``output_loading_info=True``,
+        transformers' pair: the model and its loading info, e.g. ``missing_keys``).
 
     Raises:
         RuntimeError: the model came back kernelized anyway (a transformers that ignores the
@@ -44,7 +45,8 @@ def from_pretrained(auto_cls, path, **kwargs):
     if hub_kernels_supported():
         kwargs["use_kernels"] = False
     model = auto_cls.from_pretrained(path, **kwargs)
-    if getattr(model, "use_kernels", False):
+    loaded = model[0] if kwargs.get("output_loading_info") else model  # (model, loading info) when asked
+    if getattr(loaded, "use_kernels", False):
         raise RuntimeError(f"{path}: transformers replaced layers with hub kernels although use_kernels=False "
                            "and USE_HUB_KERNELS=NO were given; caldpo cannot train such a model")
     return model

@@ -49,8 +49,13 @@ def read_run(run_dir) -> dict:
     loss: dict = {}
     cfg_file = run / "config.yaml"
     if cfg_file.is_file():
-        from omegaconf import OmegaConf
-        loss = dict(OmegaConf.to_container(OmegaConf.load(cfg_file), resolve=False).get("loss") or {})
+        from omegaconf import DictConfig, OmegaConf
+        try:
+            cfg = OmegaConf.load(cfg_file)
+        except Exception as e:  # noqa: BLE001 - yaml's and OmegaConf's errors alike: the file cannot be read
+            raise PlotError(f"{cfg_file}: not YAML ({' '.join(str(e).split())[:200]}); restore it from a copy, or "
+                            "delete it (the plot then has no loss, beta or calibration targets)") from None
+        loss = dict(OmegaConf.to_container(cfg, resolve=False).get("loss") or {}) if isinstance(cfg, DictConfig) else {}
     splits: dict[str, dict[int, dict]] = {"train": {}, "eval": {}}
     for n, line in enumerate(metrics.read_text(encoding="utf-8").splitlines(), 1):
         if not line.strip():

@@ -150,13 +150,76 @@ class _Evil:
         return (os.system, ("true",))
 
 
-def test_metadata_unpickler_admits_dcp_metadata_only(tmp_path):
+def _call(module: str, name: str, *args) -> bytes:
+    """A protocol-4 pickle of ``module.name(*args)`` (string arguments), written opcode by opcode: STACK_GLOBAL
+    passes ``name`` to ``find_class`` as it is, dots included, as a planted ``.metadata`` would."""
+    def s(x: str) -> bytes:
+        b = x.encode()
+        return b"\x8c" + bytes([len(b)]) + b
+    return b"\x80\x04" + s(module) + s(name) + b"\x93" + b"(" + b"".join(map(s, args)) + b"tR."
+
+
+def _payloads(marker: Path) -> dict[str, bytes]:
+    touch = f"touch {marker}"
+    py = f"__import__('pathlib').Path({str(marker)!r}).touch()"
+    # getattr chain: getattr(torch.Size, "__init__") reached through builtins.getattr
+    getattr_chain = (b"\x80\x04" + _call("builtins", "getattr")[2:-4] + b"(" + _call("torch", "Size")[2:-4]
+                     + b"\x8c\x08__init__tR.")
+    return {
+        # the issue's payload: a module DCP's metadata lives in, with os.system reached by attribute traversal
+        "dotted_name_in_an_allowed_module": _call("torch.distributed.checkpoint.metadata", "os.system", touch),
+        "dotted_name_from_an_allowed_class": _call("torch.distributed.checkpoint.metadata",
+                                                   "Metadata.__init__.__globals__", "x"),
+        "os_system": _call("os", "system", touch),
+        "posix_system": _call("posix", "system", touch),
+        "builtins_eval": _call("builtins", "eval", py),
+        "builtins_exec": _call("builtins", "exec", py),
+        "getattr_chain": getattr_chain,
+        "allowed_module_other_function": _call("torch.distributed.checkpoint.filesystem", "_generate_uuid"),
+        "torch_serialization_load": _call("torch.serialization", "load", str(marker)),
+        "allowed_module_imported_name": _call("torch.distributed.checkpoint.metadata", "field"),
+        "torch_function_not_a_dtype": _call("torch", "load", str(marker)),
+        "reduce_of_any_object": pickle.dumps({"x": _Evil()}),
+    }
+
+
+@pytest.mark.parametrize("kind", sorted(_payloads(Path("/x"))))
+def test_metadata_unpickler_refuses_every_global_but_dcp_metadata_classes(tmp_path, kind):
     path = _save(tmp_path, 1)
-    md = ckpt.SafeReader(path).read_metadata()
-    assert md.state_dict_metadata
-    (path / ".metadata").write_bytes(pickle.dumps({"x": _Evil()}))
-    with pytest.raises(ckpt.CheckpointError, match="not DCP metadata"):
+    marker = tmp_path / "PWNED"
+    (path / ".metadata").write_bytes(_payloads(marker)[kind])
+    with pytest.raises(ckpt.CheckpointError, match=r"\.metadata: not DCP metadata \(.* is not part of checkpoint"):
         ckpt.SafeReader(path).read_metadata()
+    model, opt, sched = _model()
+    with pytest.raises(ckpt.CheckpointError, match="not DCP metadata"):
+        ckpt.load_resume(path, model, opt, sched)
+    assert not marker.exists(), "the planted pickle ran"
+
+
+def test_metadata_unpickler_admits_what_dcp_writes(tmp_path):
+    """Real checkpoints load: float32 and bfloat16 parameters, optimizer state, scheduler; every global their
+    ``.metadata`` names is admitted (recorded by a plain unpickler), and nothing else is needed."""
+    seen: set[tuple[str, str]] = set()
+
+    class Recorder(pickle.Unpickler):
+        def find_class(self, module, name):
+            seen.add((module, name))
+            return super().find_class(module, name)
+
+    torch.manual_seed(0)
+    for i, dtype in enumerate((torch.float32, torch.bfloat16)):
+        model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LayerNorm(8)).to(dtype)
+        opt = torch.optim.RMSprop(model.parameters(), lr=1e-3)
+        model(torch.randn(2, 4, dtype=dtype)).sum().backward()
+        opt.step()
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+        path = ckpt.save_resume(tmp_path / str(i), 1, model, opt, sched, {"examples_seen": 4, "next_eval": 8})
+        Recorder(open(path / ".metadata", "rb")).load()
+        md = ckpt.SafeReader(path).read_metadata()
+        assert md.state_dict_metadata and md.storage_data
+        ckpt.load_resume(path, model, opt, sched)
+    assert seen and seen <= ckpt._MetadataUnpickler.ALLOWED, seen - ckpt._MetadataUnpickler.ALLOWED
+    assert ("torch", "bfloat16") in seen
 
 
 def test_trainer_state_holding_objects_is_refused(tmp_path):

@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+from _readonly import read_only_fixture  # noqa: F401 (the read_only fixture)
 from caldpo.eval.__main__ import build_pairs, cli, main
 from caldpo.eval.prompts import judge_messages, parse_verdict
 from caldpo.eval.stats import wilson
@@ -193,6 +194,211 @@ def test_head_to_head_matches_by_prompt(tmp_path):
     assert sides["unmatched"] == 1
 
 
+class ReplyServer:
+    """A chat-completions endpoint answering each request with ``reply(n, user_text)`` -> (status, content type,
+    body bytes), ``n`` counting requests from 1; ``completion(text)`` is a well-formed 200 body."""
+
+    def __init__(self, reply):
+        self.requests = 0
+        self.lock = threading.Lock()
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with server.lock:
+                    server.requests += 1
+                    n = server.requests
+                status, ctype, data = reply(n, body["messages"][-1]["content"])
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
+
+    @staticmethod
+    def completion(text: str) -> tuple[int, str, bytes]:
+        return 200, "application/json", json.dumps({
+            "id": "c", "object": "chat.completion", "created": 0, "model": "m",
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]}).encode()
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def _ok(body: dict) -> tuple[int, str, bytes]:
+    return 200, "application/json", json.dumps(body).encode()
+
+
+MALFORMED = {  # 200 answers that are not chat completions, and what the one line says about each
+    "empty_choices": (_ok({"id": "c", "object": "chat.completion", "choices": []}), "'choices' is empty"),
+    "no_choices": (_ok({"id": "c", "object": "chat.completion"}), "no 'choices'"),
+    "error_object": (_ok({"error": {"message": "model overloaded"}}), "no 'choices' (its 'error': model overloaded)"),
+    "html": ((200, "text/html", b"<html><body>502 Bad gateway</body></html>"), "not JSON"),
+    "choices_not_a_list": (_ok({"choices": {"0": "x"}}), "'choices' is not a list"),
+    "no_message": (_ok({"choices": [{"index": 0, "text": "Verdict: A"}]}), "'choices[0]' has no 'message'"),
+}
+
+
+@pytest.mark.parametrize("mode", sorted(MALFORMED))
+def test_a_200_that_is_not_a_chat_completion_is_one_line_with_the_body_exit_2(tmp_path, no_proxy, capsys, mode):
+    answer, reason = MALFORMED[mode]
+    with ReplyServer(lambda n, user: answer) as server:
+        code = cli([str(_samples(tmp_path, 1)), "--judge", "chat", "--model", "m", "--base-url", server.url,
+                    "--out", str(tmp_path / "r.json"), "--retries", "1", "--backoff", "0.01"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"caldpo: chat:{server.url}:m: the server answered 200 with a body that is not a chat "
+                          f"completion ({reason}; {len(answer[2])} bytes, starting {answer[2][:200]!r}), 2 attempts")
+    assert server.requests == 2  # retried once, as a 5xx is
+    assert not (tmp_path / "r.json").exists()
+
+
+def test_a_malformed_200_is_retried_like_a_5xx(tmp_path, no_proxy):
+    def reply(n, user):
+        return (200, "text/html", b"<html>gateway</html>") if n == 1 else ReplyServer.completion("Verdict: A")
+    with ReplyServer(reply) as server:
+        report = main([str(_samples(tmp_path, 3)), "--judge", "chat", "--model", "m", "--base-url", server.url,
+                       "--out", str(tmp_path / "r.json"), "--retries", "2", "--backoff", "0.01", "--concurrency", "1"])
+    assert server.requests == 4 and report["summary"]["unparsable"] == 0
+
+
+def test_an_empty_reply_is_asked_again_once_and_never_cached(tmp_path, no_proxy):
+    seen: dict[str, int] = {}
+
+    def reply(n, user):  # question 0: always empty; question 1: empty once, then a verdict; others: a verdict
+        q = re.search(r"question (\d+)", user).group(1)
+        seen[q] = seen.get(q, 0) + 1
+        empty = q == "0" or (q == "1" and seen[q] == 1)
+        return ReplyServer.completion("" if empty else "Verdict: A")
+    samples, out = _samples(tmp_path, 3), tmp_path / "r.json"
+    args = [str(samples), "--judge", "chat", "--model", "m", "--out", str(out), "--retries", "0", "--concurrency", "1"]
+    with ReplyServer(reply) as server:
+        report = main(args + ["--base-url", server.url])
+        assert seen == {"0": 2, "1": 2, "2": 1}
+        items = report["items"]
+        assert items[0]["outcome"] == "unparsable" and items[0]["raw"] == "" and items[1]["verdict"] == "A"
+        cached = [json.loads(line) for line in out.with_suffix(".cache.jsonl").read_text().splitlines()]
+        assert len(cached) == 2 and all(c["raw"] == "Verdict: A" for c in cached)
+        main(args + ["--base-url", server.url])  # the rerun asks only for the empty one, again
+        assert seen == {"0": 4, "1": 2, "2": 1}
+
+
+def test_a_long_reply_is_stored_bounded_with_its_verdict_line(tmp_path, no_proxy):
+    from caldpo.eval.judges import MAX_STORED_CHARS
+    long = "blah " * 50_000 + "\nVerdict: B"
+    samples, out = _samples(tmp_path, 2), tmp_path / "r.json"
+    args = [str(samples), "--judge", "chat", "--model", "m", "--out", str(out), "--retries", "0"]
+    with ReplyServer(lambda n, user: ReplyServer.completion(long)) as server:
+        report = main(args + ["--base-url", server.url])
+        again = main(args + ["--base-url", server.url])
+        assert server.requests == 2
+    cache = out.with_suffix(".cache.jsonl")
+    assert cache.stat().st_size < 3 * MAX_STORED_CHARS and out.stat().st_size < 6 * MAX_STORED_CHARS
+    for it in report["items"] + again["items"]:
+        assert it["verdict"] == "B" and it["raw"].endswith("\nVerdict: B") and len(it["raw"]) < MAX_STORED_CHARS + 100
+        assert it["raw"].startswith("[caldpo: the first ")
+
+
+def test_a_torn_cache_line_is_cut_so_the_next_reply_is_kept(tmp_path, no_proxy):
+    """A kill (or a full disk) mid-write leaves half a line; the next reply must start a line of its own,
+    else it is unreadable and paid for again on every run."""
+    samples, out = _samples(tmp_path, 4), tmp_path / "r.json"
+    args = [str(samples), "--judge", "chat", "--model", "m", "--out", str(out), "--retries", "0", "--concurrency", "1"]
+    cache = out.with_suffix(".cache.jsonl")
+    with ReplyServer(lambda n, user: ReplyServer.completion("Verdict: A")) as server:
+        main(args + ["--base-url", server.url])
+        lines = cache.read_text().splitlines(keepends=True)
+        cache.write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2])  # the last reply torn
+        main(args + ["--base-url", server.url])
+        assert server.requests == 5  # the torn one asked again
+        assert [json.loads(line)["raw"] for line in cache.read_text().splitlines()] == ["Verdict: A"] * 4
+        again = main(args + ["--base-url", server.url])
+        assert server.requests == 5 and all(it["cached"] for it in again["items"])
+
+
+def test_an_unwritable_report_or_cache_is_refused_before_any_request(tmp_path, no_proxy, capsys, read_only):
+    out = read_only(tmp_path / "ro") / "r.json"
+    with ReplyServer(lambda n, user: ReplyServer.completion("Verdict: A")) as server:
+        code = cli([str(_samples(tmp_path, 2)), "--judge", "chat", "--model", "m", "--base-url", server.url,
+                    "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 2 and server.requests == 0 and err.startswith(f"caldpo: cannot write --out={out}: [Errno 30]")
+    cache = out.parent / "cache.jsonl"  # the verdict cache likewise: nothing is paid for that cannot be kept
+    with ReplyServer(lambda n, user: ReplyServer.completion("Verdict: A")) as server:
+        code = cli([str(_samples(tmp_path, 2)), "--judge", "chat", "--model", "m", "--base-url", server.url,
+                    "--out", str(tmp_path / "r.json"), "--cache", str(cache)])
+    err = capsys.readouterr().err
+    assert code == 2 and server.requests == 0 and err.startswith(f"caldpo: cannot write --cache={cache}: [Errno 30]")
+
+
+# ----------------------------------------------------------------------------- position bias
+
+def test_position_test_against_the_binomial_written_out():
+    """p = P(|X - n/2| >= |k - n/2|) for X ~ Binomial(n, 1/2), summed outcome by outcome."""
+    from caldpo.eval.stats import binomial_two_sided_p, position_bias
+
+    for n in range(0, 21):
+        for k in range(n + 1):
+            want = sum(math.comb(n, i) for i in range(n + 1) if abs(i - n / 2) >= abs(k - n / 2)) / 2 ** n
+            assert binomial_two_sided_p(k, n) == pytest.approx(min(1.0, want), rel=1e-12), (k, n)
+    assert binomial_two_sided_p(0, 16) == pytest.approx(2 / 2 ** 16)  # the demo's 16/16 second-shown picks
+    assert position_bias(0, 16)["follows_position"] and position_bias(16, 16)["follows_position"]
+    assert not position_bias(8, 16)["follows_position"] and not position_bias(12, 16)["follows_position"]  # p=.077
+    assert not position_bias(0, 5)["follows_position"]  # 5 decisive verdicts cannot reach p < 0.05
+    assert position_bias(0, 6)["follows_position"] and not position_bias(0, 0)["follows_position"]
+
+
+class _Judge:
+    """A judge reading position only ("B": the second shown) or content (the response holding "good")."""
+
+    def __init__(self, by: str):
+        self.by, self.name = by, f"stub:{by}"
+
+    def judge(self, items):
+        from caldpo.eval.judges import Judgement
+        if self.by == "position":
+            return [Judgement("B", "Verdict: B") for _ in items]
+        return [Judgement("A" if "good" in c.a else "B", "") for c in items]
+
+
+def test_a_judge_following_position_is_warned_about():
+    from caldpo.eval.__main__ import evaluate, format_table
+    pairs = [(f"\n\nHuman: q {i}?\n\nAssistant:", f" a good answer {i}", f" plain {i}") for i in range(16)]
+    biased = evaluate(pairs, _Judge("position"))
+    s = biased["summary"]
+    assert s["follows_position"] and s["first_shown_preferred"] == 0 and s["decisive"] == 16
+    assert s["position_p_value"] == pytest.approx(2 / 2 ** 16)
+    table = format_table(biased)
+    assert "WARNING: this judge follows position, not content: it preferred the response shown second in 16/16 " \
+           "decisive verdicts (two-sided exact binomial test against 1/2: p = 3.1e-05 < 0.05)" in table
+    fair = evaluate(pairs, _Judge("content"))
+    assert fair["summary"]["wins"] == 16 and not fair["summary"]["follows_position"]
+    assert "WARNING" not in format_table(fair) and "p = " in format_table(fair)
+
+
+def test_the_demo_says_what_its_win_rate_means():
+    from caldpo.eval.__main__ import evaluate
+    from caldpo.train.demo import win_rate_meaning
+    pairs = [(f"\n\nHuman: q {i}?\n\nAssistant:", f" a good answer {i}", f" plain {i}") for i in range(16)]
+    line = win_rate_meaning(evaluate(pairs, _Judge("position"))["summary"])
+    assert "\n" not in line and "over 16 judged test prompts" in line and "not a measure of quality" in line
+    assert "followed position (the WARNING above: p = 3.1e-05)" in line and "reflects the order shown" in line
+    assert "followed position" not in win_rate_meaning(evaluate(pairs, _Judge("content"))["summary"])
+
+
 # ----------------------------------------------------------------------------- local models
 
 @pytest.fixture(scope="module")
@@ -244,6 +450,18 @@ def test_reward_model_judge_scores_like_the_models_own_forward(tmp_path, tiny_di
         assert it["outcome"] == ("win" if sc > sb else "loss")
     s = report["summary"]
     assert s["wins"] + s["losses"] == 5 and s["unparsable"] == 0
+
+
+def test_reward_model_judge_refuses_a_model_without_a_reward_head(tmp_path, tiny_dir, capsys):
+    """A causal LM's folder loads as a sequence classifier with a randomly initialised score head: refused."""
+    samples, _ = _hf_samples(tmp_path)
+    code = cli([str(samples), "--judge", "reward-model", "--reward-model", str(tiny_dir), "--device", "cpu",
+                "--out", str(tmp_path / "rm.json")])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"caldpo: --reward-model {tiny_dir}: the checkpoint holds no weights for its "
+                          "GPTNeoXForSequenceClassification head (score.weight)")
+    assert "GPTNeoXForCausalLM" in err and not (tmp_path / "rm.json").exists()
 
 
 def test_local_lm_judge_reads_the_verdict_tokens(tmp_path, tiny_dir):

@@ -231,15 +231,25 @@ def test_damaged_checkpoint_is_named_and_the_previous_one_used(server, baseline,
     assert_same_run(baseline, run)
 
 
-@pytest.mark.parametrize("target", ["trainer_state.pt", ".metadata"])
-def test_planted_pickle_with_a_matching_manifest_is_refused(server, interrupted, tmp_path, target):
+def _plant_dotted(path: Path, marker: Path) -> None:
+    """The issue's payload: protocol 4's STACK_GLOBAL with the module DCP's metadata lives in and the dotted
+    name ``os.system`` (resolved by attribute traversal: that module imports os)."""
+    def s(x: str) -> bytes:
+        return b"\x8c" + bytes([len(x.encode())]) + x.encode()
+    path.write_bytes(b"\x80\x04" + s("torch.distributed.checkpoint.metadata") + s("os.system") + b"\x93("
+                     + s(f"touch {marker}") + b"tR.")
+
+
+@pytest.mark.parametrize("target,payload", [("trainer_state.pt", "reduce"), (".metadata", "reduce"),
+                                            (".metadata", "dotted_global")])
+def test_planted_pickle_with_a_matching_manifest_is_refused(server, interrupted, tmp_path, target, payload):
     """Whoever can rewrite the manifest too is trusted (README); still, no code runs and the file is named."""
     from caldpo.train.checkpoint import MANIFEST, sha256_file
     run = tmp_path / "run"
     shutil.copytree(interrupted, run)
     step = run / "checkpoints" / "step_4"
     marker = tmp_path / "PWNED"
-    _plant(step / target, marker)
+    (_plant_dotted if payload == "dotted_global" else _plant)(step / target, marker)
     man = json.loads((step / MANIFEST).read_text())
     man["files"][target] = {"size": (step / target).stat().st_size, "sha256": sha256_file(step / target)}
     (step / MANIFEST).write_text(json.dumps(man))
@@ -319,6 +329,71 @@ def test_nonfinite_training_stops_without_saving_or_exporting_it(server, tmp_pat
         dcp_to_torch_save(step, tmp_path / "sd.pt")
         sd = torch.load(tmp_path / "sd.pt", weights_only=False)["model"]  # our own file, just written
         assert all(torch.isfinite(v).all() for v in sd.values() if torch.is_tensor(v) and v.is_floating_point())
+
+
+# ----------------------------------------------------------------------------- data changed under a resumable run
+
+@pytest.fixture
+def interrupted_on_own_data(server, tmp_path) -> tuple[Path, Path]:
+    """(run killed in step 5 with checkpoints step_2 and step_4, its data folder: a copy of the sample).
+    One per test: the data path is part of the run's identity, so each test edits its own copy in place."""
+    from caldpo.train.data import SAMPLE_DIR
+    shutil.copytree(SAMPLE_DIR, tmp_path / "data")
+    codes, log = train(server, tmp_path / "run", f"data.paths.sample={tmp_path / 'data'}", fault="mid_step:5")
+    assert codes == [KILLED], log[-3000:]
+    return tmp_path / "run", tmp_path / "data"
+
+
+def _rows(path: Path) -> list[str]:
+    return path.read_text().splitlines(keepends=True)
+
+
+DATA_CHANGES = {  # change -> (split, edit of that split's lines, what the line says of the counts)
+    "train rows reordered": ("train", lambda ls: ls[1:] + ls[:1], "but their content or order differs"),
+    "train rows added": ("train", lambda ls: ls + ls[:50], "examples at the checkpoint, "),
+    "test row edited": ("test", lambda ls: [_edited(ls[0])] + ls[1:], "but their content or order differs"),
+}
+
+
+def _edited(line: str) -> str:
+    row = json.loads(line)
+    row["chosen"] += " Indeed."
+    return json.dumps(row) + "\n"
+
+
+@pytest.mark.parametrize("change", sorted(DATA_CHANGES))
+def test_resume_after_the_data_changed_is_refused_naming_the_split_and_file(server, interrupted_on_own_data, change):
+    """The data position is a count into the examples' order: resuming on changed rows would silently train on
+    others. Refused (exit 2, nothing changed), unless data.on_change=continue, which resumes with a warning."""
+    run, data = interrupted_on_own_data
+    split, edit, says = DATA_CHANGES[change]
+    file = data / f"{split}.jsonl"
+    file.write_text("".join(edit(_rows(file))))
+    before = (run / "metrics.jsonl").read_text()
+    codes, log = train(server, run, f"data.paths.sample={data}")
+    last = log.strip().splitlines()[-1]
+    assert codes == [2] and "Traceback" not in log, log[-3000:]
+    assert last.startswith(f"caldpo: cannot resume {run} from checkpoint step_4: the data changed since it was written: "
+                           f"the {split} split (sample: {file}): ")
+    assert says in last and "data.on_change=continue" in last and last.count("split (") == 1
+    assert (run / "metrics.jsonl").read_text() == before
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_2", "step_4"]
+
+    codes, log = train(server, run, f"data.paths.sample={data}", "data.on_change=continue")
+    assert codes == [0], log[-3000:]
+    assert "resumed from" in log and f"the {split} split (sample: {file})" in log
+    assert "resuming on the changed data (data.on_change=continue)" in log
+
+
+def test_resume_on_unchanged_data_is_not_refused(server, interrupted_on_own_data):
+    run, data = interrupted_on_own_data
+    codes, log = train(server, run, f"data.paths.sample={data}")
+    assert codes == [0] and "resumed from" in log and "data changed" not in log, log[-3000:]
+    # the resume marker has a split of its own: each train step once among the "train" records
+    recs = records(run)
+    assert [r["split"] for r in recs if "resumed_from_step" in r] == ["resume"]
+    steps = [r["step"] for r in recs if r["split"] == "train"]
+    assert steps == sorted(set(steps)) and steps[-1] == 6
 
 
 # ----------------------------------------------------------------------------- reference log-prob cache

@@ -3,13 +3,16 @@ length-sorted batches returned in input order, prompts cut only past the model's
 and then by the training truncation rule keeping the prompt's final cue."""
 from __future__ import annotations
 
+import errno
 import json
+import os
 import subprocess
 import sys
 
 import pytest
 import torch
 
+from _readonly import read_only_fixture  # noqa: F401 (the read_only fixture)
 from conftest import REPO, TINY, run_train
 from caldpo.train.batches import encode_prompt, prompt_cue_tokens, truncate_prompt
 from caldpo.train.config import load_config
@@ -145,3 +148,36 @@ def test_generate_options_that_cannot_run_are_config_errors(tmp_path, capsys, mo
     assert cli([*TINY, override, f"generate.output={out}"]) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"caldpo: config error: {message}") and err.count("\n") == 1 and not out.exists()
+
+
+def test_unwritable_output_is_refused_before_the_model_loads(tmp_path, capsys, monkeypatch, read_only):
+    import caldpo.train.model as model
+    from caldpo.train.generate import cli
+
+    def no_load(*a, **kw):
+        raise AssertionError("the model was loaded (and would generate) for an output that cannot be written")
+    monkeypatch.setattr(model, "load_causal_lm", no_load)
+    out = read_only(tmp_path / "ro") / "samples.json"
+    assert cli([*TINY, f"generate.output={out}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"caldpo: cannot write generate.output={out}: [Errno 30] Read-only file system")
+    assert "MiB free" in err and err.count("\n") == 1
+
+
+def test_failed_samples_write_keeps_the_previous_file(tmp_path, capsys, monkeypatch):
+    """A full disk at the end: one line (path, error, free space), status 3, the previous samples.json whole."""
+    import caldpo.files as files
+    from caldpo.train.generate import cli
+
+    out = tmp_path / "samples.json"
+    out.write_text('[{"prompt": "p", "response": "old", "reference": "r"}]')
+    before = out.read_bytes()
+
+    def full(path, data):  # write_atomic on a full disk (tests/test_files.py: the previous file stays whole)
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    monkeypatch.setattr(files, "write_atomic", full)
+    assert cli([*TINY, "generate.n_prompts=2", "max_new_tokens=2", f"generate.output={out}"]) == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith(f"caldpo: writing samples {out} failed: [Errno 28] No space left on device")
+    assert "previous samples.json is unchanged" in err[-1] and "Traceback" not in "\n".join(err)
+    assert out.read_bytes() == before

@@ -52,6 +52,8 @@ def test_dashboard_names_are_the_authors():
     assert step == 24
     assert {k: scalars[k] for k in AUTHORS_EVAL} == {k: ev[v] for k, v in AUTHORS_EVAL.items()}
     assert set(scalars) == set(AUTHORS_EVAL) | {"eval/eval_seconds"}  # no counters, grad norm or rate in eval
+    # a resumed run's marker is no metric: nothing is drawn (before, it drew counters at an earlier step)
+    assert dashboard_scalars({"split": "resume", "resumed_from_step": 3, "step": 3, "examples": 24}, 8) == ({}, 24)
 
 
 def test_wandb_gets_the_authors_names(tmp_path, monkeypatch):

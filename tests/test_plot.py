@@ -81,3 +81,11 @@ def test_plot_writes_a_png_with_every_run(tmp_path, capsys):
 def test_plot_refuses_a_folder_without_metrics(tmp_path, capsys):
     assert plot_main([str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
     assert capsys.readouterr().err.startswith("caldpo: ") and not (tmp_path / "x.png").exists()
+
+
+def test_plot_names_a_config_yaml_that_is_not_yaml(tmp_path, capsys):
+    (tmp_path / "metrics.jsonl").write_text('{"split": "train", "step": 1, "examples": 8, "loss": 1.0}\n')
+    (tmp_path / "config.yaml").write_text("loss: [unclosed\n  : :\n")
+    assert plot_main([str(tmp_path), "--out", str(tmp_path / "x.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"caldpo: {tmp_path / 'config.yaml'}: not YAML") and err.count("\n") == 1

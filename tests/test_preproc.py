@@ -92,7 +92,7 @@ def test_tldr_pref_refuses_an_empty_split(tmp_path, capsys):
         tldr_pref([str(f)], str(out))
     assert str(e.value).startswith(f"--input: {f}: no train examples (test: 2 rows read")
     assert e.value.hint == "add the files holding the train rows; nothing was written"
-    assert sorted(p.name for p in out.iterdir()) == []  # neither split written, no temporary left
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["batch13.json"]  # no out folder, no temporary left
     with pytest.raises(SystemExit) as exit_:
         main(["tldr-pref", "--input", str(f), "--out", str(out)])
     err = capsys.readouterr().err
@@ -116,3 +116,44 @@ def test_tldr_sft_refuses_an_empty_split_and_broken_lines_exit_2(tmp_path, capsy
     with pytest.raises(DataError, match=r"no valid examples .*rows skipped: bad_json=1"):
         tldr_sft([str(src)], str(tmp_path / "out"), on_error="skip")
     assert not (tmp_path / "out" / "train.jsonl").exists()
+
+
+def _sft_rows(tag: str, n: int) -> list[dict]:
+    return [{"subreddit": tag, "title": f"{tag} title {i}", "post": f"{tag} post {i}", "summary": f"{tag} summary {i}"}
+            for i in range(n)]
+
+
+def test_a_second_output_replaces_the_first_whole_and_lists_what_it_wrote(tmp_path, capsys):
+    """An earlier output's test.jsonl must not sit beside a new input's train.jsonl (a run would evaluate on
+    the old data); the last line lists the files written, only those."""
+    old, new, out = tmp_path / "old", tmp_path / "new", tmp_path / "out"
+    write_jsonl(old / "train.jsonl", _sft_rows("old", 3))
+    write_jsonl(old / "test.jsonl", _sft_rows("old", 2))
+    write_jsonl(new / "train.jsonl", _sft_rows("new", 4))
+    main(["tldr-sft", "--input", str(old), "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["test.jsonl", "train.jsonl"]
+    capsys.readouterr()
+    main(["tldr-sft", "--input", str(new), "--out", str(out)])
+    assert sorted(p.name for p in out.iterdir()) == ["train.jsonl"]
+    assert all("new post" in r["prompt"] for r in read(out / "train.jsonl")) and len(read(out / "train.jsonl")) == 4
+    assert capsys.readouterr().out.strip().splitlines()[-1] == f"wrote {out / 'train.jsonl'}"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old", "out"]  # no temporary folder left
+
+    # a run that fails leaves the earlier output as it was
+    write_jsonl(new / "test.jsonl", [b'{"broken'])
+    with pytest.raises(DataError):
+        tldr_sft([str(new)], str(out))
+    assert sorted(p.name for p in out.iterdir()) == ["train.jsonl"] and len(read(out / "train.jsonl")) == 4
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["new", "old", "out"]
+
+
+def test_an_out_folder_holding_other_files_is_refused(tmp_path, capsys):
+    src, out = tmp_path / "src", tmp_path / "out"
+    write_jsonl(src / "train.jsonl", _sft_rows("a", 2))
+    out.mkdir()
+    (out / "NOTES.md").write_text("mine\n")
+    with pytest.raises(SystemExit) as exit_:
+        main(["tldr-sft", "--input", str(src), "--out", str(out)])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and err.count("\n") == 1 and f"--out {out}: holds NOTES.md" in err
+    assert sorted(p.name for p in out.iterdir()) == ["NOTES.md"]

@@ -318,3 +318,35 @@ def test_epoch_seeds_are_numpys_draws_one_after_the_other():
     assert epoch_seeds(5, 300) == [int(v) for v in every[:300]]
     with pytest.raises(ValueError, match="2\\*\\*32"):
         epoch_seeds(-1, 1)
+
+
+def test_examples_fingerprint_follows_every_change_of_the_split(tmp_path):
+    """``Examples.fingerprint`` (what a resume checkpoint records): equal for the same examples, different after
+    rows are reordered, added, edited or removed, or the truncation changes; the other split's rows do not
+    enter it."""
+    import shutil
+
+    from caldpo.train.config import load_config
+    from caldpo.train.data import SAMPLE_DIR
+    from caldpo.train.schedule import Examples
+
+    data = tmp_path / "data"
+    shutil.copytree(SAMPLE_DIR, data)
+    train = data / "train.jsonl"
+    lines = train.read_text().splitlines(keepends=True)
+
+    def fp(*over: str, text: list[str] | None = None) -> str:
+        train.write_text("".join(lines if text is None else text))
+        cfg = load_config(["model=tiny", "datasets=[sample]", f"data.paths.sample={data}", *over])
+        return Examples(cfg, "train", sft=False, verbose=False).fingerprint
+
+    base = fp()
+    assert len(base) == 64 and fp() == base
+    edited = json.loads(lines[3])
+    edited["rejected"] += " Really."
+    changed = {"reordered": fp(text=lines[1:] + lines[:1]), "added": fp(text=lines + lines[:1]),
+               "removed": fp(text=lines[:-1]), "edited": fp(text=lines[:3] + [json.dumps(edited) + "\n"] + lines[4:]),
+               "max_length": fp("max_length=100", "max_prompt_length=50")}
+    assert all(v != base for v in changed.values()) and len(set(changed.values())) == len(changed)
+    (data / "test.jsonl").write_text((data / "test.jsonl").read_text().splitlines(keepends=True)[0])
+    assert fp() == base

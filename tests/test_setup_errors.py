@@ -1,7 +1,11 @@
-"""What a user sees when a run stops during setup: another model's archive, a corrected rerun, Ctrl-C."""
+"""What a user sees when a run stops during setup: another model's archive, a corrected rerun, Ctrl-C,
+damaged run-directory files, a read-only run directory, a damaged model folder."""
+import json
+
 import pytest
 from transformers import GPTNeoXConfig, GPTNeoXForCausalLM
 
+from _readonly import read_only_fixture  # noqa: F401 (the read_only fixture)
 import caldpo.train.trainer as trainer_module
 from caldpo.train.__main__ import cli
 from caldpo.train.config import ConfigError, check_run_dir, load_config, write_run_config
@@ -60,3 +64,96 @@ def test_archive_directory_points_to_its_policy_pt(tmp_path):
     (tmp_path / "policy.pt").write_bytes(b"")
     with pytest.raises(ConfigError, match=f"is a directory; pass the policy.pt file: model.archive={tmp_path}/policy.pt"):
         validate(load_config([*TINY, f"model.archive={tmp_path}"]), 1)
+
+
+def _trained_run(run_dir):
+    """A run directory as a run leaves it after its first steps: config.yaml, identity.json, metrics."""
+    write_run_config(load_config([*TINY, f"run_dir={run_dir}"]), run_dir)
+    (run_dir / "metrics.jsonl").write_text('{"split": "train", "step": 1, "loss": 1.0}\n')
+    return run_dir
+
+
+DAMAGE = {  # file -> (damage, what the one line says)
+    "identity.json truncated": ("identity.json", lambda t: t[: len(t) // 2], "identity.json: unreadable (Unterminated"),
+    "identity.json not caldpo's": ("identity.json", lambda t: '{"options": [1, 2]}', "'options' is a list"),
+    "config.yaml not YAML": ("config.yaml", lambda t: "model: [unclosed\n  : :\n", "config.yaml: not YAML"),
+    "config.yaml another file": ("config.yaml", lambda t: "- a list\n", "config.yaml: not a caldpo run's"),
+    "DONE truncated": ("DONE", lambda t: '{"step": 12, "exam', "DONE: unreadable"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DAMAGE))
+def test_damaged_run_files_are_one_line_naming_the_file_and_what_to_do(tmp_path, capsys, case):
+    name, damage, says = DAMAGE[case]
+    run_dir = _trained_run(tmp_path / "run")
+    path = run_dir / name
+    path.write_text(damage(path.read_text() if path.exists() else ""))
+    assert cli([*TINY, f"run_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("caldpo: ") and err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{path}" in err and says in err and "Restore it from a copy" in err
+
+
+def test_config_yaml_deleted_after_damage_is_written_again(tmp_path):
+    run_dir = _trained_run(tmp_path / "run")
+    (run_dir / "config.yaml").unlink()  # what the message for a damaged config.yaml says to do
+    cfg = load_config([*TINY, f"run_dir={run_dir}"])
+    assert check_run_dir(cfg, run_dir) == {}
+    write_run_config(cfg, run_dir)
+    assert "max_length: 96" in (run_dir / "config.yaml").read_text()
+
+
+@pytest.mark.parametrize("where", ["new run_dir", "trained run_dir"])
+def test_run_dir_on_a_read_only_filesystem_is_one_line(tmp_path, capsys, read_only, where):
+    if where == "new run_dir":
+        run_dir = read_only(tmp_path / "ro") / "run"
+    else:
+        run_dir = _trained_run(tmp_path / "ro")
+        read_only(run_dir)
+    assert cli([*TINY, f"run_dir={run_dir}"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.startswith(f"caldpo: cannot write run_dir {run_dir}: [Errno 30] Read-only file system (")
+    assert "MiB free" in err and "Choose a writable run_dir=" in err
+
+
+def _truncate(path):
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def _drop_eos(path):
+    cfg = json.loads(path.read_text())
+    del cfg["eos_token"]
+    path.write_text(json.dumps(cfg))
+
+
+MODEL_DAMAGE = {  # case -> (file, damage, what the line names)
+    "config.json truncated": ("config.json", _truncate, "config.json is not valid JSON ("),
+    "config.json missing": ("config.json", lambda p: p.unlink(), "no config.json there"),
+    "tokenizer.json truncated": ("tokenizer.json", _truncate, "tokenizer.json is not valid JSON"),
+    "tokenizer_config.json not an object": ("tokenizer_config.json", lambda p: p.write_text("[]"),
+                                            "tokenizer_config.json holds a JSON list"),
+    "weights truncated": ("model.safetensors", _truncate, "model.safetensors: "),
+    "tokenizer without EOS": ("tokenizer_config.json", _drop_eos, "the tokenizer has no EOS token"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MODEL_DAMAGE))
+def test_a_damaged_model_folder_is_a_config_error_before_the_data_loads(tmp_path, capsys, monkeypatch, case):
+    import shutil
+
+    import caldpo.train.schedule as schedule
+    from caldpo.train.tiny import tiny_model_dir
+
+    def no_data(*a, **kw):
+        raise AssertionError("the data loaded before the model folder was checked")
+    monkeypatch.setattr(schedule, "load_dataset", no_data)
+    name, damage, says = MODEL_DAMAGE[case]
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir(), folder)
+    damage(folder / name)
+    assert cli(["model=hf", f"model.name_or_path={folder}", *TINY[1:], f"run_dir={tmp_path / 'run'}"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"caldpo: config error: model.name_or_path={folder}: ") and err.count("\n") == 1, err
+    assert says in err and "Traceback" not in err

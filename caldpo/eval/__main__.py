@@ -29,9 +29,11 @@ import json
 import os
 from pathlib import Path
 
+from caldpo.files import check_writable, json_text, write_output
+
 from .judges import ChatJudge, Comparison, JudgeError, LocalLMJudge, RewardModelJudge, VerdictCache, shown_order
 from .prompts import TASKS, detect_task
-from .stats import win_rate
+from .stats import POSITION_ALPHA, position_bias, win_rate
 
 
 class EvalError(ValueError):
@@ -112,12 +114,14 @@ def evaluate(pairs: list[tuple[str, str, str]], judge, *, task: str = "auto", se
                       "shown": ["candidate", "baseline"] if first else ["baseline", "candidate"],
                       "verdict": j.verdict, "outcome": outcome, "raw": j.raw, "cached": j.cached})
     stats = win_rate(counts["win"], counts["tie"], counts["loss"], ties)
+    bias = position_bias(sum(j.verdict == "A" for j in judgements), sum(j.verdict in ("A", "B") for j in judgements))
     summary = {"wins": counts["win"], "ties": counts["tie"], "losses": counts["loss"],
                "unparsable": counts["unparsable"], "items": len(items), **stats, "ties_rule": ties,
                "ci": "95% Wilson score interval", "candidate_shown_first": sum(firsts),
-               # position bias, visible: how often a decisive verdict picked the response shown first
-               "first_shown_preferred": sum(j.verdict == "A" for j in judgements),
-               "decisive": sum(j.verdict in ("A", "B") for j in judgements)}
+               # position bias, visible: how often a decisive verdict picked the response shown first, and
+               # whether that count is beyond chance (caldpo.eval.stats: two-sided exact binomial test, p < 0.05)
+               "first_shown_preferred": bias["first_shown_preferred"], "decisive": bias["decisive"],
+               "position_p_value": bias["p_value"], "follows_position": bias["follows_position"]}
     return {"judge": judge.name, "seed": seed, "summary": summary, "items": items}
 
 
@@ -132,8 +136,25 @@ def format_table(report: dict, sides: dict | None = None) -> str:
               f"{s['items']:>6}{s['wins']:>6}{s['ties']:>6}{s['losses']:>8}{s['unparsable']:>12}{s['win_rate']:>10.3f}"
               f"   [{s['ci_low']:.3f}, {s['ci_high']:.3f}]",
               f"candidate shown first in {s['candidate_shown_first']}/{s['items']} items (seed {report['seed']}); "
-              f"the response shown first preferred in {s['first_shown_preferred']}/{s['decisive']} decisive verdicts"]
+              f"the response shown first preferred in {s['first_shown_preferred']}/{s['decisive']} decisive verdicts"
+              + (f" (two-sided binomial test against 1/2: p = {s['position_p_value']:.2g})"
+                 if "position_p_value" in s else "")]
+    warning = position_warning(s)
+    if warning:
+        lines.append(warning)
     return "\n".join(lines)
+
+
+def position_warning(summary: dict) -> str | None:
+    """The warning line when the judge followed position rather than content (``stats.position_bias``), else None."""
+    if not summary.get("follows_position"):
+        return None
+    k, n = summary["first_shown_preferred"], summary["decisive"]
+    side, count = ("first", k) if 2 * k > n else ("second", n - k)
+    return (f"WARNING: this judge follows position, not content: it preferred the response shown {side} in "
+            f"{count}/{n} decisive verdicts (two-sided exact binomial test against 1/2: p = "
+            f"{summary['position_p_value']:.2g} < {POSITION_ALPHA}), while the order was a fair coin flip per item; "
+            "the win rate measures where the responses were shown, not what they say")
 
 
 def make_judge(a: argparse.Namespace, report_path: Path):
@@ -152,7 +173,8 @@ def make_judge(a: argparse.Namespace, report_path: Path):
     if not key and a.base_url is None:
         raise EvalError(f"--judge chat without --base-url talks to OpenAI, which needs a key: set ${a.api_key_env} "
                         "(or name another variable with --api-key-env)")
-    cache = VerdictCache(a.cache or report_path.with_suffix(".cache.jsonl"))
+    cache_path = check_writable(Path(a.cache) if a.cache else report_path.with_suffix(".cache.jsonl"), "--cache")
+    cache = VerdictCache(cache_path)
     return ChatJudge(a.model, base_url=a.base_url, api_key=key, cache=cache, concurrency=a.concurrency,
                      retries=a.retries, backoff=a.backoff, max_tokens=a.max_tokens, timeout=a.timeout, seed=a.seed)
 
@@ -199,13 +221,13 @@ def main(argv: list[str] | None = None) -> dict:
     if a.limit is not None:
         pairs = pairs[: a.limit]
     out = Path(a.out) if a.out else Path(a.samples).with_suffix(f".{a.judge}.eval.json")
+    check_writable(out, "--out")  # before any judging is paid for
     judge = make_judge(a, out)
     report = evaluate(pairs, judge, task=a.task, seed=a.seed, ties=a.ties)
     report["sides"] = sides
     if isinstance(judge, ChatJudge):
         report["requests"] = judge.requests
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=1, ensure_ascii=False))
+    write_output(out, json_text(report, indent=1, ensure_ascii=False), "the evaluation report")
     print(format_table(report, sides))
     print(f"report: {out}")
     return report

@@ -18,6 +18,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
+from caldpo.files import OutputError, free_space, os_reason, prepare_jsonl
+
 from .prompts import PROMPT_VERSION, judge_messages, parse_verdict
 
 
@@ -59,12 +61,15 @@ def _device(device: str):
 # ----------------------------------------------------------------------------- reward model
 
 def _load_hf(path: str, auto_cls, option: str, device: str, dtype: str):
-    """(device, tokenizer, model in eval mode) of a local Hugging Face folder; JudgeError if it is not one.
+    """(device, tokenizer, model in eval mode) of a local Hugging Face folder; JudgeError if it is not one, or
+    if the checkpoint lacks weights the model class needs (transformers would initialise them at random: a
+    causal LM's folder loaded as a sequence classifier gets a random score head) or holds them in other shapes.
 
     dtype "auto": bfloat16 on CUDA, float32 elsewhere.
     """
     import torch
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     from caldpo.hf import from_pretrained
     p = Path(path)
@@ -73,7 +78,25 @@ def _load_hf(path: str, auto_cls, option: str, device: str, dtype: str):
     dev = _device(device)
     torch_dtype = {"auto": torch.bfloat16 if dev.type == "cuda" else torch.float32,
                    "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
-    return dev, AutoTokenizer.from_pretrained(p), from_pretrained(auto_cls, p, dtype=torch_dtype).to(dev).eval()
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would precede the one line said below
+    try:
+        model, info = from_pretrained(auto_cls, p, dtype=torch_dtype, output_loading_info=True)
+    finally:
+        hf_logging.set_verbosity(verbosity)
+    missing = sorted(info.get("missing_keys") or ())
+    mismatched = sorted(str(k[0] if isinstance(k, tuple) else k) for k in info.get("mismatched_keys") or ())
+    if missing or mismatched:
+        prefix = getattr(model, "base_model_prefix", "")
+        head = [k for k in missing if prefix and not k.startswith(prefix + ".")]
+        archs = ", ".join(getattr(model.config, "architectures", None) or ["?"])
+        what = (f"no weights for its {type(model).__name__} head ({', '.join(head[:4])})" if head
+                else f"no weights for {len(missing)} of its parameters ({', '.join(missing[:4])})" if missing
+                else f"weights of other shapes for {', '.join(mismatched[:4])}")
+        raise JudgeError(f"{option} {path}: the checkpoint holds {what}; transformers would initialise them at "
+                         f"random and the judge would score noise. The folder was saved from {archs}: give "
+                         f"{'a reward model (a sequence-classification checkpoint with its trained score head)' if auto_cls.__name__.endswith('SequenceClassification') else 'a complete model folder'}")
+    return dev, AutoTokenizer.from_pretrained(p), model.to(dev).eval()
 
 
 class RewardModelJudge:
@@ -187,12 +210,28 @@ class LocalLMJudge:
 
 # ----------------------------------------------------------------------------- chat completions
 
+MAX_STORED_CHARS = 16384  # of a judge's reply, in the cache and the report (the verdict is on its last line)
+BODY_SHOWN = 200  # bytes of a malformed reply's body quoted in the error
+
+
+def bounded(raw: str) -> str:
+    """``raw`` as stored: at most ``MAX_STORED_CHARS`` characters, its end kept (the verdict line), with a
+    first line saying how much was cut. A server that ignores ``max_tokens`` cannot grow the cache or the
+    report without bound."""
+    if len(raw) <= MAX_STORED_CHARS:
+        return raw
+    return f"[caldpo: the first {len(raw) - MAX_STORED_CHARS} characters of this reply were not stored]\n" + \
+        raw[-MAX_STORED_CHARS:]
+
+
 class VerdictCache:
     """Raw judge replies on disk (JSON lines), keyed by judge, prompt version and the text judged.
 
     Appended and flushed after every reply, so an interrupted evaluation loses nothing it
     paid for; a later run with the same cache file reads them back instead of asking again.
-    A torn last line (a kill mid-write) is ignored.
+    On open, a torn last line (a kill or a full disk mid-write) is cut (``caldpo.files.prepare_jsonl``,
+    as ``metrics.jsonl`` is), so the next reply starts a line of its own. Empty replies are not stored
+    (and ones an older caldpo stored are ignored): they are asked again. Replies are stored ``bounded``.
     """
 
     def __init__(self, path: str | Path | None):
@@ -200,10 +239,16 @@ class VerdictCache:
         self.data: dict[str, str] = {}
         self.lock = threading.Lock()
         if self.path and self.path.is_file():
-            for line in self.path.read_text(encoding="utf-8").splitlines():
+            try:
+                prepare_jsonl(self.path)
+            except OSError as e:
+                raise JudgeError(f"verdict cache {self.path}: cannot be repaired ({os_reason(e)}); "
+                                 "pass another --cache") from None
+            for line in self.path.read_text(encoding="utf-8", errors="replace").splitlines():
                 try:
                     rec = json.loads(line)
-                    self.data[rec["key"]] = rec["raw"]
+                    if isinstance(rec["raw"], str) and rec["raw"]:
+                        self.data[rec["key"]] = rec["raw"]
                 except (json.JSONDecodeError, KeyError, TypeError):
                     continue
 
@@ -215,12 +260,55 @@ class VerdictCache:
         return self.data.get(key)
 
     def put(self, key: str, raw: str) -> None:
+        if not raw:
+            return
+        raw = bounded(raw)
         with self.lock:
             self.data[key] = raw
             if self.path:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                with open(self.path, "a", encoding="utf-8") as f:
-                    f.write(json.dumps({"key": key, "raw": raw}) + "\n")
+                try:
+                    self.path.parent.mkdir(parents=True, exist_ok=True)
+                    with open(self.path, "a", encoding="utf-8") as f:
+                        f.write(json.dumps({"key": key, "raw": raw}) + "\n")
+                except OSError as e:  # a torn line left here is cut on the next open
+                    raise OutputError(f"writing the verdict cache {self.path} failed: {os_reason(e)} "
+                                      f"({free_space(self.path.parent)}); the replies stored before are kept. Free "
+                                      "space (or pass another --cache) and run again: it asks only for the rest",
+                                      exit_code=3) from None
+
+
+class MalformedReply(ValueError):
+    """A 200 reply whose body is not a chat completion holding a reply (``reason``; ``body``: its bytes)."""
+
+    def __init__(self, reason: str, body: bytes):
+        super().__init__(reason)
+        self.reason, self.body = reason, body
+
+
+def reply_text(body: bytes) -> str:
+    """The reply of a chat-completions response body: ``choices[0].message.content`` ("" when the message has
+    no content). Raises MalformedReply for a body that is not JSON, or has no ``choices``, an empty or
+    mistyped one, or no message."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise MalformedReply("not JSON", body) from None
+    if not isinstance(data, dict):
+        raise MalformedReply(f"a JSON {type(data).__name__}, not an object", body)
+    choices = data.get("choices")
+    if choices is None:
+        err = data.get("error")
+        detail = f" (its 'error': {err.get('message', err) if isinstance(err, dict) else err})" if err else ""
+        raise MalformedReply(f"no 'choices'{detail}", body)
+    if not isinstance(choices, list) or not choices:
+        raise MalformedReply("'choices' is empty" if choices == [] else "'choices' is not a list", body)
+    message = choices[0].get("message") if isinstance(choices[0], dict) else None
+    if not isinstance(message, dict):
+        raise MalformedReply("'choices[0]' has no 'message'", body)
+    content = message.get("content")
+    if content is not None and not isinstance(content, str):
+        raise MalformedReply(f"'choices[0].message.content' is a {type(content).__name__}, not text", body)
+    return content or ""
 
 
 class ChatJudge:
@@ -228,9 +316,10 @@ class ChatJudge:
 
     ``base_url`` None means OpenAI itself. Requests run ``concurrency`` at a time; a 429, a
     5xx, a timeout or a dropped connection is retried up to ``retries`` times with
-    exponential backoff (``backoff`` s, doubling, with jitter); any other refusal (401,
-    404, 400...) stops the evaluation with the server's message. Decoding is greedy
-    (temperature 0). Replies are cached (``VerdictCache``) before they are parsed.
+    exponential backoff (``backoff`` s, doubling, with jitter), and so is a 200 whose body is not
+    a chat completion (``reply_text``); any other refusal (401, 404, 400...) stops the evaluation
+    with the server's message. Decoding is greedy (temperature 0). Replies are cached
+    (``VerdictCache``) before they are parsed; an empty one is asked again once and never cached.
     """
 
     def __init__(self, model: str, *, base_url: str | None = None, api_key: str | None = None,
@@ -248,22 +337,41 @@ class ChatJudge:
         self._count_lock = threading.Lock()
         self.name = f"chat:{base_url or 'https://api.openai.com/v1'}:{model}"
 
+    def _count(self) -> None:
+        with self._count_lock:
+            self.requests += 1
+
     def _ask(self, messages: list[dict]) -> str:
+        """The reply text. Transient failures are retried up to ``retries`` times with backoff: 429, 5xx,
+        timeouts, dropped connections, and a 200 whose body is not a chat completion (a gateway's HTML page,
+        no or empty ``choices``); an empty reply is asked again once. Raises JudgeError naming the server
+        (and, for a malformed body, its first bytes)."""
         o = self.openai
-        for attempt in range(self.retries + 1):
-            with self._count_lock:
-                self.requests += 1
+        attempt, asked_again = 0, False
+        while True:
+            self._count()
             try:
-                r = self.client.chat.completions.create(model=self.model, messages=messages, temperature=0.0,
-                                                        max_tokens=self.max_tokens)
-                return r.choices[0].message.content or ""
-            except (o.RateLimitError, o.InternalServerError, o.APITimeoutError, o.APIConnectionError) as e:
+                raw = self.client.chat.completions.with_raw_response.create(
+                    model=self.model, messages=messages, temperature=0.0, max_tokens=self.max_tokens)
+                text = reply_text(raw.http_response.content)
+            except (o.RateLimitError, o.InternalServerError, o.APITimeoutError, o.APIConnectionError,
+                    MalformedReply) as e:
                 if attempt == self.retries:
+                    if isinstance(e, MalformedReply):
+                        raise JudgeError(
+                            f"{self.name}: the server answered 200 with a body that is not a chat completion "
+                            f"({e.reason}; {len(e.body)} bytes, starting {e.body[:BODY_SHOWN]!r}), "
+                            f"{attempt + 1} attempt{'s' if attempt else ''}; is --base-url the server's "
+                            "OpenAI-compatible /v1 endpoint?") from None
                     raise JudgeError(f"{self.name}: gave up after {attempt + 1} attempts: {e}") from None
                 time.sleep(self.backoff * 2 ** attempt * (0.5 + self.rng.random()))
+                attempt += 1
+                continue
             except o.APIStatusError as e:
                 raise JudgeError(f"{self.name}: the server refused the request ({e.status_code}): {e.message}") from None
-        raise AssertionError("unreachable")
+            if text or asked_again:
+                return text
+            asked_again = True
 
     def _one(self, c: Comparison) -> Judgement:
         messages = judge_messages(c.task, c.prompt, c.a, c.b)
@@ -272,9 +380,14 @@ class ChatJudge:
         cached = raw is not None
         if raw is None:
             raw = self._ask(messages)
-            self.cache.put(key, raw)
-        return Judgement(parse_verdict(raw), raw, cached)
+            self.cache.put(key, raw)  # stored bounded; an empty reply is not stored (asked again next run)
+        return Judgement(parse_verdict(raw), bounded(raw), cached)
 
     def judge(self, items: list[Comparison]) -> list[Judgement]:
-        with ThreadPoolExecutor(self.concurrency) as pool:
+        """Every item's judgement; on the first JudgeError the items not yet asked are not asked (the replies
+        in flight are still cached)."""
+        pool = ThreadPoolExecutor(self.concurrency)
+        try:
             return list(pool.map(self._one, items))
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)

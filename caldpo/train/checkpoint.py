@@ -50,6 +50,8 @@ from torch.distributed.checkpoint.state_dict import (
     set_state_dict,
 )
 
+from caldpo.files import swap_dir, write_atomic
+
 from .config import ConfigError
 from .faults import fault_point
 from .rundir import RunError
@@ -133,14 +135,9 @@ def _hash_share(root: Path, names: list[str]) -> dict[str, dict]:
 
 
 def write_manifest(root: Path, files: dict[str, dict], **extra) -> None:
-    """Write ``root/MANIFEST.json`` atomically (temp file, fsync, rename, fsync of the directory)."""
-    tmp = root / (MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump({"format": 1, **extra, "files": files}, f, indent=1, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, root / MANIFEST)
-    _fsync(root)
+    """Write ``root/MANIFEST.json`` atomically (``caldpo.files.write_atomic``: temp file, fsync, rename,
+    fsync of the directory)."""
+    write_atomic(root / MANIFEST, json.dumps({"format": 1, **extra, "files": files}, indent=1, sort_keys=True))
 
 
 def read_manifest(root: Path) -> dict:
@@ -224,22 +221,34 @@ def _safe_load(path: Path):
         raise CheckpointError(f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
 
-class _MetadataUnpickler(pickle.Unpickler):
-    """Admits only the classes DCP's ``.metadata`` is made of: no callable reaches the pickle machine."""
+_DCP = "torch.distributed.checkpoint.metadata"
 
-    ALLOWED_MODULES = ("torch.distributed.checkpoint.metadata", "torch.distributed.checkpoint.planner",
-                       "torch.distributed.checkpoint.filesystem", "torch.distributed.checkpoint._extension")
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Admits exactly the globals DCP's ``.metadata`` is made of, as (module, name) pairs; nothing else.
+
+    What ``dcp.save`` pickles (read off real checkpoints of torch 2.13 and checked against torch
+    2.11's ``torch/distributed/checkpoint/metadata.py`` and ``filesystem.py``, which define the same
+    classes): the dataclasses of ``metadata.py`` and ``filesystem._StorageInfo``; ``torch.Size``;
+    dtypes, pickled as ``torch.<name>``; layouts, pickled as a call of ``torch.serialization._get_layout``
+    (a lookup of the layout by its name); a ``PosixPath`` (the checkpoint id). Names are matched
+    whole: a dotted name (pickle protocol 4 resolves ``"os.system"`` in a module that imported
+    ``os``) is refused, and so is every other global of the same modules (their functions, the
+    modules they import).
+    """
+
     ALLOWED = frozenset({
-        ("collections", "OrderedDict"), ("torch", "Size"), ("torch", "device"), ("torch", "layout"),
-        ("torch", "memory_format"), ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"),
-        ("pathlib", "PurePosixPath"), ("builtins", "set"), ("builtins", "frozenset"),
-        ("dataclasses", "_HAS_DEFAULT_FACTORY_CLASS")})
+        (_DCP, "Metadata"), (_DCP, "StorageMeta"), (_DCP, "MetadataIndex"), (_DCP, "TensorStorageMetadata"),
+        (_DCP, "BytesStorageMetadata"), (_DCP, "ChunkStorageMetadata"), (_DCP, "TensorProperties"),
+        (_DCP, "_MEM_FORMAT_ENCODING"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
+        ("torch", "Size"), ("torch.serialization", "_get_layout"), ("collections", "OrderedDict"),
+        ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+        ("pathlib._local", "PosixPath"), ("pathlib._local", "PurePosixPath"),  # Python 3.13's module name
+    }) | {("torch", n) for n, v in vars(torch).items() if isinstance(v, torch.dtype)}
 
     def find_class(self, module, name):
-        if (module, name) in self.ALLOWED or module in self.ALLOWED_MODULES:
+        if "." not in name and (module, name) in self.ALLOWED:
             return super().find_class(module, name)
-        if module == "torch" and isinstance(getattr(torch, name, None), torch.dtype):
-            return getattr(torch, name)
         raise pickle.UnpicklingError(f"{module}.{name} is not part of checkpoint metadata")
 
 
@@ -514,20 +523,6 @@ def non_finite(state: dict[str, torch.Tensor]) -> list[str]:
     return [k for k, v in state.items() if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
 
 
-def swap_in(new: Path, dest: Path) -> None:
-    """Replace directory ``dest`` by ``new`` so that a complete copy exists at every instant.
-
-    ``dest`` is renamed to ``<dest>.old`` first, ``new`` moved in, then the old copy removed.
-    """
-    aside = dest.with_name(dest.name + ".old")
-    if dest.exists():
-        shutil.rmtree(aside, ignore_errors=True)
-        os.replace(dest, aside)
-    os.replace(new, dest)
-    _fsync(dest.parent)
-    shutil.rmtree(aside, ignore_errors=True)
-
-
 def save_policy(run_dir: Path, lm, step: int, metrics: dict, tokenizer=None, export_hf: bool = True,
                 dest: str = "LATEST") -> Path | None:
     """Write ``<dest>/policy.pt`` (and the HF export, and ``MANIFEST.json``) from rank 0; every rank must call it.
@@ -565,7 +560,7 @@ def save_policy(run_dir: Path, lm, step: int, metrics: dict, tokenizer=None, exp
                 _fsync(tmp / n)
             write_manifest(tmp, {n: {"size": (tmp / n).stat().st_size, "sha256": sha256_file(tmp / n)}
                                  for n in names}, step_idx=step)
-            swap_in(tmp, out)
+            swap_dir(tmp, out)
         except OSError as e:
             shutil.rmtree(tmp, ignore_errors=True)
             need = sum(v.numel() * v.element_size() for v in state.values()) * (2 if export_hf else 1)

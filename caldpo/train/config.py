@@ -149,6 +149,10 @@ class DataConfig:
     paths: DataPaths = field(default_factory=DataPaths, metadata={"help": "local dataset paths"})
     on_error: str = opt("raise: stop at a broken row (file:line) | skip: skip and count it",
                         choices=("raise", "skip"))
+    on_change: str = opt("a resumed run whose split's examples differ from those its checkpoint trained on "
+                         "(rows edited, added, removed, reordered): refuse: stop, naming the split and its files "
+                         "| continue: resume on the changed data, with a warning",
+                         choices=("refuse", "continue"), identity=False)
     cache_dir: Optional[str] = opt("datasets library cache for hub downloads", identity=False)
     held_out: float = opt("fraction of prompts cut out as the test split (sha256 of the prompt) when one "
                           "data file serves both splits; a folder's train/test files are used as they are")
@@ -481,6 +485,66 @@ def _check_hub(cfg: DictConfig) -> None:
                       f"use a local copy: {fix}")
 
 
+MODEL_JSON_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+                    "special_tokens_map.json", "added_tokens.json", "model.safetensors.index.json",
+                    "pytorch_model.bin.index.json")
+
+
+def _safetensors_problem(path: Path) -> str | None:
+    """Why a ``.safetensors`` file cannot be complete (from its header and size alone), or None."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            return f"{size} bytes: shorter than the 8-byte size of its header"
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            return f"{size} bytes, but its header alone claims {n}: truncated"
+        try:
+            header = json.loads(f.read(n))
+            end = max((int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+            return "its header is not the JSON of a safetensors file"
+    if size < 8 + n + end:
+        return f"{size} bytes, but its header describes {8 + n + end}: truncated"
+    return None
+
+
+def _check_model_files(cfg: DictConfig) -> None:
+    """Local model and tokenizer folders, before anything loads: the folder has a ``config.json``; every JSON
+    file transformers reads there (``MODEL_JSON_FILES``) parses as a JSON object; every ``.safetensors``
+    file is as long as its header says. A truncated or edited file is a ConfigError naming it (and, for
+    JSON, the line and column), instead of a library traceback after the data has loaded."""
+    m = cfg.model
+    if m.preset == "tiny" and m.name_or_path is None:
+        return  # built locally by caldpo.train.tiny
+    for key in ("name_or_path", "tokenizer_name_or_path"):
+        if m[key] is None or not Path(m[key]).expanduser().is_dir():
+            continue
+        folder = Path(m[key]).expanduser()
+        option = f"model.{key}={m[key]}"
+        fix = "restore it from the model's source (download it again, or save_pretrained again)"
+        if key == "name_or_path" and not (folder / "config.json").is_file():
+            raise ConfigError(f"{option}: no config.json there: not a Hugging Face model folder (save_pretrained "
+                              "writes one); point model.name_or_path at the folder holding config.json")
+        for name in MODEL_JSON_FILES:
+            file = folder / name
+            if not file.is_file():
+                continue
+            try:
+                data = json.loads(file.read_text(encoding="utf-8"))
+            except (ValueError, OSError) as e:
+                raise ConfigError(f"{option}: {file} is not valid JSON ({e}): a truncated or edited file; "
+                                  f"{fix}") from None
+            if not isinstance(data, dict):
+                raise ConfigError(f"{option}: {file} holds a JSON {type(data).__name__}, not an object; {fix}")
+        if key == "name_or_path":
+            for file in sorted(folder.glob("*.safetensors")):
+                problem = _safetensors_problem(file)
+                if problem:
+                    raise ConfigError(f"{option}: {file}: {problem}; {fix}")
+
+
 def _check_packages(cfg: DictConfig) -> None:
     if cfg.tensorboard and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError("tensorboard=true but TensorBoard is not installed: pip install tensorboard "
@@ -598,6 +662,7 @@ def validate(cfg: DictConfig, world_size: int | None = None, *, argv: list[str] 
     if devices:
         _check_devices(cfg, world_size, argv, training, launched)
     _check_hub(cfg)
+    _check_model_files(cfg)
 
 
 def preflight(overrides: list[str], *, world_size: int = 1, on_node: bool = True) -> DictConfig:
@@ -687,25 +752,59 @@ def run_dir(cfg: DictConfig) -> Path:
 IDENTITY_FILE = "identity.json"
 
 
+def _first_line(e: BaseException) -> str:
+    text = " ".join(str(e).split()) or type(e).__name__
+    return text[:200]
+
+
+def read_identity(path: Path) -> dict[str, Any]:
+    """The training options ``<run_dir>/identity.json`` records; ConfigError naming the file and what to do
+    when it is not the JSON caldpo writes (truncated by a crash or a full disk, edited, another file)."""
+    stored = path / IDENTITY_FILE
+    try:
+        options = json.loads(stored.read_text(encoding="utf-8"))["options"]
+        if not isinstance(options, dict):
+            raise TypeError(f"'options' is a {type(options).__name__}, not an object")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        why = "no 'options' key" if isinstance(e, KeyError) else _first_line(e)
+        raise ConfigError(f"{stored}: unreadable ({why}). It records the training options of the run in {path}, "
+                          "which a rerun compares with the command's. Restore it from a copy; or delete it, and "
+                          f"the run's config.yaml is compared instead; or choose another run_dir") from None
+    return options
+
+
+def read_run_config(path: Path) -> DictConfig:
+    """``<run_dir>/config.yaml`` as written by the run; ConfigError naming the file and what to do when it is
+    not YAML or not a caldpo run's configuration."""
+    file = path / "config.yaml"
+    try:
+        cfg = OmegaConf.load(file)
+    except Exception as e:  # noqa: BLE001 - yaml's and OmegaConf's errors alike: the file cannot be read
+        cfg, why = None, f"not YAML: {_first_line(e)}"
+    else:
+        why = "not a caldpo run's configuration (no 'model' section)"
+    if isinstance(cfg, DictConfig) and "model" in cfg:
+        return cfg
+    fix = ("delete it, and the rerun writes it again from this command (whose training options match "
+           f"{IDENTITY_FILE})" if (path / IDENTITY_FILE).exists() else "choose another run_dir")
+    raise ConfigError(f"{file}: {why}. It is the configuration of the run in {path} (read by reruns and "
+                      f"caldpo.plot). Restore it from a copy, or {fix}")
+
+
 def check_run_dir(cfg: DictConfig, path: Path) -> dict[str, tuple[Any, Any]]:
     """Compare the run stored in ``path`` (if any) with ``cfg`` before any work.
 
-    Raises ConfigError listing the training options that differ (old -> new). Returns the
-    other options that differ (non-identity ones, e.g. save_every), {} for a new run.
+    Raises ConfigError listing the training options that differ (old -> new), or naming an
+    ``identity.json`` / ``config.yaml`` that cannot be read and what to do. Returns the other
+    options that differ (non-identity ones, e.g. save_every), {} for a new run.
     """
     stored = path / IDENTITY_FILE
     if not has_trained(path):
         return {}  # a run stopped before its first step (a data or model error): nothing to protect
     if stored.exists():
-        old = json.loads(stored.read_text())["options"]
+        old = read_identity(path)
     elif (path / "config.yaml").exists():  # a run written before identity.json existed
-        try:
-            old_cfg = OmegaConf.load(path / "config.yaml")
-        except Exception as e:  # noqa: BLE001 - any unreadable file means the same to the user
-            old_cfg = e
-        if not isinstance(old_cfg, DictConfig) or "model" not in old_cfg:
-            raise ConfigError(f"run_dir={path} holds a config.yaml that is not a caldpo run's; "
-                              "choose another run_dir")
+        old_cfg = read_run_config(path)
         old = {k: OmegaConf.select(old_cfg, k, default="<absent>") for k in run_identity(cfg)}
         old["model.archive"] = _archive_identity(old["model.archive"]) if old["model.archive"] != "<absent>" else None
         new_arch = run_identity(cfg)["model.archive"]
@@ -723,7 +822,7 @@ def check_run_dir(cfg: DictConfig, path: Path) -> dict[str, tuple[Any, Any]]:
                           "(or drop run_dir= to get <local_run_root>/<exp_name>_<hash> of these options)")
     others: dict[str, tuple[Any, Any]] = {}
     if (path / "config.yaml").exists():
-        old_all = _flat_all(OmegaConf.load(path / "config.yaml"))
+        old_all = _flat_all(read_run_config(path))
         new_all = _flat_all(cfg)
         others = {k: (old_all.get(k), new_all.get(k)) for k in sorted(set(old_all) | set(new_all))
                   if k not in new and old_all.get(k) != new_all.get(k)}
@@ -750,15 +849,16 @@ def has_trained(path: Path) -> bool:
 
 def write_run_config(cfg: DictConfig, path: Path) -> None:
     """Write ``config.yaml`` and ``identity.json`` once, when the run starts fresh; never rewrite them
-    once the run has trained (:func:`has_trained`)."""
+    once the run has trained (:func:`has_trained`). Each is written whole (``caldpo.files.write_output``)."""
+    from caldpo.files import json_text, write_output
     path.mkdir(parents=True, exist_ok=True)
     fresh = not has_trained(path)
     if fresh or not (path / "config.yaml").exists():
-        OmegaConf.save(cfg, path / "config.yaml", resolve=True)
+        write_output(path / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True), "the run's configuration")
     if fresh or not (path / IDENTITY_FILE).exists():
         ident = run_identity(cfg)
-        (path / IDENTITY_FILE).write_text(json.dumps({"hash": identity_hash(ident), "options": ident},
-                                                     indent=1, default=str))
+        write_output(path / IDENTITY_FILE, json_text({"hash": identity_hash(ident), "options": ident}, indent=1,
+                                                     default=str), "the run's identity")
 
 
 # ----------------------------------------------------------------------------- help

@@ -55,9 +55,24 @@ def main(argv: list[str] | None = None) -> dict:
     w = report["summary"]
     print(f"   win rate vs chosen (local-LM judge): {w['win_rate']:.3f} [{w['ci_low']:.3f}, {w['ci_high']:.3f}] "
           f"({w['wins']}/{w['ties']}/{w['losses']} W/T/L, {w['unparsable']} unparsable)")
+    print(f"   what it means: {win_rate_meaning(w)}")
     print(f"   reward dynamics plot: {plot}")
     return {"root": str(root), "sft": sft, "caldpo": cal, "samples": str(samples), "eval": report["summary"],
             "plot": str(plot)}
+
+
+def win_rate_meaning(summary: dict) -> str:
+    """One line on what the demo's win rate measures: the judge is the tiny SFT model itself (no capable judge
+    is at hand offline), so it checks the pipeline, not quality; and when the position-bias test says the
+    judge followed position (``caldpo.eval.stats.position_bias``), that the number measures the order shown."""
+    n = summary["wins"] + summary["ties"] + summary["losses"]
+    line = (f"how often, over {n} judged test prompts, the tiny SFT model itself (the only LM at hand offline, not a "
+            "capable judge) preferred the Cal-DPO response to the dataset's chosen one; a check that the "
+            "pipeline runs, not a measure of quality")
+    if summary.get("follows_position"):
+        line += ("; and here the judge followed position (the WARNING above: p = "
+                 f"{summary['position_p_value']:.2g}), so the number reflects the order shown, not the responses")
+    return line
 
 
 if __name__ == "__main__":

@@ -9,7 +9,6 @@ response. Defaults follow the authors' ``generate.py``: greedy decoding
 """
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -118,8 +117,24 @@ def check_options(cfg: DictConfig) -> None:
         raise ConfigError(f"generate.top_p={g.top_p}: must be in (0, 1] when sampling (1: no nucleus cut)")
 
 
+def output_path(cfg: DictConfig) -> Path:
+    """Where ``main`` writes: ``generate.output``, else ``<run_dir>/samples.json`` of ``model.archive``'s run,
+    else ``<local_run_root>/samples_<exp_name>.json``."""
+    if cfg.generate.output:
+        return Path(cfg.generate.output)
+    if cfg.model.archive:
+        return Path(cfg.model.archive).resolve().parent.parent / "samples.json"
+    return Path(cfg.local_run_root) / f"samples_{cfg.exp_name}.json"
+
+
 def main(overrides: list[str] | None = None) -> Path:
-    """Load the policy (``model.archive``), generate for ``generate.n_prompts`` prompts, write JSON."""
+    """Load the policy (``model.archive``), generate for ``generate.n_prompts`` prompts, write JSON.
+
+    The destination is checked before the model loads (``caldpo.files.check_writable``) and written whole
+    at the end (``write_output``: a temporary file renamed over it), so a failed write never leaves a
+    partial or emptied ``samples.json``, and an unwritable destination costs no generation."""
+    from caldpo.files import check_writable, json_text, write_output
+
     from .schedule import Examples
     from .model import LogProbModel, apply_archive, check_attention, check_vocab_and_positions, load_archive_state, \
         load_causal_lm, load_tokenizer, model_path, DTYPES
@@ -127,6 +142,7 @@ def main(overrides: list[str] | None = None) -> Path:
     cfg = load_config(overrides)
     validate(cfg, 1, training=False)  # the preflight without the trainer-only checks
     check_options(cfg)
+    out = check_writable(output_path(cfg), "generate.output")
     device = torch.device("cuda" if cfg.device in ("auto", "cuda") and torch.cuda.is_available() else "cpu")
     path = model_path(cfg)
     tokenizer = load_tokenizer(cfg, path)
@@ -143,14 +159,7 @@ def main(overrides: list[str] | None = None) -> Path:
                                    [it.truncation_mode for it in items], progress=True,
                                    sources=[getattr(it, "source", "") for it in items])
     rows = [{"prompt": it.prompt, "response": r, "reference": it.chosen} for it, r in zip(items, responses)]
-    if cfg.generate.output:
-        out = Path(cfg.generate.output)
-    elif cfg.model.archive:
-        out = Path(cfg.model.archive).resolve().parent.parent / "samples.json"
-    else:
-        out = Path(cfg.local_run_root) / f"samples_{cfg.exp_name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rows, indent=1, ensure_ascii=False))
+    write_output(out, json_text(rows, indent=1, ensure_ascii=False), "samples")
     print(f"wrote {len(rows)} samples to {out}", flush=True)
     return out
 

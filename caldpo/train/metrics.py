@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import time
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+
+from caldpo.files import free_space, os_reason, prepare_jsonl
 
 from .config import ConfigError
 
@@ -73,36 +73,6 @@ class Throughput:
         return out
 
 
-def prepare_jsonl(path: Path, keep: int | None = None) -> int:
-    """Make ``path`` a clean JSON-lines file to append to; returns its number of records.
-
-    A half-written last line (a crash or a full disk mid-write) is cut back to the last newline,
-    with a warning; with ``keep``, only the first ``keep`` lines stay (the rest are records written
-    after the checkpoint a run resumes from, which it writes again). Rewrites are atomic
-    (temp file, fsync, rename).
-    """
-    if not path.exists():
-        return 0
-    data = path.read_bytes()
-    cut = data.rfind(b"\n") + 1
-    if cut < len(data):
-        log.warning("%s: dropping a half-written last line (%d bytes: %r...)", path, len(data) - cut,
-                    data[cut:cut + 60])
-    lines = data[:cut].splitlines(keepends=True)
-    if keep is not None and keep < len(lines):
-        log.info("%s: dropping %d records written after the resumed checkpoint", path, len(lines) - keep)
-        lines = lines[:keep]
-    out = b"".join(lines)
-    if out != data:
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "wb") as f:
-            f.write(out)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    return len(lines)
-
-
 def read_jsonl(path: Path) -> list[dict]:
     """The records of a JSON-lines file, skipping lines that do not parse."""
     out = []
@@ -137,10 +107,13 @@ def dashboard_scalars(record: dict, batch_size: int) -> tuple[dict[str, float], 
     The step is the number of training examples seen (the authors' ``example_counter``, their
     W&B step). Keys with no authors' name keep ``"<split>/<key>"`` (``train/lr``,
     ``train/tokens_per_second``, ``eval/eval_seconds``). A training record with ``step_time``
-    (seconds) also gives the authors' ``examples_per_second`` = batch_size / step_time.
+    (seconds) also gives the authors' ``examples_per_second`` = batch_size / step_time. Records of
+    other splits (a resumed run's ``"resume"`` marker) give no scalars.
     """
     split = record.get("split", "train")
     out: dict[str, float] = {}
+    if split not in ("train", "eval"):  # the "resume" marker of a resumed run: no metric to draw
+        return out, int(record.get("examples", record.get("step", 0)))
     for k, v in record.items():
         if not isinstance(v, (int, float)) or isinstance(v, bool) or k in TRAIN_ONLY and split != "train":
             continue
@@ -195,15 +168,11 @@ class MetricsWriter:
             except OSError:
                 pass
         self.file, self.enabled = None, False
-        try:
-            free = f"{shutil.disk_usage(self.path.parent).free / 2**20:.0f} MiB free on {self.path.parent}"
-        except OSError:
-            free = f"free space of {self.path.parent} unknown"
+        free = free_space(self.path.parent)
         resume = latest_resume(self.path.parent / "checkpoints")
         kept = (f"the last resume checkpoint {resume} is kept and a rerun resumes from it (the records after it "
                 "are written again)" if resume is not None else "no resume checkpoint was saved yet: a rerun starts over")
-        reason = f"[Errno {e.errno}] {os.strerror(e.errno)}" if e.errno else str(e)
-        return RunError(f"writing {self.path} failed: {reason} ({free}); {kept}. "
+        return RunError(f"writing {self.path} failed: {os_reason(e)} ({free}); {kept}. "
                         "Free space (or make the file writable) and rerun the same command.", exit_code=3)
 
     def write(self, record: dict) -> None:
@@ -218,6 +187,8 @@ class MetricsWriter:
         if self.tb is None and self.wandb is None:
             return
         scalars, step = dashboard_scalars(record, self.batch_size)
+        if not scalars:
+            return
         if self.tb is not None:
             for k, v in scalars.items():
                 self.tb.add_scalar(k, v, step)

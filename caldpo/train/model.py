@@ -36,10 +36,28 @@ def model_path(cfg: DictConfig) -> str:
     return str(cfg.model.name_or_path)
 
 
+def _where(cfg: DictConfig, path: str) -> str:
+    """The options that chose the model (and tokenizer), for messages."""
+    where = f"model.name_or_path={path}" if cfg.model.name_or_path else f"model={cfg.model.preset} ({path})"
+    if cfg.model.tokenizer_name_or_path:
+        where += f" with model.tokenizer_name_or_path={cfg.model.tokenizer_name_or_path}"
+    return where
+
+
+def _load_failed(cfg: DictConfig, path: str, what: str, e: BaseException) -> ConfigError:
+    first = next((ln.strip() for ln in str(e).splitlines() if ln.strip()), type(e).__name__)
+    return ConfigError(f"{_where(cfg, path)}: the {what} does not load ({type(e).__name__}: {first[:300]}); "
+                       "check that the folder is a complete save_pretrained output (or the hub name is right)")
+
+
 def load_tokenizer(cfg: DictConfig, path: str):
+    """The tokenizer (pad = EOS when it has no pad token); ConfigError when it does not load."""
     from transformers import AutoTokenizer
-    tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer_name_or_path or path,
-                                        trust_remote_code=cfg.model.trust_remote_code)
+    try:
+        tok = AutoTokenizer.from_pretrained(cfg.model.tokenizer_name_or_path or path,
+                                            trust_remote_code=cfg.model.trust_remote_code)
+    except Exception as e:  # noqa: BLE001 - transformers and tokenizers raise many types for one cause: a bad folder
+        raise _load_failed(cfg, path, "tokenizer", e) from None
     if tok.pad_token_id is None:
         tok.pad_token_id = tok.eos_token_id
     return tok
@@ -117,10 +135,13 @@ def load_causal_lm(cfg: DictConfig, path: str, dtype: torch.dtype, attn: str) ->
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     trust = cfg.model.trust_remote_code
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
-    _zero_dropout_config(config)
-    model = from_pretrained(AutoModelForCausalLM, path, config=config, dtype=dtype, attn_implementation=attn,
-                            trust_remote_code=trust, low_cpu_mem_usage=True)
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
+        _zero_dropout_config(config)
+        model = from_pretrained(AutoModelForCausalLM, path, config=config, dtype=dtype, attn_implementation=attn,
+                                trust_remote_code=trust, low_cpu_mem_usage=True)
+    except (OSError, ValueError) as e:  # a missing or unreadable weights file, a config transformers refuses
+        raise _load_failed(cfg, path, "model", e) from None
     disable_dropout(model)
     model.config.use_cache = False
     return model
@@ -144,6 +165,7 @@ def max_positions(config) -> int | None:
 def check_vocab_and_positions(cfg: DictConfig, tokenizer, path: str, *, positions: bool = True) -> None:
     """Config errors, before any data or weights load, naming both sizes, when:
 
+    * the tokenizer has no EOS token (every response ends with it; found here, not while tokenizing);
     * a token id can fall outside the output head's rows: the tokenizer's largest id
       (added tokens included) or its pad / EOS id >= the model's ``vocab_size``;
     * ``max_length`` exceeds the model's declared positions (``max_positions``). A model
@@ -152,12 +174,19 @@ def check_vocab_and_positions(cfg: DictConfig, tokenizer, path: str, *, position
       ``positions=False`` (generation, which fits prompts to the positions itself) skips this.
     """
     from transformers import AutoConfig
-    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    where = _where(cfg, path)
+    if tokenizer.eos_token_id is None:
+        tok_dir = cfg.model.tokenizer_name_or_path or path
+        raise ConfigError(f"{where}: the tokenizer has no EOS token (no eos_token in {tok_dir}/tokenizer_config.json): "
+                          "caldpo ends every response with EOS, as the reference code does, and generation stops "
+                          "at it. Set eos_token there (e.g. the model's end-of-text token), or use a tokenizer "
+                          "that has one (model.tokenizer_name_or_path=)")
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.model.trust_remote_code)
+    except (OSError, ValueError, KeyError) as e:
+        raise _load_failed(cfg, path, "model config", e) from None
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
     vocab = getattr(text, "vocab_size", None)
-    where = f"model.name_or_path={path}" if cfg.model.name_or_path else f"model={cfg.model.preset} ({path})"
-    if cfg.model.tokenizer_name_or_path:
-        where += f" with model.tokenizer_name_or_path={cfg.model.tokenizer_name_or_path}"
     if isinstance(vocab, int) and vocab > 0:
         largest, special = tokenizer_ids(tokenizer)
         bad = {k: v for k, v in special.items() if v >= vocab}

@@ -12,17 +12,23 @@ rows to ``<split>.jsonl``. Both apply the row rules of ``caldpo.train.data`` (te
 CNN/DM dropped, identical pairs dropped) and print one data report per split written.
 A split that would be empty (``tldr-pref`` on files holding only validation rows, a split
 file whose rows were all dropped) is an error naming the inputs, and nothing is written.
-Errors print one line ``caldpo: ...`` and exit with status 2.
+The split files are written into a fresh folder beside ``--out`` and swapped in for it whole,
+so ``--out`` holds exactly this input's splits (never one left from an earlier output) and a
+failed run leaves it as it was; a folder holding files preproc did not write is refused.
+Errors print one line ``caldpo: ...`` and exit with status 2 (3: a write failed, the disk full).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shutil
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 from caldpo.cli import run
+from caldpo.files import OutputError, free_space, os_reason, swap_dir
 
 from .data import (DataError, DataReport, Record, RowError, _field, apply_row, iter_file, iter_hub,
                    parse_tldr_comparison, parse_tldr_filtered)
@@ -50,29 +56,63 @@ def input_files(inputs: Iterable[str]) -> list[Path]:
 
 
 class _SplitWriter:
-    """Writes rows to ``<out>/<split>.jsonl`` (via a temporary file, renamed on close)."""
+    """Writes rows to ``<split>.jsonl`` in a fresh folder beside ``out``; ``close(commit=True)`` swaps that
+    folder in for ``out`` whole (``caldpo.files.swap_dir``), so ``out`` holds exactly the splits of this
+    input, never a split file left from an earlier output; ``close(commit=False)`` removes it.
+
+    ``out`` may be new, empty, or an earlier output of preproc (``*.jsonl`` files only): a folder holding
+    anything else is refused (OutputError, exit 2), since the swap replaces the folder and would lose it.
+    Raises OutputError when the folder cannot be written (2) or a write fails (3: disk full, with the free space).
+    """
 
     def __init__(self, out: Path):
         self.out, self.files = out, {}
-        out.mkdir(parents=True, exist_ok=True)
+        if out.is_dir():
+            foreign = sorted(p.name for p in out.iterdir() if not (p.is_file() and p.name.endswith(".jsonl")))
+            if foreign:
+                raise OutputError(f"--out {out}: holds {', '.join(foreign[:5])}{' ...' if len(foreign) > 5 else ''}, "
+                                  "which preproc did not write; its output replaces the whole folder. Choose a new "
+                                  "or empty folder (or one holding only an earlier preproc output)", exit_code=2)
+        elif out.exists():
+            raise OutputError(f"--out {out}: is a file; name a folder", exit_code=2)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            self.tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp"))
+        except OSError as e:
+            raise OutputError(f"cannot write --out {out}: {os_reason(e)} ({free_space(out.parent)}); nothing was "
+                              "read or written. Choose a writable folder", exit_code=2) from None
 
     def write(self, split: str, row: dict) -> None:
-        if split not in self.files:
-            self.files[split] = open(self.out / f".{split}.jsonl.tmp", "w", encoding="utf-8")
-        self.files[split].write(json.dumps(row, ensure_ascii=False) + "\n")
+        try:
+            if split not in self.files:
+                self.files[split] = open(self.tmp / f"{split}.jsonl", "w", encoding="utf-8")  # noqa: SIM115
+            self.files[split].write(json.dumps(row, ensure_ascii=False) + "\n")
+        except OSError as e:
+            raise self._failed(e) from None
+
+    def _failed(self, e: OSError) -> OutputError:
+        before = f"{self.out} is unchanged" if self.out.exists() else f"{self.out} was not created"
+        return OutputError(f"writing --out {self.out} failed: {os_reason(e)} ({free_space(self.out.parent)}); "
+                           f"{before}. Free space (or choose another folder) and run again", exit_code=3)
 
     def close(self, commit: bool) -> list[Path]:
-        """Close the files; rename them into place if ``commit``, else delete them."""
-        written = []
-        for split, f in self.files.items():
-            f.close()
-            tmp = self.out / f".{split}.jsonl.tmp"
+        """Close the files; swap the folder in if ``commit`` (returns the files written), else remove it."""
+        try:
+            for f in self.files.values():
+                f.flush()
+                os.fsync(f.fileno())
+                f.close()
             if commit:
-                os.replace(tmp, self.out / f"{split}.jsonl")
-                written.append(self.out / f"{split}.jsonl")
-            else:
-                tmp.unlink(missing_ok=True)
-        return written
+                swap_dir(self.tmp, self.out)
+                return [self.out / f"{split}.jsonl" for split in sorted(self.files)]
+        except OSError as e:
+            if commit:
+                raise self._failed(e) from None
+        finally:
+            for f in self.files.values():
+                f.close()
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return []
 
 
 def _check_not_empty(reports: dict[str, DataReport], splits: Iterable[str], source: str, count: str) -> None:

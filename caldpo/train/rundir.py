@@ -28,6 +28,8 @@ import threading
 import time
 from pathlib import Path
 
+from caldpo.files import free_space, json_text, os_reason, write_output
+
 from .faults import fault_point
 
 STOP = "STOP"
@@ -50,9 +52,14 @@ class RunLock:
 
     def __init__(self, run_dir: Path):
         import fcntl
-        run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / ".lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise RunError(f"cannot write run_dir {run_dir}: {os_reason(e)} ({free_space(run_dir)}); a run writes "
+                           "its checkpoints, metrics and exports there. Choose a writable run_dir= (or "
+                           "local_run_root=), or make this one writable") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -159,15 +166,24 @@ def clear_stop(run_dir: Path | str) -> None:
 
 
 def write_done(run_dir: Path, summary: dict) -> None:
-    """Write the run's summary to ``<run_dir>/DONE`` atomically (``DONE.tmp`` renamed): the run's last write."""
+    """Write the run's summary to ``<run_dir>/DONE`` whole (``caldpo.files.write_output``): the run's last write."""
     fault_point("before_done")
-    tmp = run_dir / (DONE + ".tmp")
-    tmp.write_text(json.dumps(summary, indent=2, default=float))
-    os.replace(tmp, run_dir / DONE)
+    write_output(run_dir / DONE, json_text(summary, indent=2, default=float), "the finished run's summary")
     fault_point("after_done")
 
 
 def read_done(run_dir: Path) -> dict | None:
-    """The finished run's summary, or None when ``<run_dir>/DONE`` is absent."""
+    """The finished run's summary, or None when ``<run_dir>/DONE`` is absent. RunError naming the file and what
+    to do when it is not the JSON object caldpo writes."""
     done = Path(run_dir) / DONE
-    return json.loads(done.read_text()) if done.exists() else None
+    if not done.exists():
+        return None
+    try:
+        summary = json.loads(done.read_text(encoding="utf-8"))
+        if not isinstance(summary, dict):
+            raise ValueError(f"a JSON {type(summary).__name__}, not an object")
+    except (OSError, ValueError) as e:
+        raise RunError(f"{done}: unreadable ({' '.join(str(e).split())[:200]}); it marks the run in {run_dir} as "
+                       "finished. Restore it from a copy, or delete it: the rerun then resumes from the last "
+                       "checkpoint and repeats the final evaluation and export") from None
+    return summary

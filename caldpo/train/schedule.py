@@ -11,6 +11,9 @@ once, in the run's layout (``layout.py``), and the policy and the reference both
 """
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 from typing import Any
 
 from omegaconf import DictConfig
@@ -35,6 +38,8 @@ class Examples:
 
     def __init__(self, cfg: DictConfig, split: str, sft: bool, verbose: bool, tokenizer=None):
         self.items: list[Example] = []
+        self.max_length, self.max_prompt_length = cfg.max_length, cfg.max_prompt_length
+        self.files: dict[str, list[str]] = {}  # dataset -> the files its examples were read from, in order
         # each example's reference group (numbered over all datasets in load order) and its rank there, and
         # the rows the reference walks per group, dropped ones included: what batches.EpochOrder orders by
         self.group_of: list[int] = []
@@ -64,6 +69,7 @@ class Examples:
             self.group_sizes.extend([1] * len(report.order_sizes) if sft else report.order_sizes)
             self.n_groups += len(report.order_sizes)
             self.items.extend(items)
+            self.files[name] = list(dict.fromkeys(_file_of(it.source) for it in items if it.source)) or [report.source]
         if not self.items:
             raise ConfigError(f"datasets={list(cfg.datasets)}: no {split} examples")
 
@@ -74,6 +80,28 @@ class Examples:
         """This split's order, epoch after epoch (``batches.EpochOrder``: the reference iterator's)."""
         return EpochOrder(len(self.items), seed, groups=self.group_of, n_groups=self.n_groups, ranks=self.rank_of,
                           sizes=self.group_sizes)
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """Hex sha256 identifying this split's examples: it changes whenever they change (a row edited,
+        added, removed or reordered; another truncation). The one definition every consumer uses (the
+        resume check stores it in each checkpoint).
+
+        PROVISIONAL: sha256 over each example's prompt, chosen, rejected and truncation mode, in order,
+        then ``max_length`` and ``max_prompt_length``. The token-cache rewrite of ``Examples`` replaces
+        this definition with its own (one that also follows the tokenization); consumers read only
+        ``examples.fingerprint``."""
+        h = hashlib.sha256()
+        for it in self.items:
+            h.update(json.dumps([it.prompt, it.chosen, it.rejected, it.truncation_mode]).encode() + b"\n")
+        h.update(json.dumps([len(self.items), self.max_length, self.max_prompt_length]).encode())
+        return h.hexdigest()
+
+    @property
+    def sources(self) -> str:
+        """Where this split's examples were read, for messages: ``<dataset>: <file>, <file> (and N more)``."""
+        return "; ".join(f"{name}: {', '.join(fs[:3])}" + (f" (and {len(fs) - 3} more)" if len(fs) > 3 else "")
+                         for name, fs in self.files.items())
 
     def order(self, epoch: int, seed: int) -> list[int]:
         """This split's order in ``epoch`` (``epoch_order``)."""
@@ -96,6 +124,14 @@ def evaluation_indices(order: EpochOrder, n_eval_examples: int, eval_batch_size:
     if n >= order.reference_examples:
         return order(0)
     return [i for i, pos in order.positions(0) if pos < n]
+
+
+def _file_of(source: str) -> str:
+    """The file of an example's ``source`` (``data.Record.where``: ``path:line``, ``path item N``, ``path row N``)."""
+    for sep in (" item ", " row "):
+        if sep in source:
+            return source.rsplit(sep, 1)[0]
+    return source.rsplit(":", 1)[0]
 
 
 class BatchSchedule:

@@ -11,7 +11,6 @@ loop (``train``), one optimizer step (``train_step``) and evaluation (``evaluate
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import math
 import shutil
@@ -23,6 +22,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from caldpo.files import json_text, write_output
 from caldpo.kernels import resolve_backend
 from caldpo.kernels.options import from_config as kernel_options_from_config
 
@@ -168,6 +168,7 @@ class Trainer:
                 self.examples_seen, self.next_eval = int(state["examples_seen"]), int(state["next_eval"])
                 self.nonfinite_total = int(state.get("nonfinite_total", 0))
                 self.nonfinite_run = int(state.get("nonfinite_run", 0))
+                self._check_data_unchanged(state)
         elif (self.run_dir / "metrics.jsonl").exists() or ckpt.latest_resume(self.ckpt_root) is not None:
             raise ConfigError(f"resume=never but run_dir={self.run_dir} already holds a run; "
                               "choose a new run_dir, or resume=auto to continue it")
@@ -205,7 +206,8 @@ class Trainer:
         self.signals.install()
         first_eval = last_eval = None
         if self.resumed_from is not None:
-            self.writer.write({"split": "train", "resumed_from_step": self.resumed_from, "step": self.step,
+            # a split of its own: a reader of "train" records sees each step once
+            self.writer.write({"split": "resume", "resumed_from_step": self.resumed_from, "step": self.step,
                                "examples": self.examples_seen})
             first_eval = self._first_eval_record() if self.is_main else None
         tty = sys.stderr.isatty()
@@ -369,15 +371,13 @@ class Trainer:
         if self.reference is not None:
             ref_responses = generate_responses(self.reference, self.tokenizer, prompts, self.cfg, self.device, bs, modes)
         if self.is_main:
-            out = self.run_dir / "samples" / f"step_{self.step}.json"
-            out.parent.mkdir(exist_ok=True)
             rows = []
             for i, (it, r) in enumerate(zip(items, responses)):
                 row = {"prompt": it.prompt, "response": r}
                 if ref_responses is not None:
                     row["reference_model_response"] = ref_responses[i]
                 rows.append({**row, "reference": it.chosen})
-            out.write_text(json.dumps(rows, indent=1))
+            write_output(self.run_dir / "samples" / f"step_{self.step}.json", json_text(rows, indent=1), "samples")
 
     def save_resume(self) -> None:
         """A resume checkpoint of this step (a step saved already is re-saved atomically, see checkpoint.py).
@@ -391,11 +391,52 @@ class Trainer:
                                   f"finite checkpoint is kept: {ckpt.latest_resume(self.ckpt_root)}", exit_code=3)
         state = {"examples_seen": self.examples_seen, "next_eval": self.next_eval,
                  "metrics_records": self.writer.records if self.is_main else None,
-                 "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run}
+                 "nonfinite_total": self.nonfinite_total, "nonfinite_run": self.nonfinite_run,
+                 "data": self._data_identity()}
         path = ckpt.save_resume(self.ckpt_root, self.step, self.policy, self.optimizer, self.scheduler, state,
                                 keep=self.cfg.keep_checkpoints)
         if self.is_main:
             log.info("resume checkpoint %s", path)
+
+    def _data_identity(self) -> dict[str, dict]:
+        """What each split's examples are, as a checkpoint records them: ``Examples.fingerprint``, the number
+        of examples and the files they were read from."""
+        return {split: {"fingerprint": ex.fingerprint, "examples": len(ex), "files": ex.sources}
+                for split, ex in (("train", self.train_data), ("test", self.eval_data))}
+
+    def _check_data_unchanged(self, state: dict) -> None:
+        """Resume only on the examples the checkpoint trained on: the data position is a count of examples
+        into their order, so changed data (rows edited, added, removed, reordered) would silently train and
+        evaluate on others. RunError (exit 2) naming each changed split and its files, or with
+        ``data.on_change=continue`` a warning. A checkpoint of an older caldpo records nothing: a log line."""
+        step, saved = int(state["step"]), state.get("data")
+        if not saved:
+            if self.is_main:
+                log.warning("checkpoint step_%d records no fingerprint of its data (written by an older caldpo): "
+                            "resuming without checking that the data is unchanged", step)
+            return
+        changed = []
+        for split, now in self._data_identity().items():
+            then = saved.get(split) or {}
+            if then.get("fingerprint") == now["fingerprint"]:
+                continue
+            n_then, n_now = then.get("examples", "?"), now["examples"]
+            what = (f"{n_then} examples at the checkpoint, {n_now} now" if n_then != n_now
+                    else f"{n_now} examples, but their content or order differs")
+            changed.append(f"the {split} split ({now['files']}): {what}")
+        if not changed:
+            return
+        detail = "; ".join(changed)
+        if self.cfg.data.on_change == "continue":
+            if self.is_main:
+                log.warning("the data changed since checkpoint step_%d was written (%s); resuming on the changed data "
+                            "(data.on_change=continue): the data position continues from the checkpoint", step, detail)
+            return
+        raise rundir.RunError(
+            f"cannot resume {self.run_dir} from checkpoint step_{step}: the data changed since it was written: "
+            f"{detail}. The run's data position is a count of examples into their order, so it would continue on "
+            "other examples than the ones it trained on. Restore the data the run started with; or start a new run "
+            "(another run_dir); or resume on the changed data with data.on_change=continue")
 
     def _weights_finite(self) -> bool:
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
