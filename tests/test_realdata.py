@@ -102,16 +102,17 @@ def test_tldr_loader_counts():
 
 
 def test_tldr_via_preproc(tmp_path):
+    out = tmp_path / "out"
     with pytest.raises(DataError, match="no train examples"):  # validation rows only: nothing written
-        tldr_pref([str(TLDR)], str(tmp_path))
-    assert not (tmp_path / "train.jsonl").exists()
+        tldr_pref([str(TLDR)], str(out))
+    assert not (out / "train.jsonl").exists()
     train_row = json.loads(TLDR.read_text().splitlines()[0])
     (tmp_path / "extra.json").write_text(json.dumps({**train_row, "split": "train"}) + "\n")
-    reports = tldr_pref([str(TLDR), str(tmp_path / "extra.json")], str(tmp_path))
+    reports = tldr_pref([str(TLDR), str(tmp_path / "extra.json")], str(out))
     assert (reports["test"].rows_read, reports["test"].pairs, reports["test"].prompts) == (21, 19, 13)
     assert reports["train"].pairs == 1
     assert reports["test"].anomalies == {"cnndm_dropped": 2, "subreddit_has_r_prefix": 5, "summary_without_leading_space": 10}
-    via_files, report = load_dataset("tldr", "test", path=str(tmp_path))
+    via_files, report = load_dataset("tldr", "test", path=str(out))
     direct, _ = load_dataset("tldr", "test", path=str(TLDR))
     assert via_files == direct and report.rows_read == 19
 
