@@ -63,6 +63,8 @@ class Trainer:
         validate(cfg, argv=argv)  # the one preflight, before any process group, data or model
         self.process = Process.setup(cfg.device, fsdp=TRAINERS[cfg.trainer] == "fsdp")
         self.device, self.is_main, self.world = self.process.device, self.process.is_main, self.process.world
+        if self.device.type == "cuda":  # fp32 matmuls (fp32 weights without mixed precision) on TF32 cores
+            torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
         self.run_dir = cfg_run_dir(cfg).resolve()
         other_changes = check_run_dir(cfg, self.run_dir)  # a stored run with other training options: stop
         self.sft = cfg.loss.name == "sft"
