@@ -338,6 +338,17 @@ class LogProbModel(nn.Module):
         ``kept``, known to the collator), so that the head needs no host sync.
         Raises ValueError for a batch laid out as segments on a model without ``attention.NAME``.
         """
+        hidden = self.backbone(input_ids, attention_mask, packed)
+        weight = self.lm.get_output_embeddings().weight
+        if packed is not None:
+            return self.packed_logprobs(hidden, weight, packed, average_log_prob)
+        return sequence_logprobs(hidden, weight, labels, average_log_prob=average_log_prob, backend=self.backend,
+                                 options=self.options, kept=kept, **self.head.kwargs(self.lm))
+
+    def backbone(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 packed: PackedBatch | None = None) -> torch.Tensor:
+        """The last hidden states [rows, length, H] of padded rows or of a ``PackedBatch`` (``forward``'s
+        inputs and rules: segments, a 4D mask, or no mask for right-padded rows)."""
         rows = embedding_rows(self.lm)
         if packed is not None:
             check_token_ids(packed.input_ids, rows, lambda r: f"packed row {r} of the micro-batch")
@@ -358,12 +369,7 @@ class LogProbModel(nn.Module):
             if attention_mask is None:
                 attention_mask = full_mask(input_ids.shape[0], input_ids.shape[1], input_ids.device)
             out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        weight = self.lm.get_output_embeddings().weight
-        if packed is not None:
-            return self.packed_logprobs(hidden, weight, packed, average_log_prob)
-        return sequence_logprobs(hidden, weight, labels, average_log_prob=average_log_prob, backend=self.backend,
-                                 options=self.options, kept=kept, **self.head.kwargs(self.lm))
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def packed_logprobs(self, hidden: torch.Tensor, weight: torch.Tensor, packed: PackedBatch,
                         average_log_prob: bool = False) -> torch.Tensor:
