@@ -36,28 +36,40 @@ def test_shell_scripts_parse(script):
 
 
 def test_gpu_suite_cpu_dry_run(tmp_path):
-    """The GPU suite's plumbing on CPU: its stages run in order within the budget, the test
-    stage runs pytest, and the benchmark leaves its JSON and the table printed last."""
+    """The GPU suite's plumbing on CPU (DEVICE=cpu): its default stages run in order within the budget
+    given on the command line (env, attention, e2e, tests), every result lands under $OUT (at most 8 files,
+    what a lent machine returns), and the tables are printed last."""
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, DEVICE="cpu", SHAPES="tiny",
-               TESTS="tests/test_benchmarks.py", TEST_ARGS="-k parse_shape", SUITE_BUDGET_S="150",
-               BENCH_ARGS="--reps 2")
-    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_suite.sh")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, DEVICE="cpu", OMP_NUM_THREADS="1",
+               TESTS="tests/test_benchmarks.py", TEST_ARGS="-k parse_shape")
+    env.pop("SUITE_BUDGET_S", None)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_suite.sh"), "--budget", "200"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     log = (out / "suite.log").read_text()
-    assert "== kernel tests tests/test_benchmarks.py: rc=0" in log and "1 passed" in log
-    result = json.loads((out / "gpu_results.json").read_text())
-    assert [s["shape"]["name"] for s in result["shapes"]] == ["tiny"]
-    table = (out / "gpu_table.txt").read_text()
-    assert table.startswith("# ") and "\nours " in table
-    assert proc.stdout.rstrip().endswith(table.rstrip())
-    # stage 7 (bench_e2e.py --stage gpu) runs its CPU dry run here; a lent machine returns at most 8 files
-    assert "== e2e vs TRL: rc=0" in log
+    order = [log.index(f"== {name}: rc=0") for name in ("env", "attention", "e2e", "tests tests/test_benchmarks.py")]
+    assert order == sorted(order) and "200s budget" in log and "1 passed" in log
+    info = json.loads((out / "env.json").read_text())
+    assert info["torch"] and "varlen_signature" in info and info["varlen_unavailable"]  # CPU: the kernel cannot run
+    att = json.loads((out / "attention.json").read_text())
+    assert set(att["results"]) == {"padded/mask", "padded/no-mask", "prefix_shared/mask", "prefix_shared/segments"}
     e2e = json.loads((out / "e2e_gpu.json").read_text())
-    assert e2e["dry_run"] and e2e["results"]["tiny/caldpo/prefix_shared"]["status"] == "ok"
-    assert (out / "e2e_gpu.md").read_text() in proc.stdout
-    assert len([p for p in out.rglob("*") if p.is_file()]) <= 8
+    assert e2e["dry_run"] and e2e["results"]["tiny/caldpo/prefix_shared+varlen"]["status"] == "ok"
+    assert (out / "e2e_gpu.md").read_text() in proc.stdout and (out / "attention.md").read_text() in proc.stdout
+    files = sorted(p.name for p in out.rglob("*") if p.is_file())
+    assert files == ["attention.json", "attention.md", "e2e_gpu.json", "e2e_gpu.md", "env.json", "suite.log"]
+    assert not (tmp_path / "benchmarks").exists()
+
+
+def test_gpu_suite_budget_spent(tmp_path):
+    """A budget too small for anything: every stage says it was skipped, and the suite fails."""
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, DEVICE="cpu", STAGES="attention e2e")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_suite.sh"), "--budget", "5"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    log = (out / "suite.log").read_text()
+    assert proc.returncode != 0 and "== attention: skipped (suite budget spent)" in log
+    assert "== e2e: skipped (suite budget spent)" in log
 
 
 def test_parse_shape(bench):
