@@ -265,3 +265,25 @@ def test_varlen_kernel_matches_emulation(head_dim, dtype):
         assert torch.isfinite(a).all(), name
         err = float((a - b).abs().max() / b.abs().max())
         assert err < 2e-2, (name, head_dim, dtype, err)
+
+
+@pytest.mark.parametrize("arch", ["gpt_neox", "llama"])
+def test_bf16_segments_as_close_as_padded(models, arch):
+    """bf16 (the dtype the varlen kernel runs in; here its emulation): every sequence's log-prob as
+    segments is as close to the float64 padded oracle as the bf16 padded layout's (within twice its
+    largest error)."""
+    lm32, oracle = models[arch]
+    examples = _edge_pairs()
+    weights = torch.ones(2 * len(examples), dtype=torch.float64)
+    expected, _ = _padded_oracle(oracle, examples, False, weights)
+    model = LogProbModel(copy.deepcopy(lm32).to(torch.bfloat16), "torch")
+    with torch.no_grad():
+        padded = model(**concatenated(collate(examples, EOS), torch.device("cpu"))).double()
+        padded_err = float((padded - expected).abs().max())
+        bound = 2 * padded_err + 1e-4
+        for layout in ("packed", "prefix_shared"):
+            got = model(packed=pack(examples, layout, sft=False, pad_token_id=EOS, segments=True)).double()
+            assert torch.isfinite(got).all()
+            err = float((got - expected).abs().max())
+            print(arch, layout, f"bf16 max abs err {err:.2e} (padded bf16 {padded_err:.2e}), rel {_rel(got, expected):.1e}")
+            assert err <= bound, (layout, err, bound)
