@@ -237,9 +237,10 @@ def worker_caldpo(args) -> None:
     t_start = time.perf_counter()
     from caldpo.train.config import load_config
     from caldpo.train.trainer import Trainer
-    settings = gpu_settings(args, args.attn) if args.stage == "gpu" else {}
+    settings = (gpu_settings(args, args.attn) if args.stage == "gpu"
+                else {"model.attn_implementation": args.attn} if args.attn else {})
     cfg = load_config(caldpo_overrides(args, Path(args.model_dir), Path(args.data_dir), args.loss, args.layout,
-                                       Path(args.scratch) / f"run_{args.loss}_{args.layout}_{os.getpid()}",
+                                       Path(args.scratch) / f"run_{args.loss}_{args.layout}_{args.attn or 'auto'}_{os.getpid()}",
                                        **settings))
     tr = Trainer(cfg)
     try:
@@ -428,6 +429,9 @@ def compare(results: dict, with_trl: bool) -> dict:
     out = {}
     for loss in ("dpo", "caldpo"):
         out[f"{loss}: prefix_shared / padded"] = ratio(f"{loss}/caldpo/prefix_shared", f"{loss}/caldpo/padded")
+    if "dpo/caldpo/prefix_shared+sdpa" in results:
+        out["dpo: prefix_shared segments / dense masks"] = ratio("dpo/caldpo/prefix_shared",
+                                                                 "dpo/caldpo/prefix_shared+sdpa")
     if with_trl:
         for layout in ("prefix_shared", "padded"):
             out[f"dpo: caldpo {layout} / TRL"] = ratio(f"dpo/caldpo/{layout}", "dpo/trl")
@@ -779,6 +783,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1,
                    help="torch threads per trainer (1: robust when other processes share the cores)")
     p.add_argument("--no-trl", action="store_true", help="skip TRL even when installed")
+    p.add_argument("--dense-masks", action="store_true",
+                   help="cpu stage: add DPO prefix_shared on dense 4D masks (model.attn_implementation=sdpa)")
     p.add_argument("--kernels", default=None, help="caldpo's kernels.backend (cpu stage: torch, pinned so that "
                    "every run uses the same head: auto may build the native extension mid-benchmark; "
                    "gpu stage: auto, the Triton head)")
@@ -842,6 +848,8 @@ def main(argv: list[str] | None = None) -> dict:
         args.order = tmp / "order.json"
         _spawn(args, "order", args.order)
         columns = [("dpo", "caldpo", "prefix_shared"), ("dpo", "caldpo", "padded")]
+        if args.dense_masks:  # today's default (segments) against the dense-mask path it replaced
+            columns.append(("dpo", "caldpo", "prefix_shared+sdpa"))
         if with_trl:
             columns.append(("dpo", "trl", None))
         columns += [("caldpo", "caldpo", "prefix_shared"), ("caldpo", "caldpo", "padded")]
@@ -850,7 +858,9 @@ def main(argv: list[str] | None = None) -> dict:
             for loss, who, layout in (columns if r % 2 == 0 else columns[::-1]):
                 key = f"{loss}/{who}" + (f"/{layout}" if layout else "")
                 out_json = tmp / f"{key.replace('/', '_')}_{r}.json"
-                extra = {"loss": loss} if who == "trl" else {"loss": loss, "layout": layout}
+                extra = {"loss": loss} if who == "trl" else {"loss": loss, "layout": layout.split("+")[0]}
+                if layout and "+" in layout:
+                    extra["attn"] = layout.split("+")[1]
                 runs.setdefault(key, []).append(_spawn(args, who, out_json, **extra))
                 print(f"round {r} {key}: {runs[key][-1]['process_seconds']:.1f}s", file=sys.stderr, flush=True)
     results = {k: _summary(v, args.warmup) for k, v in runs.items()}

@@ -287,3 +287,10 @@ def test_bf16_segments_as_close_as_padded(models, arch):
             err = float((got - expected).abs().max())
             print(arch, layout, f"bf16 max abs err {err:.2e} (padded bf16 {padded_err:.2e}), rel {_rel(got, expected):.1e}")
             assert err <= bound, (layout, err, bound)
+
+
+def test_layout_resolution_with_segments():
+    from caldpo.train.layout import CUDA_AUTO_LAYOUT, resolve_layout
+    assert resolve_layout("auto", "varlen") == "prefix_shared"
+    assert resolve_layout("auto", "varlen", "cuda") == CUDA_AUTO_LAYOUT == "padded"  # pending the GPU table
+    assert resolve_layout("prefix_shared", "varlen", "cuda") == "prefix_shared"

@@ -249,9 +249,10 @@ class Config:
     compile: bool = opt("torch.compile the backbone", identity=False)
     tf32: bool = opt("CUDA: fp32 matmuls on TF32 tensor cores (torch.set_float32_matmul_precision('high')); "
                      "false keeps full fp32 (what bf16/fp16 compute does not touch)", identity=False)
-    layout: str = opt("auto: on CPU prefix_shared where the attention takes 4D masks (sdpa, eager, flex_attention), "
-                      "else padded; padded on CUDA (measured faster there) | padded: two padded rows per pair (the oracle) | packed: padding-free rows "
-                      "| prefix_shared: packed, one prompt | chosen | rejected sequence per pair",
+    layout: str = opt("auto: on CPU prefix_shared where the attention can run packed rows (segments, sdpa, eager, "
+                      "flex_attention), else padded; padded on CUDA until a GPU table shows prefix sharing ahead | "
+                      "padded: two padded rows per pair (the oracle; no mask when right-padded) | packed: padding-free "
+                      "rows | prefix_shared: packed, one prompt | chosen | rejected sequence per pair",
                       choices=("auto", "padded", "packed", "prefix_shared"))  # numerics: part of the run identity
     sample_during_eval: bool = opt("generate samples from the policy and the reference at each evaluation",
                                    identity=False)
