@@ -294,3 +294,59 @@ def test_layout_resolution_with_segments():
     assert resolve_layout("auto", "varlen") == "prefix_shared"
     assert resolve_layout("auto", "varlen", "cuda") == CUDA_AUTO_LAYOUT == "padded"  # pending the GPU table
     assert resolve_layout("prefix_shared", "varlen", "cuda") == "prefix_shared"
+
+
+def _fake_varlen(calls):
+    """A stand-in for torch's varlen_attn with the 2.13 signature: records its keyword arguments and
+    answers with the emulation (causal only when asked for)."""
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, *, return_aux=None, scale=None,
+                    window_size=(-1, -1), enable_gqa=False, seqused_k=None, block_table=None, num_splits=None):
+        calls.append({"window_size": window_size, "scale": scale, "enable_gqa": enable_gqa,
+                      "kv_heads": key.shape[1]})
+        assert window_size == (-1, 0)
+        q_lens = tuple((cu_seq_q[1:] - cu_seq_q[:-1]).tolist())
+        k_lens = tuple((cu_seq_k[1:] - cu_seq_k[:-1]).tolist())
+        return att.emulate(query, key, value, att.Segments(cu_seq_q, cu_seq_k, None, max_q, max_k, q_lens, k_lens),
+                           scale)
+    return varlen_attn
+
+
+def _fake_varlen_2_10(calls):
+    """The older signature: ``is_causal``, no scale, no GQA."""
+    def varlen_attn(query, key, value, cu_seq_q, cu_seq_k, max_q, max_k, is_causal=False, return_aux=None):
+        calls.append({"is_causal": is_causal, "kv_heads": key.shape[1]})
+        assert is_causal
+        q_lens = tuple((cu_seq_q[1:] - cu_seq_q[:-1]).tolist())
+        k_lens = tuple((cu_seq_k[1:] - cu_seq_k[:-1]).tolist())
+        return att.emulate(query, key, value, att.Segments(cu_seq_q, cu_seq_k, None, max_q, max_k, q_lens, k_lens),
+                           None)
+    return varlen_attn
+
+
+@pytest.mark.parametrize("fake", [_fake_varlen, _fake_varlen_2_10], ids=["window_size", "is_causal"])
+def test_varlen_call_adapts_to_the_signature(monkeypatch, fake):
+    """The kernel call (CPU, through a stand-in with each torch's signature): causal asked the right way,
+    GQA through enable_gqa or repeated key heads, a non-default scale passed or folded into q; the
+    result equals the emulation's."""
+    import torch.nn.attention.varlen as tv
+    calls = []
+    monkeypatch.setattr(tv, "varlen_attn", fake(calls))
+    att.varlen_signature.cache_clear()
+    try:
+        pb = pack(_edge_pairs(), "prefix_shared", sft=False, pad_token_id=EOS, segments=True)
+        seg = pb.segments()
+        g = torch.Generator().manual_seed(0)
+        n = seg.total_q
+        q = torch.randn(1, 4, n, 16, generator=g, dtype=torch.float64)
+        k, v = (torch.randn(1, 2, n, 16, generator=g, dtype=torch.float64) for _ in range(2))
+        for scale in (16 ** -0.5, 0.1):
+            got = att.segment_attention(q, k, v, seg, scale, kernel="varlen")
+            want = att.segment_attention(q, k, v, seg, scale, kernel="emulate")
+            torch.testing.assert_close(got, want)
+        if fake is _fake_varlen:
+            assert [c["scale"] for c in calls] == [16 ** -0.5, 0.1] and all(c["enable_gqa"] for c in calls)
+            assert all(c["kv_heads"] == 2 for c in calls)
+        else:
+            assert all(c["is_causal"] and c["kv_heads"] == 4 for c in calls)  # heads repeated for the kernel
+    finally:
+        att.varlen_signature.cache_clear()
