@@ -350,3 +350,10 @@ def test_varlen_call_adapts_to_the_signature(monkeypatch, fake):
             assert all(c["is_causal"] and c["kv_heads"] == 4 for c in calls)  # heads repeated for the kernel
     finally:
         att.varlen_signature.cache_clear()
+
+
+def test_a_window_set_but_unused_is_no_window():
+    from transformers import Qwen2Config
+    assert att.unsupported(Qwen2Config(use_sliding_window=False, sliding_window=4096)) is None
+    assert "sliding" in att.unsupported(Qwen2Config(use_sliding_window=True, sliding_window=16,
+                                                    max_window_layers=0))

@@ -276,8 +276,10 @@ def unsupported(config) -> str | None:
     """Why a model config cannot take ``NAME`` (None: it can): a sliding window or an attention
     soft-cap (the segment path has neither), or non-causal attention."""
     text = config.get_text_config() if hasattr(config, "get_text_config") else config
-    if getattr(text, "sliding_window", None) or getattr(text, "use_sliding_window", False):
-        return f"sliding-window attention (sliding_window={getattr(text, 'sliding_window', None)})"
+    window, uses = getattr(text, "sliding_window", None), getattr(text, "use_sliding_window", None)
+    sliding_layers = any("sliding" in str(t) for t in (getattr(text, "layer_types", None) or ()))
+    if window and (uses if uses is not None else True) or sliding_layers:  # Qwen2: a window set but not used
+        return f"sliding-window attention (sliding_window={window})"
     if getattr(text, "attn_logit_softcapping", None):
         return f"an attention soft-cap (attn_logit_softcapping={text.attn_logit_softcapping})"
     if getattr(text, "is_causal", True) is False:
