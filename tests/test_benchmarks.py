@@ -36,28 +36,40 @@ def test_shell_scripts_parse(script):
 
 
 def test_gpu_suite_cpu_dry_run(tmp_path):
-    """The GPU suite's plumbing on CPU: its stages run in order within the budget, the test
-    stage runs pytest, and the benchmark leaves its JSON and the table printed last."""
+    """The GPU suite's plumbing on CPU (DEVICE=cpu): its default stages run in order within the budget
+    given on the command line (env, attention, e2e, tests), every result lands under $OUT (at most 8 files,
+    what a lent machine returns), and the tables are printed last."""
     out = tmp_path / "out"
-    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, DEVICE="cpu", SHAPES="tiny",
-               TESTS="tests/test_benchmarks.py", TEST_ARGS="-k parse_shape", SUITE_BUDGET_S="150",
-               BENCH_ARGS="--reps 2")
-    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_suite.sh")], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=300)
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, DEVICE="cpu", OMP_NUM_THREADS="1",
+               TESTS="tests/test_benchmarks.py", TEST_ARGS="-k parse_shape")
+    env.pop("SUITE_BUDGET_S", None)
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_suite.sh"), "--budget", "200"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
     log = (out / "suite.log").read_text()
-    assert "== kernel tests tests/test_benchmarks.py: rc=0" in log and "1 passed" in log
-    result = json.loads((out / "gpu_results.json").read_text())
-    assert [s["shape"]["name"] for s in result["shapes"]] == ["tiny"]
-    table = (out / "gpu_table.txt").read_text()
-    assert table.startswith("# ") and "\nours " in table
-    assert proc.stdout.rstrip().endswith(table.rstrip())
-    # stage 7 (bench_e2e.py --stage gpu) runs its CPU dry run here; a lent machine returns at most 8 files
-    assert "== e2e vs TRL: rc=0" in log
+    order = [log.index(f"== {name}: rc=0") for name in ("env", "attention", "e2e", "tests tests/test_benchmarks.py")]
+    assert order == sorted(order) and "200s budget" in log and "1 passed" in log
+    info = json.loads((out / "env.json").read_text())
+    assert info["torch"] and "varlen_signature" in info and info["varlen_unavailable"]  # CPU: the kernel cannot run
+    att = json.loads((out / "attention.json").read_text())
+    assert set(att["results"]) == {"padded/mask", "padded/no-mask", "prefix_shared/mask", "prefix_shared/segments"}
     e2e = json.loads((out / "e2e_gpu.json").read_text())
-    assert e2e["dry_run"] and e2e["results"]["tiny/caldpo/prefix_shared"]["status"] == "ok"
-    assert (out / "e2e_gpu.md").read_text() in proc.stdout
-    assert len([p for p in out.rglob("*") if p.is_file()]) <= 8
+    assert e2e["dry_run"] and e2e["results"]["tiny/caldpo/prefix_shared+varlen"]["status"] == "ok"
+    assert (out / "e2e_gpu.md").read_text() in proc.stdout and (out / "attention.md").read_text() in proc.stdout
+    files = sorted(p.name for p in out.rglob("*") if p.is_file())
+    assert files == ["attention.json", "attention.md", "e2e_gpu.json", "e2e_gpu.md", "env.json", "suite.log"]
+    assert not (tmp_path / "benchmarks").exists()
+
+
+def test_gpu_suite_budget_spent(tmp_path):
+    """A budget too small for anything: every stage says it was skipped, and the suite fails."""
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=sys.executable, DEVICE="cpu", STAGES="attention e2e")
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_suite.sh"), "--budget", "5"], cwd=ROOT,
+                          env=env, capture_output=True, text=True, timeout=60)
+    log = (out / "suite.log").read_text()
+    assert proc.returncode != 0 and "== attention: skipped (suite budget spent)" in log
+    assert "== e2e: skipped (suite budget spent)" in log
 
 
 def test_parse_shape(bench):
@@ -233,12 +245,14 @@ def test_e2e_gpu_stage_dry_run(tmp_path):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "e2e_gpu.json").read_text())
     res, runs = report["results"], report["runs"]
-    assert list(res) == ["tiny/caldpo/prefix_shared", "tiny/caldpo/padded", "tiny/trl"]
+    PS = "tiny/caldpo/prefix_shared+varlen"
+    assert list(res) == [PS, "tiny/caldpo/padded", "tiny/trl"]
     st = report["settings"]
     pairs, warmup = st["pairs"], st["warmup"]
     assert st["device"] == "cpu" and st["steps"] >= 1 and warmup >= 1
-    n_params = _neox_matmul_params(64, 2, 512)
-    ran = ["tiny/caldpo/prefix_shared", "tiny/caldpo/padded"]
+    head = 512 * 64
+    body = _neox_matmul_params(64, 2, 512) - head
+    ran = [PS, "tiny/caldpo/padded"]
     if _trl_installed():
         ran.append("tiny/trl")
     else:
@@ -248,32 +262,36 @@ def test_e2e_gpu_stage_dry_run(tmp_path):
         assert r["status"] == "ok", (key, r.get("reason"))
         assert _finite(r["tokens_per_second"]) and r["tokens_per_second"] > 0
         assert r["peak_rss_mib"] > 0 and r["peak_gpu_mib"] is None  # CPU: no GPU memory
-        assert r["n_params"] == n_params and run["flops_multiplier"] == 8
+        assert (r["body_params"], r["head_params"], run["with_reference"]) == (body, head, True)
         assert run["sequences"] == [2.0 * pairs] * len(run["sequences"])
         timed = slice(warmup, None)
         secs, toks = run["step_seconds"][timed], run["tokens"][timed]
         assert r["tokens_per_second"] == pytest.approx(sum(toks) / sum(secs), rel=1e-12)
-        # MFU: 8 x (matmul params + 2 x layers x hidden x mean sequence length) FLOPs per token, over
-        # 0.5 TFLOP/s; "run" counts the tokens the backbone runs, "counted" the counted tokens.
-        for which, n_tok in (("mfu_run", run["backbone_tokens"]), ("mfu_counted", run["tokens"])):
-            flops = sum(8.0 * (n_params + 2 * 2 * 64 * t / s) * b for t, s, b in
-                        zip(run["tokens"][timed], run["sequences"][timed], n_tok[timed]))
-            assert r[which] == pytest.approx(flops / sum(secs) / 0.5e12, rel=1e-6), (key, which)
-    ps, pad = res["tiny/caldpo/prefix_shared"], res["tiny/caldpo/padded"]
+        # MFU on useful work: 4 passes (policy forward + backward, reference forward) of
+        # 2 x (body x useful tokens + 2 x layers x hidden x attention context + head x scored tokens)
+        flops = sum(4 * 2.0 * (body * u + 2 * 2 * 64 * c + head * n) for u, c, n in
+                    zip(run["useful_tokens"][timed], run["attention_context"][timed], run["scored_tokens"][timed]))
+        assert r["mfu"] == pytest.approx(flops / sum(secs) / 0.5e12, rel=1e-6), key
+        assert all(0 < n < t for n, t in zip(run["scored_tokens"], run["tokens"]))
+    # the same work counted for every column; prefix sharing runs exactly the useful tokens
+    for k in ("tokens", "useful_tokens", "attention_context", "scored_tokens"):
+        assert all(runs[key][k] == runs[PS][k] for key in ran), k
+    assert runs[PS]["useful_tokens"] == runs[PS]["backbone_tokens"]
+    ps, pad = res[PS], res["tiny/caldpo/padded"]
     assert ps["tokens_per_step"] == pad["tokens_per_step"] > 0
     assert ps["backbone_tokens_per_step"] < pad["backbone_tokens_per_step"]
     assert ps["first_step_loss"] == pytest.approx(pad["first_step_loss"], rel=1e-4)
-    rps, rpad = runs["tiny/caldpo/prefix_shared"], runs["tiny/caldpo/padded"]
+    rps, rpad = runs[PS], runs["tiny/caldpo/padded"]
     assert rps["tokens"] == rpad["tokens"]
     assert rps["logps"][0] == pytest.approx(rpad["logps"][0], rel=1e-5)  # fp32, summed over ~100 tokens
     # after one update the loss depends on log pi - log pi_ref, a difference of two sums of ~100 log-probs
     assert rps["loss"][1] == pytest.approx(rpad["loss"][1], rel=1e-4)
     assert rps["loss"][1] != rps["loss"][0]
     table = (out / "e2e_gpu.md").read_text()
-    for row in ("| tiny | caldpo | caldpo | prefix_shared | sdpa |", "| tiny | caldpo | caldpo | padded | sdpa |",
+    for row in ("| tiny | caldpo | caldpo | prefix_shared | varlen |", "| tiny | caldpo | caldpo | padded | sdpa |",
                 "| tiny | trl | dpo | - | sdpa |"):
         assert row in table
-    assert "TRL has no Cal-DPO" in table
+    assert "TRL has no Cal-DPO" in table and "token count is checked equal" in table
     assert "prefix_shared / padded" in table and "Targets" in table
     assert proc.stdout.rstrip().endswith(table.rstrip())
 
@@ -323,8 +341,9 @@ def test_e2e_gpu_oom_is_a_result_and_targets(e2e):
     with pytest.raises(ValueError):
         e2e._failed(ValueError("other"), torch.device("cpu"), None)
     ok = {"status": "ok"}
-    res = {"pythia-2.8b/caldpo/prefix_shared": {**ok, "tokens_per_second": 3000.0, "mfu_run": 0.42, "peak_gpu_mib": 50.0},
-           "pythia-2.8b/caldpo/padded": {**ok, "tokens_per_second": 2000.0, "mfu_run": 0.55},
+    res = {"pythia-2.8b/caldpo/prefix_shared+varlen": {**ok, "tokens_per_second": 3000.0, "mfu": 0.42,
+                                                       "peak_gpu_mib": 50.0},
+           "pythia-2.8b/caldpo/padded": {**ok, "tokens_per_second": 2000.0, "mfu": 0.28},
            "pythia-2.8b/trl": {**ok, "tokens_per_second": 1250.0, "peak_gpu_mib": 80.0},
            "pythia-1.4b/caldpo/prefix_shared": {"status": "skipped", "reason": "time box"}}
     ratios = e2e.gpu_ratios(res, ["pythia-2.8b", "pythia-1.4b"])
@@ -332,7 +351,23 @@ def test_e2e_gpu_oom_is_a_result_and_targets(e2e):
                       "pythia-2.8b: prefix_shared / padded": 1.5,
                       "pythia-2.8b: peak memory TRL / caldpo prefix_shared": 1.6}
     targets = e2e.gpu_targets(res, ratios, ["pythia-2.8b", "pythia-1.4b"])
-    assert targets[0] == "MFU >= 50% at pythia-2.8b (caldpo, FLOPs run): prefix_shared 42.0%, padded 55.0%: met"
+    assert targets[0] == ("useful-work MFU >= 45% at pythia-2.8b (caldpo): prefix_shared+varlen 42.0%, "
+                          "padded 28.0%: not met")
     assert targets[1] == ("caldpo >= 2x TRL tokens/s at pythia-2.8b: prefix_shared / TRL 2.40x (met), "
                           "padded / TRL 1.60x (not met)")
-    assert "not measured" in targets[2]
+    assert targets[2] == "prefix_shared >= 1.8x padded tokens/s at pythia-2.8b: 1.50x (not met)"
+    assert "not measured" in targets[3] and "not measured" in targets[4]
+
+
+def test_bench_attention_quick(tmp_path):
+    """bench_attention.py --quick: every attention path runs, finite, and agrees with padded/mask (fp32)."""
+    out = tmp_path / "att.json"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_attention.py"), "--quick",
+                           "--json", str(out)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    res = json.loads(out.read_text())["results"]
+    assert list(res) == ["padded/mask", "padded/no-mask", "prefix_shared/mask", "prefix_shared/segments"]
+    for path, r in res.items():
+        assert r["finite"] and r["median_s"] > 0, path
+        assert r["hidden_rel_err_vs_padded_mask"] < 1e-5, (path, r["hidden_rel_err_vs_padded_mask"])

@@ -88,14 +88,20 @@ def _head(bias: torch.Tensor | None, scale: float, softcap: float) -> Head:
 
 @torch.library.custom_op("caldpo::linear_logprobs_fwd", mutates_args=())
 def _fwd_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, bias: torch.Tensor | None,
-            ignore_index: int, backend: str, scale: float, softcap: float, options: str
-            ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            ignore_index: int, backend: str, scale: float, softcap: float, options: str,
+            kept: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(logp [N], lse [N], kept index [K]) in fp32 / int64; ignored tokens are dropped
     before any matmul. The index is returned so that backward reuses it without a sync.
     `bias`, `scale`, `softcap` (0.0: none) describe the head (caldpo.kernels.head);
-    `options` is a KernelOptions.encode() string."""
+    `options` is a KernelOptions.encode() string; `kept`: the caller's index (see linear_logprobs),
+    which replaces the search for it."""
     n = hidden.shape[0]
-    idx = _kept(targets, ignore_index, weight.shape[0])
+    if kept is None:
+        idx = _kept(targets, ignore_index, weight.shape[0])
+    else:
+        if not targets.is_cuda:  # the host check costs no sync; on CUDA the caller vouches
+            check_targets(targets, weight.shape[0], ignore_index)
+        idx = kept.long().clone()  # an op's output must not alias its input
     impl = _impl(backend)
     head = _head(bias, scale, softcap)
     kw = {"options": decode(options)} if head.plain else {"head": head, "options": decode(options)}
@@ -112,9 +118,9 @@ def _fwd_op(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, b
 
 
 @_fwd_op.register_fake
-def _(hidden, weight, targets, bias, ignore_index, backend, scale, softcap, options):
+def _(hidden, weight, targets, bias, ignore_index, backend, scale, softcap, options, kept=None):
     n = hidden.shape[0]
-    k = torch.library.get_ctx().new_dynamic_size()
+    k = kept.shape[0] if kept is not None else torch.library.get_ctx().new_dynamic_size()
     f32 = dict(dtype=torch.float32)
     return hidden.new_empty(n, **f32), hidden.new_empty(n, **f32), targets.new_empty(k, dtype=torch.long)
 
@@ -162,7 +168,7 @@ def _(grad, hidden, weight, targets, lse, idx, bias, backend, scale, softcap, op
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, targets, bias, ignore_index, backend, scale, softcap, options = inputs
+    hidden, weight, targets, bias, ignore_index, backend, scale, softcap, options, *_ = inputs
     ctx.save_for_backward(hidden, weight, targets, output[1], output[2], bias)
     ctx.set_materialize_grads(False)
     ctx.backend, ctx.scale, ctx.softcap, ctx.options = backend, scale, softcap, options
@@ -173,11 +179,11 @@ def _backward(ctx, grad_logp, grad_lse, grad_idx):
     need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_b = bias is not None and ctx.needs_input_grad[3]
     if grad_logp is None or not (need_h or need_w or need_b):
-        return (None,) * 9
+        return (None,) * 10
     gh, gw, gb = _bwd_op(grad_logp.contiguous(), hidden, weight, targets, lse, idx, bias,
                          ctx.backend, ctx.scale, ctx.softcap, ctx.options, need_h, need_w, need_b)
     return (gh if need_h else None), (gw if need_w else None), None, (gb if need_b else None), \
-        None, None, None, None, None
+        None, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup_context)
@@ -198,7 +204,8 @@ def _backend(backend: str, opts: KernelOptions) -> str:
 def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor,
                     ignore_index: int = -100, backend: str = "auto", *,
                     bias: torch.Tensor | None = None, scale: float = 1.0,
-                    softcap: float | None = None, options: KernelOptions | None = None) -> torch.Tensor:
+                    softcap: float | None = None, options: KernelOptions | None = None,
+                    kept: torch.Tensor | None = None) -> torch.Tensor:
     """log_softmax(logits)[targets] per token -> [N] float32, where
     logits = softcap * tanh(scale * (hidden @ weight.T + bias) / softcap)
     (no bias / scale 1 / softcap None leave out that step; caldpo.kernels.head).
@@ -211,6 +218,13 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     "auto" overrides `options.backend`. Raises ValueError for bad shapes or head
     values, and for a target outside [0, V) that is not ignore_index (on every backend;
     on CUDA without a host sync of its own, see `_kept`).
+
+    kept: [K] int64/int32 on hidden's device, the ascending positions whose target is not
+    ignore_index, when the caller knows them from host data (the trainer's collator does). The
+    call then does no `nonzero` and no host sync at all; the caller vouches that the index is
+    exactly those positions and that their targets lie in [0, V) (checked here only for CPU
+    tensors; the trainer checks its tokenizer's ids against the head once, at load). K == N
+    (every token scored) skips the gathers.
     """
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
         raise ValueError(f"expected hidden [N,H] and weight [V,H], got {tuple(hidden.shape)} and {tuple(weight.shape)}")
@@ -219,25 +233,29 @@ def linear_logprobs(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.T
     head = head_mod.make(bias, scale, softcap, weight.shape[0])
     opts = get_options(options)
     name = _resolve(_backend(backend, opts), str(hidden.device))
+    if kept is not None and kept.dim() != 1:
+        raise ValueError(f"kept must be a 1-D index, got shape {tuple(kept.shape)}")
     if name == "reference":
         check_targets(targets, weight.shape[0], ignore_index)
         return reference_linear_logprobs(hidden, weight, targets, ignore_index, head=head)
     return _fwd_op(hidden.contiguous(), weight, targets.long().contiguous(), bias, int(ignore_index), name,
-                   head.scale, head.softcap or 0.0, opts.encode())[0]
+                   head.scale, head.softcap or 0.0, opts.encode(), kept)[0]
 
 
 def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
                       average_log_prob: bool = False, backend: str = "auto",
                       ignore_index: int = -100, *, bias: torch.Tensor | None = None,
                       scale: float = 1.0, softcap: float | None = None,
-                      options: KernelOptions | None = None) -> torch.Tensor:
+                      options: KernelOptions | None = None, kept: torch.Tensor | None = None) -> torch.Tensor:
     """Per-sequence log-prob of the labels -> [B] float32.
 
     Hugging Face shift: hidden[:, t] predicts labels[:, t+1]; labels equal to
     `ignore_index` (and the first position) are skipped. Sum over the scored
     tokens, or their mean when `average_log_prob`; a sequence with no scored
     token gives 0.0 either way. `bias`, `scale`, `softcap`: the output head, and `options`
-    (KernelOptions), as in `linear_logprobs`.
+    (KernelOptions), as in `linear_logprobs`. `kept`: the scored positions of the flattened
+    [B*T] shifted targets (``b * T + t`` where labels[b, t + 1] != ignore_index), ascending, as in
+    `linear_logprobs` (no host sync when given).
     """
     if hidden.dim() != 3 or labels.shape != hidden.shape[:2]:
         raise ValueError(f"expected hidden [B,T,H] and labels [B,T], got {tuple(hidden.shape)} and {tuple(labels.shape)}")
@@ -245,7 +263,7 @@ def sequence_logprobs(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.
     targets = torch.full_like(labels, ignore_index, dtype=torch.long)
     targets[:, :-1] = labels[:, 1:]
     tok = linear_logprobs(hidden.reshape(b * t, h), weight, targets.reshape(-1), ignore_index, backend,
-                          bias=bias, scale=scale, softcap=softcap, options=options)
+                          bias=bias, scale=scale, softcap=softcap, options=options, kept=kept)
     total = tok.view(b, t).sum(dim=1)
     if not average_log_prob:
         return total

@@ -82,8 +82,11 @@ class ModelConfig:
                                choices=("float32", "bfloat16", "float16"))
     fsdp_policy_mp: Optional[str] = opt("FSDP2 MixedPrecisionPolicy param dtype (reduce in fp32); null: none",
                                         choices=(None, "bfloat16", "float16", "float32"))
-    attn_implementation: str = opt("auto: flash_attention_2 if flash-attn is installed on CUDA, else sdpa",
-                                   choices=("auto", "sdpa", "flash_attention_2", "eager", "flex_attention"))
+    attn_implementation: str = opt("auto: flash_attention_2 if flash-attn is installed on CUDA, else sdpa; packed "
+                                   "layouts run as varlen segments where they can (caldpo/train/attention.py) | "
+                                   "sdpa (packed layouts on dense 4D masks) | varlen | flash_attention_2 | eager | "
+                                   "flex_attention",
+                                   choices=("auto", "sdpa", "varlen", "flash_attention_2", "eager", "flex_attention"))
     trust_remote_code: bool = opt("let transformers run the model repository's code")
 
 
@@ -251,9 +254,12 @@ class Config:
     minimum_log_interval_secs: float = opt("progress bar / log line interval", identity=False)
     activation_checkpointing: bool = opt("recompute block activations in backward (less memory)", identity=False)
     compile: bool = opt("torch.compile the backbone", identity=False)
-    layout: str = opt("auto: on CPU prefix_shared where the attention takes 4D masks (sdpa, eager, flex_attention), "
-                      "else padded; padded on CUDA (measured faster there) | padded: two padded rows per pair (the oracle) | packed: padding-free rows "
-                      "| prefix_shared: packed, one prompt | chosen | rejected sequence per pair",
+    tf32: bool = opt("CUDA: fp32 matmuls on TF32 tensor cores (torch.set_float32_matmul_precision('high')); "
+                     "false keeps full fp32 (what bf16/fp16 compute does not touch)", identity=False)
+    layout: str = opt("auto: on CPU prefix_shared where the attention can run packed rows (segments, sdpa, eager, "
+                      "flex_attention), else padded; padded on CUDA until a GPU table shows prefix sharing ahead | "
+                      "padded: two padded rows per pair (the oracle; no mask when right-padded) | packed: padding-free "
+                      "rows | prefix_shared: packed, one prompt | chosen | rejected sequence per pair",
                       choices=("auto", "padded", "packed", "prefix_shared"))  # numerics: part of the run identity
     sample_during_eval: bool = opt("generate samples from the policy and the reference at each evaluation",
                                    identity=False)

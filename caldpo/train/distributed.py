@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from .config import ConfigError
+from .host import read, to_device
 
 
 @dataclass
@@ -99,10 +100,10 @@ class Process:
     def any(self, *flags) -> bool | list[bool]:
         """Whether each flag (a bool or a 0-d tensor) is true on any rank: one collective for all of them.
         One flag gives a bool, several a list."""
-        t = torch.stack([torch.as_tensor(f, device=self.device).reshape(()).float() for f in flags])
+        t = torch.stack([to_device(torch.as_tensor(f), self.device).reshape(()).float() for f in flags])
         if self.distributed:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        out = [v > 0 for v in t.tolist()]
+        out = [v > 0 for v in read(t)]
         return out[0] if len(flags) == 1 else out
 
     def from_main(self, value):
@@ -133,7 +134,7 @@ class MetricSums:
 
     ``add`` keeps each metric's sum on its device (no host sync) and its example count on the
     host; ``means`` reduces all of them over ranks in one collective and reads them back with
-    one host sync.
+    one host sync (``host.read``), together with the step's flags and rank 0's values.
     """
 
     def __init__(self):
@@ -153,16 +154,41 @@ class MetricSums:
             self.sums[k] = self.sums[k] + s if k in self.sums else s
             self.counts[k] = self.counts.get(k, 0.0) + v.numel() * weight
 
-    def means(self, process: Process) -> dict[str, float]:
+    def means(self, process: Process, *, flags: dict | None = None, main: dict | None = None) -> dict:
         """name -> (sum over ranks) / (count over ranks) (a count of 0 gives the sum, 0), and each of
-        ``add_totals``' names -> its sum over ranks; one collective (float64)."""
-        if not self.sums and not self.totals:
-            return {}
+        ``add_totals``' names -> its sum over ranks; plus each of ``flags`` (name -> a bool or a 0-d
+        device tensor) -> whether it is true on any rank, and each of ``main`` (name -> a 0-d tensor
+        or number every rank holds alike, e.g. the global grad norm) -> rank 0's value.
+        One collective (float64) and one host sync for all of it.
+        """
+        flags, main = flags or {}, main or {}
         keys, names = sorted(self.sums), sorted(self.totals)
-        host = torch.tensor([self.counts[k] for k in keys] + [self.totals[k] for k in names], dtype=torch.float64)
-        parts = [torch.stack([self.sums[k].to(process.device) for k in keys]).double()] if keys else []
-        every = process.all_reduce(torch.cat([*parts, host.to(process.device)])).tolist()
-        n = len(keys)
-        out = {k: every[i] / max(every[n + i], 1.0) for i, k in enumerate(keys)}
-        out.update({k: every[2 * n + i] for i, k in enumerate(names)})
+        if not keys and not names and not flags and not main:
+            return {}
+        dev, is_main = process.device, process.rank == 0
+        # device values first (no host round trip), then one pinned copy of the host numbers
+        dev_vals = [(k, self.sums[k].detach().double(), "mean") for k in keys]
+        host_vals: list[tuple[str, float, str]] = []
+        for k, v in flags.items():
+            (dev_vals if torch.is_tensor(v) else host_vals).append(
+                (k, v.detach().reshape(()).double() if torch.is_tensor(v) else float(bool(v)), "flag"))
+        for k, v in main.items():
+            if torch.is_tensor(v):
+                dev_vals.append((k, v.detach().reshape(()).double() * float(is_main), "main"))
+            else:
+                host_vals.append((k, float(v) if is_main else 0.0, "main"))
+        host_vals += [(f"count:{k}", self.counts[k], "count") for k in keys]
+        host_vals += [(k, self.totals[k], "total") for k in names]
+        parts = [torch.stack([v.to(dev) for _, v, _ in dev_vals])] if dev_vals else []
+        parts.append(to_device(torch.tensor([v for _, v, _ in host_vals], dtype=torch.float64), dev))
+        values = read(process.all_reduce(torch.cat(parts)))
+        got = {(k, kind): x for (k, _, kind), x in zip(dev_vals + host_vals, values)}
+        out: dict = {}
+        for (k, kind), x in got.items():
+            if kind == "mean":
+                out[k] = x / max(got[(f"count:{k}", "count")], 1.0)
+            elif kind == "flag":
+                out[k] = x > 0
+            elif kind in ("main", "total"):
+                out[k] = x
         return out

@@ -39,6 +39,11 @@ LAYOUTS = ("padded", "packed", "prefix_shared")
 # Attention implementations that take the 4D masks built here (the rest, e.g. flash-attn
 # without varlen wiring, only support ``padded``).
 MASKED_ATTENTION = ("sdpa", "eager", "flex_attention")
+# ... and those that can run a packed layout at all: the masked ones, and segments (attention.py).
+PACKED_ATTENTION = MASKED_ATTENTION + ("varlen",)
+# layout=auto on CUDA. Pending a GPU table (benchmarks/gpu_suite.sh, the e2e stage) showing
+# prefix_shared (varlen segments) ahead of padded at the Pythia-2.8B shape: then "prefix_shared".
+CUDA_AUTO_LAYOUT = "padded"
 
 SHARED, CHOSEN, REJECTED = 0, 1, 2
 
@@ -53,6 +58,10 @@ class PackedBatch:
     rows, targets, sequence: [N] int64, one entry per scored token: the flat row index
     ``r * L + t`` of the hidden state that predicts ``targets``, and the output sequence
     it belongs to (chosen ``i``, rejected ``n + i``).
+    spans: the attention segments on the host, ``(query span, key spans)`` per segment in flat
+    positions (``attention.Segments.from_spans``), row padding included as segments of its own.
+    as_segments: the forward runs ``attention.segment_attention`` on ``segments()`` (varlen on CUDA,
+    its emulation on CPU) instead of a 4D mask.
     """
 
     input_ids: torch.Tensor
@@ -63,6 +72,8 @@ class PackedBatch:
     targets: torch.Tensor
     sequence: torch.Tensor
     n_sequences: int
+    spans: tuple = ()
+    as_segments: bool = False
     _masks: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -70,12 +81,32 @@ class PackedBatch:
         """Tokens that run through the backbone (row padding excluded)."""
         return int((self.segment >= 0).sum())
 
+    @property
+    def n_scored(self) -> int:
+        """Scored tokens (head rows), known on the host."""
+        return int(self.targets.shape[0])
+
     def to(self, device: torch.device) -> "PackedBatch":
+        """The batch on ``device`` (pinned, non-blocking copies; the segment metadata too when it runs
+        as segments)."""
+        from .host import to_device
         if self.input_ids.device == torch.device(device):
             return self
-        moved = {k: getattr(self, k).to(device) for k in
+        moved = {k: to_device(getattr(self, k), device) for k in
                  ("input_ids", "position_ids", "segment", "branch", "rows", "targets", "sequence")}
-        return PackedBatch(**moved, n_sequences=self.n_sequences)
+        out = PackedBatch(**moved, n_sequences=self.n_sequences, spans=self.spans, as_segments=self.as_segments)
+        if self.as_segments:
+            out._masks["segments"] = self.segments().to(device)
+        return out
+
+    def segments(self):
+        """The varlen metadata (``attention.Segments``), built once from ``spans`` on the host."""
+        if "segments" not in self._masks:
+            from .attention import Segments
+            q_spans = [q for q, _ in self.spans]
+            k_spans = [k for _, k in self.spans]
+            self._masks["segments"] = Segments.from_spans(q_spans, k_spans, self.input_ids.numel())
+        return self._masks["segments"]
 
     def allowed(self) -> torch.Tensor:
         """[R, 1, L, L] bool: query t may attend to key s (same segment, s <= t, and a rejected
@@ -94,9 +125,12 @@ class PackedBatch:
         """The mask in the form ``attn`` takes, built once per micro-batch and reused by every
         layer and by the policy and reference forwards.
 
-        sdpa: [R,1,L,L] bool (True = attend); eager: [R,1,L,L] additive ``dtype`` (0 / min);
-        flex_attention: a ``BlockMask`` (empty blocks skipped).
+        sdpa (and ``attention.NAME``, which runs SDPA for masks): [R,1,L,L] bool (True = attend);
+        eager: [R,1,L,L] additive ``dtype`` (0 / min); flex_attention: a ``BlockMask`` (empty blocks
+        skipped).
         """
+        from .attention import NAME
+        attn = "sdpa" if attn == NAME else attn
         key = (attn, dtype if attn == "eager" else None)
         if key in self._masks:
             return self._masks[key]
@@ -138,7 +172,9 @@ def _as_list(x) -> list[int]:
 
 
 def _segments(examples: Sequence[dict[str, Any]], layout: str, sft: bool):
-    """Per segment: (token ids, position ids, branch tags, [(offset, target, sequence)])."""
+    """Per segment: (token ids, position ids, branch tags, [(offset, target, sequence)], attention parts),
+    where each part is ``(query start, query length, [(key start, key length), ...])`` relative to the
+    segment's first position."""
     n = len(examples)
     out = []
     for i, ex in enumerate(examples):
@@ -164,17 +200,19 @@ def _segments(examples: Sequence[dict[str, Any]], layout: str, sft: bool):
         for t in range(1, len(r_lab)):
             if r_lab[t] != IGNORE_INDEX:
                 head.append((t - 1 if t - 1 < s else t - 1 + nc, r_lab[t], n + i))
-        out.append((ids, pos, branch, head))
+        # queries [shared + chosen] see keys [shared + chosen]; queries [rejected] see [shared + rejected]
+        parts = [(0, s + nc, [(0, s + nc)]), (s + nc, nr, [(0, s), (s + nc, nr)])]
+        out.append((ids, pos, branch, head, parts))
     return out
 
 
 def _plain(ids: list[int], labels: list[int], seq: int):
     head = [(t - 1, labels[t], seq) for t in range(1, len(labels)) if labels[t] != IGNORE_INDEX]
-    return ids, list(range(len(ids))), [SHARED] * len(ids), head
+    return ids, list(range(len(ids))), [SHARED] * len(ids), head, [(0, len(ids), [(0, len(ids))])]
 
 
 def pack(examples: Sequence[dict[str, Any]], layout: str, *, sft: bool, pad_token_id: int,
-         row_tokens: int | None = None) -> PackedBatch:
+         row_tokens: int | None = None, segments: bool = False) -> PackedBatch:
     """Lay out tokenized examples (``tokenize_example``'s keys ``{chosen,rejected}_{input_ids,labels}``,
     as lists or 1-D tensors) as packed rows.
 
@@ -183,12 +221,16 @@ def pack(examples: Sequence[dict[str, Any]], layout: str, *, sft: bool, pad_toke
     length, which bounds a dense mask's attention cost by the padded layout's; 0: one row
     holds the whole micro-batch (for block-sparse attention, which skips empty blocks).
     Rows are right-padded to the longest row.
+    ``segments``: the batch runs as attention segments (``PackedBatch.as_segments``, varlen on CUDA);
+    ``row_tokens`` then defaults to 0, one row without padding.
     Raises ValueError for an unknown layout or ``padded`` (which has no packed form).
     """
     if layout not in ("packed", "prefix_shared"):
         raise ValueError(f"layout {layout!r} has no packed form; use 'packed' or 'prefix_shared'")
     segs = _segments(examples, layout, sft)
     order = sorted(range(len(segs)), key=lambda k: -len(segs[k][0]))
+    if row_tokens is None and segments:
+        row_tokens = 0
     if row_tokens is None:
         row_tokens = max((len(s[0]) for s in segs), default=1)
     rows: list[list[int]] = []
@@ -211,11 +253,14 @@ def pack(examples: Sequence[dict[str, Any]], layout: str, *, sft: bool, pad_toke
     segment = torch.full((R, L), -1, dtype=torch.long)
     branch = torch.zeros((R, L), dtype=torch.long)
     h_rows, h_tgt, h_seq = [], [], []
+    spans = []
     for r, members in enumerate(rows):
         off = 0
         for k in sorted(members):  # segments keep the micro-batch's order within a row
-            ids, pos, br, head = segs[k]
+            ids, pos, br, head, parts = segs[k]
             n = len(ids)
+            base = r * L + off
+            spans.extend(((base + q0, nq), [(base + k0, nk) for k0, nk in keys]) for q0, nq, keys in parts)
             input_ids[r, off:off + n] = torch.tensor(ids, dtype=torch.long)
             position_ids[r, off:off + n] = torch.tensor(pos, dtype=torch.long)
             segment[r, off:off + n] = k
@@ -227,10 +272,12 @@ def pack(examples: Sequence[dict[str, Any]], layout: str, *, sft: bool, pad_toke
             off += n
         # padding continues the position ids so that rotary tables stay in range
         position_ids[r, off:] = torch.arange(L - off)
+        if off < L:  # row padding: a causal segment of its own (finite outputs nobody reads)
+            spans.append(((r * L + off, L - off), [(r * L + off, L - off)]))
     n_seq = len(examples) * (1 if sft or not examples or "rejected_input_ids" not in examples[0] else 2)
     return PackedBatch(input_ids, position_ids, segment, branch,
                        torch.tensor(h_rows, dtype=torch.long), torch.tensor(h_tgt, dtype=torch.long),
-                       torch.tensor(h_seq, dtype=torch.long), n_seq)
+                       torch.tensor(h_seq, dtype=torch.long), n_seq, spans=tuple(spans), as_segments=segments)
 
 
 def segment_sum(values: torch.Tensor, sequence: torch.Tensor, n_sequences: int,
@@ -249,26 +296,26 @@ def segment_sum(values: torch.Tensor, sequence: torch.Tensor, n_sequences: int,
 def resolve_layout(layout: str, attn: str, device_type: str = "cpu") -> str:
     """The layout to run with attention implementation ``attn`` on ``device_type``.
 
-    ``auto``: on CPU, ``prefix_shared`` where ``attn`` takes the 4D masks built here (sdpa,
-    eager, flex_attention), else ``padded`` with one log line. On CUDA ``auto`` is ``padded``:
-    on an H200 (Pythia-410M shape, the HH-format sample, Cal-DPO, bf16) the dense-mask SDPA
-    path ran prefix_shared at 0.81x and packed at 0.63x the padded tokens/s, and
-    flex_attention at 0.68x (benchmarks/results/h200_20261129/); ask for a layout explicitly
-    to use it. An explicit ``packed`` or ``prefix_shared`` that ``attn`` cannot run is a
-    ConfigError.
+    ``auto``: on CPU, ``prefix_shared`` where ``attn`` can run packed rows (``PACKED_ATTENTION``:
+    sdpa, eager, flex_attention, varlen), else ``padded`` with one log line. On CUDA ``auto`` is
+    ``CUDA_AUTO_LAYOUT`` (padded): on an H200 (Pythia-410M shape, the HH-format sample, Cal-DPO, bf16)
+    the dense-mask SDPA path ran prefix_shared at 0.81x and packed at 0.63x the padded tokens/s, and
+    flex_attention at 0.68x (benchmarks/results/h200_20261129/); the varlen path (attention.py) awaits
+    its GPU table. Ask for a layout explicitly to use it. An explicit ``packed`` or ``prefix_shared``
+    that ``attn`` cannot run is a ConfigError.
     """
     from .config import ConfigError
     if layout not in ("auto",) + LAYOUTS:
         raise ConfigError(f"layout={layout!r}: choose auto or one of {list(LAYOUTS)}")
-    if layout == "auto" and device_type == "cuda":
-        log.info("layout=auto on CUDA: the padded layout (the packed layouts' dense masks measured slower "
-                 "there); layout=prefix_shared asks for prompt sharing")
+    if layout == "auto" and device_type == "cuda" and (CUDA_AUTO_LAYOUT == "padded" or attn not in PACKED_ATTENTION):
+        log.info("layout=auto on CUDA: the padded layout (until a GPU table shows prefix sharing ahead); "
+                 "layout=prefix_shared asks for prompt sharing")
         return "padded"
-    if layout == "padded" or attn in MASKED_ATTENTION:
+    if layout == "padded" or attn in PACKED_ATTENTION:
         return "prefix_shared" if layout == "auto" else layout
     if layout != "auto":
-        raise ConfigError(f"layout={layout} needs an attention implementation that takes 4D masks "
-                          f"({', '.join(MASKED_ATTENTION)}), not {attn}: use layout=padded, or "
+        raise ConfigError(f"layout={layout} needs an attention implementation that can run packed rows "
+                          f"({', '.join(PACKED_ATTENTION)}), not {attn}: use layout=padded, or "
                           "model.attn_implementation=sdpa")
-    log.info("layout=auto: attention %s takes no 4D mask; running the padded layout", attn)
+    log.info("layout=auto: attention %s cannot run packed rows; running the padded layout", attn)
     return "padded"

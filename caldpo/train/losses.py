@@ -13,21 +13,38 @@ from caldpo.kernels import preference_loss
 from caldpo.kernels.losses import calibrated_terms, calibration_targets
 
 
-def concatenated(batch: dict, device: torch.device) -> dict[str, torch.Tensor]:
-    """Stack chosen over rejected, right-padded to a common length: one forward for both."""
-    c, r = batch["chosen_input_ids"], batch["rejected_input_ids"]
-    T = max(c.shape[1], r.shape[1])
+def padded_inputs(batch: dict, device: torch.device, sides: tuple[str, ...] = ("chosen", "rejected")
+                  ) -> dict[str, torch.Tensor | None]:
+    """The model inputs of padded rows: ``sides``' rows stacked (chosen over rejected), right-padded to
+    a common length, on ``device`` through pinned non-blocking copies (no host sync).
 
-    def pad(x, value):
-        return F.pad(x, (0, T - x.shape[1]), value=value)
+    Returns ``input_ids``, ``labels`` [B, T] int64; ``attention_mask`` [B, T], or None when every row is
+    right-padded (its tokens first: the model then runs without a mask, exact for every scored
+    position, see ``model.LogProbModel.forward``); ``kept``: the head's scored positions of the
+    flattened shifted targets (``b * T + t`` where labels[b, t + 1] != -100), found on the host so
+    that the head needs no ``nonzero`` on the device.
+    """
+    from .host import to_device
+    ids = [batch[f"{s}_input_ids"] for s in sides]
+    T = max(x.shape[1] for x in ids)
+
+    def stack(key, value):
+        return torch.cat([F.pad(batch[f"{s}_{key}"], (0, T - batch[f"{s}_{key}"].shape[1]), value=value)
+                          for s in sides])
 
     pad_id = int(batch.get("pad_token_id", 0))
-    return {
-        "input_ids": torch.cat([pad(c, pad_id), pad(r, pad_id)]).to(device),
-        "attention_mask": torch.cat([pad(batch["chosen_attention_mask"], 0),
-                                     pad(batch["rejected_attention_mask"], 0)]).to(device),
-        "labels": torch.cat([pad(batch["chosen_labels"], -100), pad(batch["rejected_labels"], -100)]).to(device),
-    }
+    input_ids, mask, labels = stack("input_ids", pad_id), stack("attention_mask", 0), stack("labels", -100)
+    lengths = mask.sum(dim=1, keepdim=True)
+    right_padded = bool((mask == (torch.arange(T) < lengths)).all())
+    scored = F.pad(labels[:, 1:] != -100, (0, 1), value=False).reshape(-1)
+    return {"input_ids": to_device(input_ids, device), "labels": to_device(labels, device),
+            "attention_mask": None if right_padded else to_device(mask, device),
+            "kept": to_device(scored.nonzero().squeeze(1), device)}
+
+
+def concatenated(batch: dict, device: torch.device) -> dict[str, torch.Tensor | None]:
+    """Stack chosen over rejected, right-padded to a common length: one forward for both (``padded_inputs``)."""
+    return padded_inputs(batch, device, ("chosen", "rejected"))
 
 
 def loss_options(cfg: DictConfig) -> dict:
@@ -64,8 +81,7 @@ def batch_loss(cfg: DictConfig, policy, reference_logps, batch: dict,
     name = cfg.loss.name
     packed = batch.get("packed")  # a layout.PackedBatch when the layout is packed or prefix_shared
     if name == "sft":
-        inputs = ({"packed": packed.to(device)} if packed is not None else
-                  {k: batch[f"chosen_{k}"].to(device) for k in ("input_ids", "attention_mask", "labels")})
+        inputs = {"packed": packed.to(device)} if packed is not None else padded_inputs(batch, device, ("chosen",))
         policy_chosen = policy(**inputs)
         losses, _, _ = preference_loss(policy_chosen, None, None, None, 1.0, loss="sft")
         metrics = {"logps/chosen": policy_chosen.detach().float(), "loss": losses.detach().float()}

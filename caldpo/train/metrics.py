@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -12,6 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from caldpo.files import free_space, os_reason, prepare_jsonl
 
 from .config import ConfigError
+from .host import synchronize
 
 log = logging.getLogger("caldpo")
 
@@ -37,36 +39,112 @@ def peak_memory_gb(device: torch.device) -> float | None:
         return None
 
 
-class Throughput:
-    """Tokens/s, step time and MFU per optimizer step.
+def token_work(examples, *, sft: bool) -> dict[str, int]:
+    """The work a micro-batch carries, the same in every layout and for every trainer (MFU's counts).
 
-    FLOPs per token: 6 x matmul params for the policy (forward + backward), plus 2 x for the
-    reference forward when it runs each step, plus attention (12 x layers x hidden x seq) scaled
-    the same way; the sequence length used is the mean tokens per sequence.
+    examples: tokenized examples (``{chosen,rejected}_{input_ids,labels}``, lists or 1-D tensors).
+    Returns ``useful_tokens`` (the tokens that carry information: each pair's common prefix, the
+    prompt, once, then each response; an SFT example's tokens; no padding), ``attention_context``
+    (the sum over those tokens of the causal context each attends to, itself included: its position
+    + 1, a rejected token's position continuing from the shared prefix) and ``scored_tokens`` (the
+    tokens the head scores: labels after the first position that are not -100).
+    """
+    from .batches import IGNORE_INDEX
+    from .layout import _as_list, _common_prefix
+
+    def tri(n: int) -> int:
+        return n * (n + 1) // 2
+
+    def scored(labels) -> int:
+        return sum(1 for t in labels[1:] if t != IGNORE_INDEX)
+
+    useful = context = n_scored = 0
+    for ex in examples:
+        c, c_lab = _as_list(ex["chosen_input_ids"]), _as_list(ex["chosen_labels"])
+        useful += len(c)
+        context += tri(len(c))
+        n_scored += scored(c_lab)
+        if sft or "rejected_input_ids" not in ex:
+            continue
+        r, r_lab = _as_list(ex["rejected_input_ids"]), _as_list(ex["rejected_labels"])
+        s = _common_prefix(c, r)
+        useful += len(r) - s
+        context += tri(len(r)) - tri(s)
+        n_scored += scored(r_lab)
+    return {"useful_tokens": useful, "attention_context": context, "scored_tokens": n_scored}
+
+
+@dataclass(frozen=True)
+class FlopCount:
+    """FLOPs of a training step from the work it carries (``token_work``), whatever the layout or trainer.
+
+    body_params: matmul parameters of the backbone (every parameter but embedding lookups and the
+    output head); head_params: the output head's V x H; layers, hidden: for attention; reference:
+    whether a reference model's forward runs each step.
+
+    One forward over the step's work costs
+        F = 2 * (body_params * useful_tokens + 2 * layers * hidden * attention_context
+                 + head_params * scored_tokens)
+    (each matmul parameter is a multiply-add per token; causal attention's QK^T and AV are
+    2 * hidden multiply-adds per (query, key) pair per layer; the fused head runs on scored tokens
+    only). The step costs 3 F for the policy (forward + backward: 2 F) plus F for the reference:
+    ``step_flops = (3 + reference) * F``. Padding, a prompt run twice and the head on unscored
+    tokens are not counted, so MFU = step_flops / (step time * peak FLOP/s * devices) is the
+    rate of useful work, comparable across layouts and with other trainers fed the same data.
+
+    Worked example (Pythia-2.8B: 32 layers, hidden 2560, vocabulary 50304; body 2.52e9 and head
+    1.29e8 matmul parameters): one pair with a 200-token prompt and responses of 100 (chosen)
+    and 80 (rejected) tokens, EOS included, every response token scored:
+        useful = 200 + 100 + 80 = 380; scored = 180;
+        context = (1 + ... + 300) + (201 + ... + 280) = 45150 + 19240 = 64390;
+        F = 2 * (2.52e9 * 380 + 2 * 32 * 2560 * 64390 + 1.29e8 * 180)
+          = 2 * (9.58e11 + 1.05e10 + 2.32e10) = 1.98e12;
+        step_flops = 4 F = 7.93e12 (Cal-DPO: policy forward + backward, reference forward).
+    At 989e12 FLOP/s (H100/H200 dense bf16), a step of 64 such pairs (5.07e14 FLOPs) in 1.0 s is
+    51% MFU. The padded layout runs 2 x 300 = 600 backbone tokens for those 380; counting them
+    would read 1.6x higher for the same work.
     """
 
-    def __init__(self, n_params: int, n_layers: int, hidden: int, device: torch.device, *, with_reference: bool,
-                 world: int):
-        self.n_params, self.n_layers, self.hidden = n_params, n_layers, hidden
-        self.device, self.world = device, world
-        self.mult = 6 + (2 if with_reference else 0)
+    body_params: int
+    head_params: int
+    layers: int
+    hidden: int
+    reference: bool
+
+    def forward_flops(self, useful_tokens: float, attention_context: float, scored_tokens: float) -> float:
+        return 2.0 * (self.body_params * useful_tokens + 2.0 * self.layers * self.hidden * attention_context
+                      + self.head_params * scored_tokens)
+
+    def step_flops(self, useful_tokens: float, attention_context: float, scored_tokens: float) -> float:
+        return (3 + int(self.reference)) * self.forward_flops(useful_tokens, attention_context, scored_tokens)
+
+
+class Throughput:
+    """Tokens/s, step time and MFU per optimizer step (``FlopCount``: useful work only).
+
+    ``start`` reads the clock; ``stop`` waits for the device (one counted host sync,
+    ``host.synchronize``) so that the step's queued work is in its time. No sync at ``start``:
+    the previous step's ``stop`` (or an evaluation's metric read) left the queue empty.
+    """
+
+    def __init__(self, flops: FlopCount, device: torch.device, *, world: int):
+        self.flops, self.device, self.world = flops, device, world
         self.peak = device_peak_flops(device)
         self.t0 = 0.0
 
     def start(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
         self.t0 = time.perf_counter()
 
-    def stop(self, tokens: float, seq_len: float | None = None) -> dict:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
+    def stop(self, tokens: float, useful_tokens: float, attention_context: float, scored_tokens: float) -> dict:
+        """Step metrics from the step's counts over all ranks: ``tokens`` (chosen + rejected, the prompt in
+        each: tokens/s), and ``token_work``'s three (MFU, when the device's peak is known)."""
+        synchronize(self.device)
         dt = time.perf_counter() - self.t0
-        seq = seq_len or 0.0
-        flops_per_token = self.mult * (self.n_params + 2 * self.n_layers * self.hidden * seq)
-        out = {"step_time": dt, "tokens_per_second": tokens / dt, "tokens_per_second_per_device": tokens / dt / self.world}
+        out = {"step_time": dt, "tokens_per_second": tokens / dt, "tokens_per_second_per_device": tokens / dt / self.world,
+               "useful_tokens_per_second": useful_tokens / dt}
         if self.peak:
-            out["mfu"] = flops_per_token * tokens / dt / (self.peak * self.world)
+            out["mfu"] = self.flops.step_flops(useful_tokens, attention_context, scored_tokens) / dt / (
+                self.peak * self.world)
         mem = peak_memory_gb(self.device)
         if mem is not None:
             out["peak_memory_gb"] = mem

@@ -19,6 +19,7 @@ from torch import nn
 from caldpo.hf import from_pretrained
 from caldpo.kernels import KernelOptions, linear_logprobs, sequence_logprobs
 
+from .attention import NAME, SEGMENTS_KWARG, full_mask, hf_implementation
 from .config import ConfigError
 from .layout import PackedBatch, segment_sum
 from .output_head import OutputHead, output_head
@@ -78,9 +79,26 @@ def check_attention(cfg: DictConfig, device: torch.device) -> str:
     """The attention implementation to use: ``auto`` picks flash-attn on CUDA when it is installed
     and the model class supports it, else SDPA when the class supports it (its ``_supports_sdpa``:
     Gemma-2 does not, its attention soft-cap needs eager), else eager, with a log line; an
-    explicit ``flash_attention_2`` or ``sdpa`` that cannot run is an error, never a silent fallback."""
+    explicit ``flash_attention_2`` or ``sdpa`` that cannot run is an error, never a silent fallback.
+    ``varlen`` (segment attention, ``attention.py``) needs what SDPA needs and a model without a
+    sliding window or attention soft-cap; whether packed rows then run as segments is
+    ``attention.packed_attention``'s choice, once the layout is known."""
     impl = cfg.model.attn_implementation
     cls = _model_class(cfg)
+    if impl == "varlen":
+        if cls is not None and not getattr(cls, "_supports_sdpa", False):
+            raise ConfigError(f"model.attn_implementation=varlen: {cls.__name__} does not support SDPA in this "
+                              "transformers (the varlen path runs SDPA for padded rows); use auto or eager")
+        from transformers import AutoConfig
+
+        from .attention import unsupported
+        try:
+            why = unsupported(AutoConfig.from_pretrained(model_path(cfg), trust_remote_code=cfg.model.trust_remote_code))
+        except OSError:
+            why = None
+        if why:
+            raise ConfigError(f"model.attn_implementation=varlen: the model has {why}; use sdpa")
+        return impl
     if impl == "auto":
         if (device.type == "cuda" and importlib.util.find_spec("flash_attn") is not None
                 and (cls is None or getattr(cls, "_supports_flash_attn", False))):
@@ -130,17 +148,26 @@ def disable_dropout(model: nn.Module) -> None:
 def load_causal_lm(cfg: DictConfig, path: str, dtype: torch.dtype, attn: str) -> nn.Module:
     """A causal LM with dropout disabled (config probabilities and modules, see ``disable_dropout``):
     the reference code trains and evaluates the policy and the reference without dropout, so at
-    step 1 with policy = reference every reward is 0 whatever the model config says."""
+    step 1 with policy = reference every reward is 0 whatever the model config says.
+    ``attn``: caldpo's attention choice; "sdpa" and "varlen" load ``attention.NAME`` where the model
+    can take it (``attention.hf_implementation``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.utils import logging as hf_logging
     hf_logging.disable_progress_bar()
     trust = cfg.model.trust_remote_code
     try:
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust)
-        _zero_dropout_config(config)
-        model = from_pretrained(AutoModelForCausalLM, path, config=config, dtype=dtype, attn_implementation=attn,
+    except (OSError, ValueError) as e:  # a config transformers refuses
+        raise _load_failed(cfg, path, "model", e) from None
+    _zero_dropout_config(config)
+    try:  # sdpa and varlen load caldpo's registered attention (attention.py): SDPA plus segments
+        impl = hf_implementation(attn, config)
+    except ValueError as e:
+        raise ConfigError(f"model.attn_implementation={attn}: {e}") from None
+    try:
+        model = from_pretrained(AutoModelForCausalLM, path, config=config, dtype=dtype, attn_implementation=impl,
                                 trust_remote_code=trust, low_cpu_mem_usage=True)
-    except (OSError, ValueError) as e:  # a missing or unreadable weights file, a config transformers refuses
+    except (OSError, ValueError) as e:  # a missing or unreadable weights file
         raise _load_failed(cfg, path, "model", e) from None
     disable_dropout(model)
     model.config.use_cache = False
@@ -330,34 +357,62 @@ class LogProbModel(nn.Module):
 
     def forward(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
                 labels: torch.Tensor | None = None, average_log_prob: bool = False,
-                packed: PackedBatch | None = None) -> torch.Tensor:
-        """Per-sequence log-probs [B] float32 of padded rows (input_ids, attention_mask, labels: [B,T]),
-        or [S] of a ``layout.PackedBatch`` (``packed``: its rows, position ids and 4D mask run
-        through the backbone; ``packed_logprobs`` scores its head index)."""
-        rows = embedding_rows(self.lm)
-        if packed is not None:
-            check_token_ids(packed.input_ids, rows, lambda r: f"packed row {r} of the micro-batch")
-            attn = self.lm.config._attn_implementation
-            out = self.lm.base_model(input_ids=packed.input_ids, position_ids=packed.position_ids,
-                                     attention_mask=packed.attention_mask(attn, self.lm.dtype))
-        else:
-            check_token_ids(input_ids, rows, lambda r: f"padded row {r} of the micro-batch (chosen rows first, then rejected)")
-            out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+                packed: PackedBatch | None = None, kept: torch.Tensor | None = None) -> torch.Tensor:
+        """Per-sequence log-probs [B] float32 of padded rows (input_ids, labels: [B,T]), or [S] of a
+        ``layout.PackedBatch`` (``packed``: its rows and position ids run through the backbone with
+        its segments (``attention.segment_attention``) or its 4D mask; ``packed_logprobs`` scores
+        its head index).
+
+        attention_mask: [B,T] of padded rows, or None when every row's tokens come first (right
+        padding or none): the backbone then runs causal attention with no mask
+        (``attention.full_mask``), which is exact for every scored position and lets SDPA use its
+        flash kernel. kept: the head's scored positions of padded rows (``sequence_logprobs``'s
+        ``kept``, known to the collator), so that the head needs no host sync.
+        Raises ValueError for a batch laid out as segments on a model without ``attention.NAME``.
+        """
+        hidden = self.backbone(input_ids, attention_mask, packed)
         weight = self.lm.get_output_embeddings().weight
         if packed is not None:
             return self.packed_logprobs(hidden, weight, packed, average_log_prob)
         return sequence_logprobs(hidden, weight, labels, average_log_prob=average_log_prob, backend=self.backend,
-                                 options=self.options, **self.head.kwargs(self.lm))
+                                 options=self.options, kept=kept, **self.head.kwargs(self.lm))
+
+    def backbone(self, input_ids: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                 packed: PackedBatch | None = None) -> torch.Tensor:
+        """The last hidden states [rows, length, H] of padded rows or of a ``PackedBatch`` (``forward``'s
+        inputs and rules: segments, a 4D mask, or no mask for right-padded rows)."""
+        rows = embedding_rows(self.lm)
+        if packed is not None:
+            check_token_ids(packed.input_ids, rows, lambda r: f"packed row {r} of the micro-batch")
+            attn = self.lm.config._attn_implementation
+            ids = packed.input_ids
+            if packed.as_segments:
+                if attn != NAME:
+                    raise ValueError(f"a micro-batch laid out as attention segments needs the model loaded with "
+                                     f"attn_implementation={NAME!r} (caldpo.train.attention), not {attn!r}")
+                out = self.lm.base_model(input_ids=ids, position_ids=packed.position_ids,
+                                         attention_mask=full_mask(ids.shape[0], ids.shape[1], ids.device),
+                                         **{SEGMENTS_KWARG: packed.segments()})
+            else:
+                out = self.lm.base_model(input_ids=ids, position_ids=packed.position_ids,
+                                         attention_mask=packed.attention_mask(attn, self.lm.dtype))
+        else:
+            check_token_ids(input_ids, rows, lambda r: f"padded row {r} of the micro-batch (chosen rows first, then rejected)")
+            if attention_mask is None:
+                attention_mask = full_mask(input_ids.shape[0], input_ids.shape[1], input_ids.device)
+            out = self.lm.base_model(input_ids=input_ids, attention_mask=attention_mask)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def packed_logprobs(self, hidden: torch.Tensor, weight: torch.Tensor, packed: PackedBatch,
                         average_log_prob: bool = False) -> torch.Tensor:
         """The head on a packed layout: gather the hidden rows of ``packed.rows`` (a row may be
         listed twice, e.g. the last shared prompt row of a prefix-shared pair), score each against
-        its target with ``linear_logprobs``, and sum (or average) per sequence -> [S] float32."""
+        its target with ``linear_logprobs``, and sum (or average) per sequence -> [S] float32.
+        Every listed row is scored, so the head's index is ``arange`` (no search, no host sync)."""
         flat = hidden.reshape(-1, hidden.shape[-1]).index_select(0, packed.rows)
+        every = torch.arange(flat.shape[0], device=flat.device)
         tok = linear_logprobs(flat, weight, packed.targets, backend=self.backend, options=self.options,
-                              **self.head.kwargs(self.lm))
+                              kept=every, **self.head.kwargs(self.lm))
         return segment_sum(tok, packed.sequence, packed.n_sequences, average=average_log_prob)
 
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint as ckpt
 from .distributed import Process
+from .host import to_device
 from .losses import concatenated
 from .model import DTYPES, LogProbModel, apply_archive, load_causal_lm
 
@@ -61,7 +62,7 @@ class ReferenceLogps:
     def __call__(self, batch: dict, inputs: dict) -> tuple[torch.Tensor, torch.Tensor]:
         if self.cache is not None:
             idx = torch.as_tensor(batch["example_index"])
-            vals = self.cache[batch["split"]][idx].to(self.device)
+            vals = to_device(self.cache[batch["split"]][idx], self.device)  # pinned, non-blocking
             return vals[:, 0], vals[:, 1]
         logps = self.model(**inputs).float()
         n = logps.shape[0] // 2

@@ -22,6 +22,7 @@ from .batches import EpochOrder, Example, collate, flatten, tokenize_dataset, to
 from .config import ConfigError
 from .data import load_dataset
 from .layout import pack
+from .metrics import token_work
 
 
 class Examples:
@@ -204,17 +205,21 @@ class Collator:
     ``"packed"``, a ``layout.PackedBatch`` (no padded copy is built). Both carry
     ``n_pairs`` (B), ``example_index`` and ``split`` (for the reference cache), ``tokens``
     (non-padding tokens of chosen and rejected, the prompt counted in each: what tokens/s
-    counts in every layout), ``sequences`` (B or 2B) and ``backbone_tokens`` (what the
-    backbone runs: padding included, a shared prompt once).
+    counts in every layout), ``sequences`` (B or 2B), ``backbone_tokens`` (what the
+    backbone runs: padding included, a shared prompt once) and the work MFU counts, the same in
+    every layout (``metrics.token_work``): ``useful_tokens`` (each pair's shared prefix once, no
+    padding), ``attention_context`` (the causal context those tokens attend to, summed) and
+    ``scored_tokens`` (the tokens the head scores).
 
-    row_tokens: ``layout.pack``'s row capacity (0: one row per micro-batch, for block masks).
+    row_tokens: ``layout.pack``'s row capacity (0: one row per micro-batch, for block masks and
+    segments). segments: packed rows run as attention segments (``layout.pack(segments=True)``).
     """
 
     def __init__(self, tokenizer, *, max_length: int, max_prompt_length: int, layout: str, sft: bool,
-                 row_tokens: int | None = None):
+                 row_tokens: int | None = None, segments: bool = False):
         self.tokenizer = tokenizer
         self.max_length, self.max_prompt_length = max_length, max_prompt_length
-        self.layout, self.sft, self.row_tokens = layout, sft, row_tokens
+        self.layout, self.sft, self.row_tokens, self.segments = layout, sft, row_tokens, segments
         self.pad_token_id = tokenizer.pad_token_id
 
     def __call__(self, items: list[Example], example_index: list[int], split: str) -> dict[str, Any]:
@@ -225,11 +230,12 @@ class Collator:
         batch: dict[str, Any] = {"n_pairs": len(examples), "example_index": example_index, "split": split,
                                  "pad_token_id": self.pad_token_id, "tokens": sum(map(sum, lengths)),
                                  "sequences": sum(map(len, lengths))}
+        batch.update(token_work(examples, sft=self.sft))
         if self.layout == "padded":  # chosen over rejected, both padded to the wider of the two
             batch.update(collate(examples, self.pad_token_id))
             batch["backbone_tokens"] = batch["sequences"] * max(max(ls) for ls in lengths)
         else:  # the policy and the reference both run this packed form
             batch["packed"] = pack(examples, self.layout, sft=self.sft, pad_token_id=self.pad_token_id,
-                                   row_tokens=self.row_tokens)
+                                   row_tokens=self.row_tokens, segments=self.segments)
             batch["backbone_tokens"] = batch["packed"].n_tokens
         return batch

@@ -32,9 +32,11 @@ from .config import (TRAINERS, ConfigError, check_run_dir, load_config, run_dir 
                      write_run_config)
 from .distributed import MetricSums, Process
 from .faults import fault_point
+from .attention import packed_attention
 from .layout import resolve_layout
 from .losses import batch_loss
-from .metrics import MetricsWriter, Throughput, peak_memory_gb, read_jsonl
+from .host import SYNCS
+from .metrics import FlopCount, MetricsWriter, Throughput, peak_memory_gb, read_jsonl
 from .model import (DTYPES, LogProbModel, apply_activation_checkpointing, apply_archive, check_attention,
                     check_embedding_covers_tokenizer, check_vocab_and_positions, count_matmul_params,
                     load_archive_state, load_causal_lm, load_tokenizer, model_path)
@@ -44,6 +46,9 @@ from .schedule import BatchSchedule, Collator, Examples, evaluation_indices
 __all__ = ["Examples", "Trainer", "main"]
 
 log = logging.getLogger("caldpo")
+
+# Host numbers of each micro-batch (schedule.Collator) summed over a step and over ranks.
+STEP_COUNTS = ("tokens", "sequences", "backbone_tokens", "useful_tokens", "attention_context", "scored_tokens")
 
 
 class Trainer:
@@ -58,6 +63,8 @@ class Trainer:
         validate(cfg, argv=argv)  # the one preflight, before any process group, data or model
         self.process = Process.setup(cfg.device, fsdp=TRAINERS[cfg.trainer] == "fsdp")
         self.device, self.is_main, self.world = self.process.device, self.process.is_main, self.process.world
+        if self.device.type == "cuda":  # fp32 matmuls (fp32 weights without mixed precision) on TF32 cores
+            torch.set_float32_matmul_precision("high" if cfg.tf32 else "highest")
         self.run_dir = cfg_run_dir(cfg).resolve()
         other_changes = check_run_dir(cfg, self.run_dir)  # a stored run with other training options: stop
         self.sft = cfg.loss.name == "sft"
@@ -114,16 +121,22 @@ class Trainer:
         # layout and models
         attn = check_attention(cfg, self.device)
         self.layout = resolve_layout(cfg.layout, attn, self.device.type)
+        attn = packed_attention(cfg.model.attn_implementation, attn, self.layout, self.device,
+                                self._compute_dtypes())
+        self.attn = attn
         # Dense 4D masks cost O(row length^2): rows hold at most the longest segment. A block mask
-        # skips empty blocks, so flex attention takes the whole micro-batch as one row.
+        # skips empty blocks, so flex attention takes the whole micro-batch as one row; so do
+        # segments (varlen), which need no padding at all.
         self.collate = Collator(self.tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
                                 layout=self.layout, sft=self.sft,
-                                row_tokens=0 if attn == "flex_attention" else None)
+                                row_tokens=0 if attn in ("flex_attention", "varlen") else None,
+                                segments=attn == "varlen")
         archive = load_archive_state(cfg.model.archive) if cfg.model.archive else None
         lm = load_causal_lm(cfg, path, DTYPES[cfg.model.policy_dtype], attn)
         if archive is not None:
             apply_archive(lm, archive, cfg.model.archive)
         self.n_params, self.n_layers, self.hidden, self.vocab = count_matmul_params(lm)
+        self.head_params = lm.get_output_embeddings().weight.numel()
         check_embedding_covers_tokenizer(lm, self.tokenizer)
         if cfg.activation_checkpointing:
             apply_activation_checkpointing(lm, cfg.model.block_name)
@@ -173,8 +186,20 @@ class Trainer:
             raise ConfigError(f"resume=never but run_dir={self.run_dir} already holds a run; "
                               "choose a new run_dir, or resume=auto to continue it")
         self.writer = MetricsWriter(self.run_dir, cfg, enabled=self.is_main, keep_records=keep_records)
-        self.throughput = Throughput(self.n_params, self.n_layers, self.hidden, self.device,
-                                     with_reference=self.reference is not None, world=self.world)
+        flops = FlopCount(self.n_params - self.head_params, self.head_params, self.n_layers, self.hidden,
+                          reference=self.reference is not None)
+        self.throughput = Throughput(flops, self.device, world=self.world)
+
+    def _compute_dtypes(self) -> tuple[torch.dtype, ...]:
+        """The dtypes the policy (its mixed-precision dtype under FSDP2, else its parameters') and, when
+        it runs, the reference compute in on this device."""
+        cfg = self.cfg
+        mp = cfg.model.fsdp_policy_mp if self.process.fsdp else None
+        out = [DTYPES[mp or cfg.model.policy_dtype]]
+        if not self.sft and not cfg.loss.get("reference_free", False):
+            ref = DTYPES[cfg.model.reference_dtype]
+            out.append(torch.float32 if self.device.type == "cpu" and ref == torch.float16 else ref)
+        return tuple(out)
 
     def _lock_run_dir(self) -> rundir.RunLock | None:
         """Rank 0 locks the run directory before anything in it is written; every rank learns the outcome."""
@@ -222,15 +247,18 @@ class Trainer:
                 first_eval = first_eval or last_eval
                 self.next_eval += cfg.eval_every
             indices = self.schedule.indices(self.examples_seen, cfg.batch_size)
+            syncs_before = SYNCS.count
             self.throughput.start()
             metrics = self.train_step(indices)
             self.step += 1
             self.examples_seen += cfg.batch_size
-            tokens, sequences = metrics.pop("tokens"), metrics.pop("sequences")
+            work = {k: metrics.pop(k) for k in ("useful_tokens", "attention_context", "scored_tokens")}
+            tokens = metrics.pop("tokens")
+            metrics.pop("sequences")
             skipped, stop = metrics.pop("nonfinite"), metrics.pop("stop_requested")
-            metrics.update(self.throughput.stop(tokens, tokens / max(sequences, 1)))
-            if "mfu" in metrics:  # FLOPs actually run: a packed layout runs fewer than the tokens it scores
-                metrics["mfu"] *= metrics["backbone_tokens"] / max(tokens, 1)
+            metrics.update(self.throughput.stop(tokens, **work))  # the step's second host sync
+            metrics["useful_tokens"] = work["useful_tokens"]
+            metrics["host_syncs"] = SYNCS.count - syncs_before
             self.writer.write({"split": "train", "step": self.step, "examples": self.examples_seen, **metrics,
                                "skipped_nonfinite": self.nonfinite_total + skipped})
             self._count_nonfinite(skipped, metrics, indices)
@@ -288,8 +316,9 @@ class Trainer:
         """Forward and backward over this rank's micro-batches of the step's ``indices``, then one optimizer
         step (skipped when the loss or the gradient norm is non-finite on any rank). Returns the means of
         the per-example metrics over all ranks, plus grad_norm, lr, nonfinite, stop_requested (a stop
-        request seen by any rank, agreed in the same collective as nonfinite), and tokens / sequences /
-        backbone_tokens summed over ranks."""
+        request seen by any rank, agreed in the same collective as nonfinite), and the micro-batches'
+        counts (``STEP_COUNTS``: tokens, sequences, backbone tokens, MFU's work) summed over ranks.
+        One host sync (``MetricSums.means``); host-to-device copies are pinned and non-blocking."""
         self.policy.train()
         ga = self.cfg.gradient_accumulation_steps
         sums = MetricSums()
@@ -300,20 +329,20 @@ class Trainer:
             nonfinite |= ~torch.isfinite(loss.detach())
             (loss / ga).backward()
             sums.add(metrics)
-            sums.add_totals(tokens=batch["tokens"], sequences=batch["sequences"],
-                            backbone_tokens=batch["backbone_tokens"])
+            sums.add_totals(**{k: batch[k] for k in STEP_COUNTS})
         grad_norm = torch.nn.utils.clip_grad_norm_(self.policy.parameters(), self.cfg.max_grad_norm)
         if hasattr(grad_norm, "full_tensor"):
             grad_norm = grad_norm.full_tensor()
         fault_point("mid_step", self.step + 1)
-        skip, stop = self.process.any(nonfinite | ~torch.isfinite(grad_norm), self._local_stop() is not None)
-        if not skip:  # a non-finite loss or gradient: no optimizer or scheduler step (train() counts it)
+        # The step's one host sync: metric means, token counts, the non-finite skip and a stop request
+        # (any rank), and the grad norm, in one collective and one read-back (MetricSums.means).
+        out = sums.means(self.process, main={"grad_norm": grad_norm},
+                         flags={"nonfinite": nonfinite | ~torch.isfinite(grad_norm),
+                                "stop_requested": self._local_stop() is not None})
+        if not out["nonfinite"]:  # a non-finite loss or gradient: no optimizer or scheduler step (train() counts it)
             self.optimizer.step()
             self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
-        out = sums.means(self.process)
-        out["nonfinite"], out["stop_requested"] = skip, stop
-        out["grad_norm"] = float(grad_norm)
         out["lr"] = self.scheduler.get_last_lr()[0]
         return out
 
