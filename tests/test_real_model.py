@@ -140,6 +140,7 @@ def test_real_short_run(smollm, tmp_path):
     first = cal["train"][0]
     assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6) and first["rewards/rejected"] == pytest.approx(0, abs=1e-6)
     assert first["loss"] == pytest.approx(math.log(2) + 2 * (1 / (2 * 0.1)) ** 2, rel=1e-5)
+    # both runs evaluate on the split's first two test prompts (their SFT targets are the pairs' chosen sides)
     assert cal["eval"][0]["logps/chosen"] == pytest.approx(sft["eval"][-1]["logps/chosen"], rel=1e-5)
     assert all(math.isfinite(r["loss"]) for r in sft["train"] + cal["train"])
     before, after = report["samples"]["before"], report["samples"]["after"]
