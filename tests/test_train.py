@@ -124,6 +124,22 @@ def test_first_step_loss_equals_formula(sft_run, tmp_path, loss, beta, expected)
     assert first["rewards/chosen"] == pytest.approx(0, abs=1e-6)
 
 
+def test_reference_free_keeps_the_reference_in_rewards_and_calibration(sft_run, tmp_path):
+    """loss.reference_free as in the authors' code: the reference still runs and stays in h (at step 1 the
+    policy equals it, so every reward and h is 0); only the sigmoid sees log pi(y_w) - log pi(y_l)."""
+    run_train([*TINY, "loss=caldpo", "loss.beta=0.25", "loss.reference_free=true",
+               f"model.archive={sft_run}/LATEST/policy.pt", f"run_dir={tmp_path}", "n_examples=2", "batch_size=1",
+               "lr=1e-3", "do_first_eval=false", "export_hf=false"])
+    first = read_metrics(tmp_path)[0]  # one pair: its own numbers, not a mean
+    u = first["logps/chosen"] - first["logps/rejected"]
+    assert abs(u) > 0.1
+    for key in ("rewards/chosen", "rewards/rejected", "calibration/h_chosen", "calibration/h_rejected"):
+        assert first[key] == pytest.approx(0, abs=1e-6), key
+    preference = math.log1p(math.exp(-u)) if u > 0 else -u + math.log1p(math.exp(u))
+    assert first["loss/preference"] == pytest.approx(preference, rel=1e-5, abs=1e-6)
+    assert first["loss"] == pytest.approx(preference + 2 * (1 / (2 * 0.25)) ** 2, rel=1e-5)
+
+
 def test_caldpo_learns_preferences(sft_run, tmp_path):
     """Cal-DPO from the SFT checkpoint: training-pair reward accuracy well above chance, chosen reward > 0."""
     run_train([*TINY, "loss=caldpo", "loss.beta=0.1", f"model.archive={sft_run}/LATEST/policy.pt",

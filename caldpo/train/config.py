@@ -102,7 +102,8 @@ class DPOLoss:
     name: str = opt("loss name", choices=LOSSES)
     beta: float = opt("inverse temperature; rewards are beta * h")
     label_smoothing: float = opt("conservative DPO when > 0")
-    reference_free: bool = opt("treat pi_ref as uniform (h = log pi)")
+    reference_free: bool = opt("true: the reference leaves the sigmoid only, -log sigmoid(beta (log pi(y_w) - "
+                               "log pi(y_l))); rewards beta*h keep h = log pi - log pi_ref (the reference still runs)")
 
 
 @dataclass
@@ -110,7 +111,8 @@ class IPOLoss:
     """``loss=ipo``: (h_w - h_l - 1/(2 beta))^2."""
     name: str = opt("loss name", choices=LOSSES)
     beta: float = opt("sets the margin target 1/(2 beta); rewards are beta * h")
-    reference_free: bool = opt("treat pi_ref as uniform (h = log pi)")
+    reference_free: bool = opt("true: the reference leaves the margin only, (log pi(y_w) - log pi(y_l) - "
+                               "1/(2 beta))^2; rewards beta*h keep h = log pi - log pi_ref (the reference still runs)")
 
 
 @dataclass
@@ -119,7 +121,9 @@ class CalDPOLoss:
     name: str = opt("loss name", choices=LOSSES)
     beta: float = opt("sets the calibration targets +-1/(2 beta) (no beta inside the sigmoid)")
     calibration_weight: float = opt("w: 1.0 in the reference Pythia code, 0.5 in the authors' later code")
-    reference_free: bool = opt("treat pi_ref as uniform (h = log pi)")
+    reference_free: bool = opt("true: the sigmoid term becomes -log sigmoid(log pi(y_w) - log pi(y_l)); the "
+                               "calibration terms and rewards keep h = log pi - log pi_ref (the reference still "
+                               "runs), as the authors' code")
 
 
 @dataclass
@@ -132,7 +136,9 @@ class AuthorsCalDPOLoss:
     name: str = opt("loss name", choices=LOSSES)
     beta: float = opt("sets the calibration targets (1-s)/beta and -s/beta; the DPO beta when s = 0")
     shift: float = opt("s: 0.5 is Cal-DPO (= loss=caldpo), 0 is plain DPO")
-    reference_free: bool = opt("treat pi_ref as uniform (h = log pi)")
+    reference_free: bool = opt("true: the sigmoid term becomes -log sigmoid(log pi(y_w) - log pi(y_l)) (s = 0: "
+                               "-log sigmoid(beta (log pi(y_w) - log pi(y_l)))); the calibration terms and rewards "
+                               "keep h = log pi - log pi_ref (the reference still runs), as the authors' code")
 
 
 LOSS_SCHEMAS = {"sft": SFTLoss, "dpo": DPOLoss, "ipo": IPOLoss, "caldpo": CalDPOLoss, "cal_dpo": AuthorsCalDPOLoss}

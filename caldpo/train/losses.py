@@ -2,6 +2,9 @@
 
 Log-probs are summed over response tokens. Rewards are ``beta * h`` with
 ``h = log pi - log pi_ref``; accuracy is ``chosen_reward > rejected_reward``.
+``loss.reference_free`` drops the reference from the preference logit only (the formulas and
+their rule are ``caldpo/kernels/losses.py``'s): the reference still runs, and rewards and
+Cal-DPO's calibration terms keep it, as in the authors' trainer.
 """
 from __future__ import annotations
 
@@ -10,7 +13,7 @@ import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from caldpo.kernels import preference_loss
-from caldpo.kernels.losses import calibrated_terms, calibration_targets
+from caldpo.kernels.losses import calibrated_terms, calibration_targets, preference_logits
 
 
 def padded_inputs(batch: dict, device: torch.device, sides: tuple[str, ...] = ("chosen", "rejected")
@@ -91,14 +94,12 @@ def batch_loss(cfg: DictConfig, policy, reference_logps, batch: dict,
     logps = policy(**inputs)
     n = logps.shape[0] // 2  # chosen first, then rejected, in every layout
     policy_chosen, policy_rejected = logps[:n], logps[n:]
-    if cfg.loss.get("reference_free", False):
-        ref_chosen = torch.zeros_like(policy_chosen)
-        ref_rejected = torch.zeros_like(policy_rejected)
-    else:
-        ref_chosen, ref_rejected = reference_logps(batch, inputs)
+    ref_chosen, ref_rejected = reference_logps(batch, inputs)
     beta = cfg.loss.beta
+    reference_free = bool(cfg.loss.get("reference_free", False))
     losses, chosen_rewards, rejected_rewards = preference_loss(
-        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss=name, **loss_options(cfg))
+        policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta, loss=name, reference_free=reference_free,
+        **loss_options(cfg))
     metrics = {
         "rewards/chosen": chosen_rewards.float(),
         "rewards/rejected": rejected_rewards.float(),
@@ -124,7 +125,9 @@ def batch_loss(cfg: DictConfig, policy, reference_logps, batch: dict,
         h_l = (policy_rejected - ref_rejected).detach().float()
         shift = cfg.loss.shift if name == "cal_dpo" else 0.5
         weight = cfg.loss.calibration_weight if name == "caldpo" else 1.0
-        preference, calibration = calibrated_terms(h_w, h_l, beta, shift)
+        u = preference_logits(policy_chosen.detach().float(), policy_rejected.detach().float(), ref_chosen.float(),
+                              ref_rejected.float(), reference_free)
+        preference, calibration = calibrated_terms(h_w, h_l, beta, shift, logits=u)
         metrics["loss/preference"] = preference
         metrics["loss/calibration"] = weight * calibration
     return losses.mean(), metrics

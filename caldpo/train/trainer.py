@@ -147,7 +147,7 @@ class Trainer:
         self.reference, self.reference_logps = None, None
         reference_model = functools.partial(load_reference, cfg, path, attn, archive, self.process, self.backend,
                                             self.kernel_options)
-        if not self.sft and not cfg.loss.get("reference_free", False):
+        if not self.sft:  # reference_free too: its rewards and calibration terms keep h = log pi - log pi_ref
             if cfg.reference.mode == "model":
                 self.reference = reference_model()
                 self.reference_logps = ReferenceLogps(self.device, model=self.reference)

@@ -157,3 +157,62 @@ def test_option_validation():
     with pytest.raises(ValueError):
         preference_loss(x, None, x, x, 0.1, loss="dpo")
     preference_loss(x, x, x, x, 0.1, loss="ipo", label_smoothing=0.0, calibration_weight=1.0)
+
+
+def authors_reference_free64(pc, pr, rc, rr, beta, loss, ls=0.0, cw=1.0, shift=0.5):
+    """The authors' ``preference_loss`` with ``reference_free=True``, written out in float64 from their
+    code's rule: the reference log-ratio is set to 0 in the preference logits only; the regularisation
+    (calibration) terms and the returned rewards use pi - pi_ref. -> (losses, chosen_rewards, rejected_rewards)."""
+    logits = pc - pr  # pi log-ratio minus a zero reference log-ratio
+    chosen, rejected = pc - rc, pr - rr
+    lsg = lambda x: -torch.log1p(torch.exp(-x.abs())) + torch.clamp(x, max=0)
+    if loss == "dpo":
+        out = -(1 - ls) * lsg(beta * logits) - ls * lsg(-beta * logits)
+    elif loss == "ipo":
+        out = (logits - 1 / (2 * beta)) ** 2
+    elif loss == "cal_dpo" and shift == 0:
+        out = -lsg(beta * logits)
+    elif loss == "cal_dpo":
+        out = -lsg(logits) + (chosen - (1 - shift) / beta) ** 2 + (rejected - (0 - shift) / beta) ** 2
+    else:  # caldpo: shift 0.5, calibration weighted
+        out = -lsg(logits) + cw * ((chosen - 0.5 / beta) ** 2 + (rejected + 0.5 / beta) ** 2)
+    return out, beta * chosen, beta * rejected
+
+
+@pytest.mark.parametrize("backend", ["torch", "reference"])
+@pytest.mark.parametrize("loss,opts", [c for c in CASES if c[0] != "sft"])
+def test_reference_free_against_authors_formula(gen, backend, loss, opts):
+    """reference_free drops the reference from the preference logits only: the losses, their gradients
+    (the reference log-probs still reach the calibration terms) and the rewards match the written-out rule."""
+    p = 33
+    base = [torch.randn(p, generator=gen, dtype=torch.float64) * 20 - 100 for _ in range(4)]
+    beta = float(torch.rand(1, generator=gen)) * 0.5 + 0.01
+    g = torch.randn(p, generator=gen, dtype=torch.float64)
+    x64 = [b.clone().requires_grad_() for b in base]
+    ref, ref_c, ref_r = authors_reference_free64(*x64, beta, loss, opts.get("label_smoothing", 0.0),
+                                                 opts.get("calibration_weight", 1.0), opts.get("shift", 0.5))
+    ref_grads = torch.autograd.grad((ref * g).sum(), x64, allow_unused=True)
+    x = [b.float().requires_grad_() for b in base]
+    losses, chosen, rejected = preference_loss(*x, beta, loss=loss, backend=backend, reference_free=True, **opts)
+    assert rel_err(losses, ref) < 1e-5
+    assert rel_err(chosen, ref_c) < 1e-6 and rel_err(rejected, ref_r) < 1e-6
+    with_ref, _, _ = preference_loss(*x, beta, loss=loss, backend=backend, **opts)
+    assert rel_err(with_ref, ref) > 1e-3  # the option changes the objective on these inputs
+    (losses * g.to(losses.dtype)).sum().backward()
+    calibrated = loss == "caldpo" or (loss == "cal_dpo" and opts.get("shift", 0.5) != 0)
+    for i, (got, want) in enumerate(zip(x, ref_grads)):
+        if want is None or not calibrated and i >= 2:  # dpo/ipo/shift 0: the loss does not read the reference
+            assert got.grad is None or torch.count_nonzero(got.grad) == 0
+        else:
+            assert torch.isfinite(got.grad).all() and rel_err(got.grad, want) < 1e-5
+
+
+def test_reference_free_caldpo_by_hand():
+    """Cal-DPO, reference-free: the sigmoid sees pi_w - pi_l = 2.5, the calibration h_w = 1, h_l = -0.5."""
+    t = lambda x: torch.tensor([x], dtype=torch.float64)
+    loss, c, r = preference_loss(t(-10.0), t(-12.5), t(-11.0), t(-12.0), 0.1, loss="caldpo", reference_free=True,
+                                 backend="reference")
+    assert abs(loss.item() - (math.log1p(math.exp(-2.5)) + 36.25)) < 1e-12
+    assert abs(c.item() - 0.1) < 1e-12 and abs(r.item() + 0.05) < 1e-12
+    with pytest.raises(ValueError):
+        preference_loss(t(-1.0), None, None, None, 0.1, loss="sft", reference_free=True)
