@@ -9,58 +9,69 @@ in the run's layout (``layout.py``), and the policy and the reference both run t
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 from omegaconf import DictConfig
 
-from .batches import Example, collate, epoch_order, flatten, tokenize_dataset, tokenized
+from .batches import Example, collate, epoch_order, tokenized
 from .config import ConfigError
-from .data import load_dataset
 from .layout import pack
+from .tokens import ExampleList, SplitSpec, SplitTable, load_split
 
 
 class Examples:
-    """The examples of all datasets, one split (``batches.Example``, in dataset order).
+    """The examples of all datasets, one split, in dataset order (``items[i]``: a ``batches.Example``).
 
-    With a ``tokenizer`` every example is tokenized here, once, at load
-    (``batches.tokenize_dataset``): its ids are cached on the example, pairs identical
-    after truncation are dropped and counted, and text the tokenizer cannot encode or that
-    holds the EOS token stops the run naming its file and line (or, with
-    ``data.on_error=skip``, is skipped and counted). Each dataset prints its data report
-    and its token report. Without a tokenizer (generation) only the texts are loaded.
-    Raises ConfigError when the split ends up empty; DataError (data.py) for bad rows.
+    Each dataset's split is a ``tokens.SplitTable``: token ids and the per-example integers in flat
+    arrays memory-mapped from the token cache (``data.token_cache_dir``), built once per content key
+    (``caldpo.train.tokens``: rows loaded, tokenized by ``batches.tokenize_examples``, written
+    atomically; under torchrun rank 0 builds and the other ranks map its file). With a
+    ``tokenizer``, pairs identical after truncation are dropped and counted, and text the tokenizer
+    cannot encode or that holds the EOS token stops the run naming its file and line (or, with
+    ``data.on_error=skip``, is skipped and counted); without one (generation) only the texts are
+    kept. ``items[i]`` builds its ``Example`` from the arrays on access (``tokens`` are views of the
+    ids). When ``verbose`` each dataset prints its data report and its token report, the same on a
+    cold start and from the cache, with progress bars on a terminal while building.
+
+    process: the trainer's ``distributed.Process`` (None: one process). Raises ConfigError when the
+    split ends up empty or the ranks hold different examples; DataError (data.py) for bad rows.
     """
 
-    def __init__(self, cfg: DictConfig, split: str, sft: bool, verbose: bool, tokenizer=None):
-        self.items: list[Example] = []
+    def __init__(self, cfg: DictConfig, split: str, sft: bool, verbose: bool, tokenizer=None, process=None):
+        self.tables: list[SplitTable] = []
         self.group_of: list[int] = []  # each example's prompt group, numbered over all datasets in load order
         self.n_groups = 0
         self.reports = []
         self.token_reports = []
         for name in cfg.datasets:
-            groups, report = load_dataset(name, split, sft=sft, path=(cfg.data.paths or {}).get(name),
-                                          on_error=cfg.data.on_error, cache_dir=cfg.data.cache_dir,
-                                          held_out=cfg.data.held_out)
-            if verbose:
-                print(str(report), flush=True)
-            self.reports.append(report)
-            items = flatten(groups, sft=sft)
+            table = load_split(SplitSpec.from_config(cfg, name, split, sft), tokenizer,
+                               cache_dir=cfg.data.get("token_cache_dir"), process=process, verbose=verbose)
+            self.tables.append(table)
+            self.reports.append(table.data_report)
             if tokenizer is not None:
-                items, tok_report = tokenize_dataset(
-                    items, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                    on_error=cfg.data.on_error, dataset=name, split=split)
-                if verbose:
-                    print(str(tok_report), flush=True)
-                self.token_reports.append(tok_report)
-            group = {g.prompt: self.n_groups + k for k, g in enumerate(groups.values())}
-            self.group_of.extend(group[it.prompt] for it in items)
-            self.n_groups += len(groups)
-            self.items.extend(items)
-        if not self.items:
+                self.token_reports.append(table.token_report)
+            self.group_of.extend((table.group.astype("int64") + self.n_groups).tolist())
+            self.n_groups += table.n_groups
+        self.items: ExampleList = ExampleList(self.tables)
+        if not len(self.items):
             raise ConfigError(f"datasets={list(cfg.datasets)}: no {split} examples")
 
     def __len__(self) -> int:
         return len(self.items)
+
+    @property
+    def fingerprint(self) -> str:
+        """Hex sha256 naming this split's examples: the datasets in order and each one's table
+        fingerprint, which hashes everything an example is (prompt, chosen and rejected texts, their
+        token ids after truncation and the cut flags, each example's prompt group and the number of
+        groups, the truncation mode, sft) and nothing about where it came from (file paths, lines,
+        reports). Equal fingerprints mean the same examples in the same order with the same ids; any
+        change of data content, tokenizer, lengths or rules that changes an example changes it."""
+        h = hashlib.sha256()
+        for t in self.tables:
+            h.update(f"{t.dataset}:{t.fingerprint};".encode())
+        return h.hexdigest()
 
     def order(self, epoch: int, seed: int) -> list[int]:
         """This split's order in ``epoch``: prompt groups shuffled, each group's pairs together

@@ -93,7 +93,7 @@ class Trainer:
         path = model_path(cfg)
         self.tokenizer = load_tokenizer(cfg, path)
         check_vocab_and_positions(cfg, self.tokenizer, path)
-        self.train_data = Examples(cfg, "train", self.sft, self.is_main, self.tokenizer)
+        self.train_data = Examples(cfg, "train", self.sft, self.is_main, self.tokenizer, process=self.process)
         if len(self.train_data) < cfg.batch_size:
             raise ConfigError(f"batch_size={cfg.batch_size}: the training split holds {len(self.train_data)} training examples "
                               "after loading, not one full batch; lower batch_size or add data")
@@ -110,7 +110,7 @@ class Trainer:
                               "batch_size")
         self.total_steps = self.total_examples // cfg.batch_size  # a partial final batch is dropped
         fault_point("data_load")
-        self.eval_data = Examples(cfg, "test", self.sft, self.is_main, self.tokenizer)
+        self.eval_data = Examples(cfg, "test", self.sft, self.is_main, self.tokenizer, process=self.process)
         self.eval_indices = self.eval_data.order(0, cfg.seed)[: cfg.n_eval_examples]  # the reference's eval order
 
         # layout and models
