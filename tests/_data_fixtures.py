@@ -99,7 +99,9 @@ def hh_edge_rows(n: int = 60, seed: int = 0) -> list:
 
 def tldr_edge_rows(n: int = 30, seed: int = 1) -> list[dict]:
     """TL;DR comparison rows (keep_start) with posts from a few words to a few hundred characters and
-    summaries from empty to long, some with a leading space and some without, one ``r/`` subreddit."""
+    summaries from empty to long, some with a leading space and some without, one ``r/`` subreddit; then
+    preprocessed rows (prompt, chosen, rejected) whose prompts end in whitespace and whose responses
+    start with or without one (tokens straddling or trimmed at the boundary)."""
     import random
 
     rng = random.Random(seed)
@@ -115,4 +117,7 @@ def tldr_edge_rows(n: int = 30, seed: int = 1) -> list[dict]:
         rows.append(comparison(post=f"post {i}: {text(2, 80)}", title=text(1, 8),
                                subreddit="r/relationships" if i == 3 else "relationships",
                                texts=(a if i % 2 else a.strip(), b), choice=i % 2))
+    for i, end in enumerate([" ", "  ", "\n", " \n ", ""] * 2):  # preproc rows: prompts ending in whitespace
+        rows.append({"prompt": f"SUBREDDIT: r/x\nTITLE: t{i}\nPOST: {text(2, 40)}\nTL;DR:{end}",
+                     "chosen": rng.choice(["", " ", "a ", " b"]) + text(0, 6), "rejected": text(1, 6) + " "})
     return rows

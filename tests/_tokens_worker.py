@@ -1,5 +1,6 @@
 """Worker for tests/test_tokens.py: loads the train split of an HH folder through ``schedule.Examples``
-and records how often it tokenized and read rows.
+and records how often this process built a token cache file (each build reads every row and
+tokenizes them).
 
 ``_tokens_worker.py DATA CACHE OUT [--hold-build | --after-build-starts]``. Under torchrun each rank
 joins a gloo process group and writes ``OUT/rank<r>.json``; otherwise the process writes
@@ -16,7 +17,7 @@ import time
 from pathlib import Path
 
 from _data_fixtures import char_tokenizer
-from caldpo.train import batches, tokens
+from caldpo.train import tokens
 from caldpo.train.config import load_config
 from caldpo.train.distributed import Process
 from caldpo.train.schedule import Examples
@@ -33,27 +34,18 @@ def _wait_for(path: Path, limit_s: float = 240.0) -> None:
 def main(data: str, cache: str, out: str, role: str = "") -> None:
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
-    calls = {"encode_calls": 0, "load_calls": 0}
-    encode, load, build = batches.TextEncoder.__call__, tokens.load_dataset, tokens.build
+    calls = {"builds": 0}
+    build = tokens.build
 
-    def counting_encode(self, *a, **k):
-        calls["encode_calls"] += 1
-        return encode(self, *a, **k)
-
-    def counting_load(*a, **k):
-        calls["load_calls"] += 1
-        return load(*a, **k)
-
-    def holding_build(*a, **k):
-        (out_dir / "building").write_text("")
-        _wait_for(out_dir / "second_started")
+    def counting_build(*a, **k):
+        calls["builds"] += 1
+        if role == "--hold-build":  # the split's lock is held: let the other process ask now
+            (out_dir / "building").write_text("")
+            _wait_for(out_dir / "second_started")
         return build(*a, **k)
 
-    batches.TextEncoder.__call__ = counting_encode
-    tokens.load_dataset = counting_load
-    if role == "--hold-build":
-        tokens.build = holding_build
-    elif role == "--after-build-starts":
+    tokens.build = counting_build
+    if role == "--after-build-starts":
         _wait_for(out_dir / "building")
         (out_dir / "second_started").write_text("")
     process = Process.setup("cpu", fsdp=False) if int(os.environ.get("WORLD_SIZE", "1")) > 1 else None

@@ -46,7 +46,15 @@ def _sentencepiece():
     return sentencepiece_bpe()
 
 
-TOKENIZERS = {"tiny_byte_level": _tiny_tokenizer, "char": char_tokenizer, "sentencepiece_bpe": _sentencepiece}
+def _pythia_layout():
+    """Byte-level BPE with Pythia's post-processor (ByteLevel, trim_offsets=True: whitespace-only tokens
+    get empty offsets)."""
+    from test_tokenization import byte_level_bpe
+    return byte_level_bpe()
+
+
+TOKENIZERS = {"tiny_byte_level": _tiny_tokenizer, "char": char_tokenizer, "sentencepiece_bpe": _sentencepiece,
+              "pythia_layout": _pythia_layout}
 
 
 @pytest.fixture(scope="module", params=sorted(TOKENIZERS))
@@ -159,20 +167,19 @@ def test_tokenizer_without_offsets_tokenizes_as_the_old_path():
 
 @pytest.fixture
 def counted(monkeypatch):
-    """Counts of tokenizer calls (``TextEncoder`` chunks) and row loads made by the token cache."""
-    calls = {"encode": 0, "load": 0}
-    encode, load = batches.TextEncoder.__call__, tokens.load_dataset
+    """Counts of the token cache's builds (each reads every row and tokenizes them, in a child process)
+    and of tokenizer calls and row loads in this process (none: the child does them)."""
+    calls = {"build": 0, "encode": 0, "load": 0}
 
-    def counting_encode(self, *a, **k):
-        calls["encode"] += 1
-        return encode(self, *a, **k)
+    def counting(name, fn):
+        def wrapper(*a, **k):
+            calls[name] += 1
+            return fn(*a, **k)
+        return wrapper
 
-    def counting_load(*a, **k):
-        calls["load"] += 1
-        return load(*a, **k)
-
-    monkeypatch.setattr(batches.TextEncoder, "__call__", counting_encode)
-    monkeypatch.setattr(tokens, "load_dataset", counting_load)
+    monkeypatch.setattr(tokens, "build", counting("build", tokens.build))
+    monkeypatch.setattr(batches.TextEncoder, "__call__", counting("encode", batches.TextEncoder.__call__))
+    monkeypatch.setattr(tokens, "load_dataset", counting("load", tokens.load_dataset))
     return calls
 
 
@@ -202,10 +209,10 @@ def test_second_load_tokenizes_nothing_and_prints_the_same_reports(hh_dir, tmp_p
     tok = char_tokenizer()
     cold = _load(hh_dir, tmp_path / "c", tok, verbose=True)
     cold_out = capsys.readouterr().out
-    assert counted["encode"] > 0 and counted["load"] == 1
-    counted.update(encode=0, load=0)
+    assert counted == {"build": 1, "encode": 0, "load": 0}  # built in a child process
+    counted.update(build=0)
     warm = _load(hh_dir, tmp_path / "c", tok, verbose=True)
-    assert counted == {"encode": 0, "load": 0}
+    assert counted == {"build": 0, "encode": 0, "load": 0}
     assert capsys.readouterr().out == cold_out and "data hh/train" in cold_out and "tokens hh/train" in cold_out
     assert _ids(warm) == _ids(cold) and warm.fingerprint == cold.fingerprint
     assert warm.group_of == cold.group_of and warm.n_groups == cold.n_groups
@@ -239,12 +246,12 @@ def test_a_damaged_cache_is_rebuilt_with_one_line(hh_dir, tmp_path, counted, cap
     else:
         raw = bytearray()
     file.write_bytes(bytes(raw))
-    counted.update(encode=0, load=0)
+    counted.update(build=0)
     caplog.set_level(logging.INFO, logger="caldpo")
     again = _load(hh_dir, tmp_path / "c", tok)
     lines = _cache_lines(caplog)
     assert len(lines) == 1 and "damaged" in lines[0] and reason in lines[0] and str(file) in lines[0], lines
-    assert counted["load"] == 1 and _ids(again) == want and again.fingerprint == fingerprint
+    assert counted["build"] == 1 and _ids(again) == want and again.fingerprint == fingerprint
     caplog.clear()
     _load(hh_dir, tmp_path / "c", tok)
     assert _cache_lines(caplog) == []  # the rebuilt file is trusted again
@@ -257,11 +264,11 @@ def test_an_edited_data_file_gets_a_new_key(hh_dir, tmp_path, counted, caplog):
     lines[0] = json.dumps(hh("\n\nHuman: edited\n\nAssistant:", " a new reply", " another"))
     (hh_dir / "train.jsonl").write_text("\n".join(lines) + "\n")
     caplog.set_level(logging.INFO, logger="caldpo")
-    counted.update(encode=0, load=0)
+    counted.update(build=0)
     edited = _load(hh_dir, tmp_path / "c", tok)
     msg = _cache_lines(caplog)
     assert len(msg) == 1 and "changed since the last cache: the data files" in msg[0], msg
-    assert counted["load"] == 1 and edited.items[0].prompt == "\n\nHuman: edited\n\nAssistant:"
+    assert counted["build"] == 1 and edited.items[0].prompt == "\n\nHuman: edited\n\nAssistant:"
     assert edited.fingerprint != cold.fingerprint and edited.tables[0].path != cold.tables[0].path
 
 
@@ -270,18 +277,32 @@ def test_another_tokenizer_or_length_gets_a_new_key(hh_dir, tmp_path, counted, c
     tok = char_tokenizer()
     cold = _load(hh_dir, tmp_path / "c", tok)
     caplog.set_level(logging.INFO, logger="caldpo")
-    counted.update(encode=0, load=0)
+    counted.update(build=0)
     if change == "tokenizer":
         other = _load(hh_dir, tmp_path / "c", _tiny_tokenizer())
     else:
         other = _load(hh_dir, tmp_path / "c", tok, "max_length=80")
     msg = _cache_lines(caplog)
     assert len(msg) == 1 and said in msg[0], msg
-    assert counted["encode"] > 0 and _ids(other) != _ids(cold) and other.fingerprint != cold.fingerprint
+    assert counted["build"] == 1 and _ids(other) != _ids(cold) and other.fingerprint != cold.fingerprint
     caplog.clear()
-    counted.update(encode=0, load=0)
+    counted.update(build=0)
     assert _ids(_load(hh_dir, tmp_path / "c", tok)) == _ids(cold)  # both stay cached side by side
-    assert counted == {"encode": 0, "load": 0} and _cache_lines(caplog) == []
+    assert counted == {"build": 0, "encode": 0, "load": 0} and _cache_lines(caplog) == []
+
+
+def test_the_build_runs_in_a_child_process_or_here_for_a_tokenizer_that_cannot_be_pickled(hh_dir, tmp_path, counted):
+    """The build's memory (every row's text at once) is a child process's; a tokenizer that cannot be
+    sent there (a class defined in a function) is used in this process, with the same result."""
+    import sys as _sys
+    child = _load(hh_dir, tmp_path / "a", char_tokenizer())
+    assert counted == {"build": 1, "encode": 0, "load": 0}
+    tok = char_tokenizer()
+    tok.__class__ = type("LocalTokenizer", (type(tok),), {})
+    here = _load(hh_dir, tmp_path / "b", tok)
+    assert counted["build"] == 2 and counted["encode"] > 0 and counted["load"] == 1
+    assert _ids(here) == _ids(child) and here.fingerprint == child.fingerprint
+    assert "torch" in _sys.modules  # (this process has it; the child imports caldpo.train.tokens without it)
 
 
 def test_the_fingerprint_names_the_examples_not_their_location(hh_dir, tmp_path):
@@ -354,7 +375,7 @@ def test_two_ranks_tokenize_once(hh_dir, tmp_path):
     """torchrun, 2 ranks (gloo): rank 0 builds, rank 1 waits and maps the same file."""
     _finish(_worker([str(hh_dir), str(tmp_path / "c"), str(tmp_path / "out")], torchrun=2))
     ranks = [json.loads((tmp_path / "out" / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert ranks[0]["encode_calls"] > 0 and ranks[1]["encode_calls"] == 0 and ranks[1]["load_calls"] == 0
+    assert ranks[0]["builds"] == 1 and ranks[1]["builds"] == 0
     assert ranks[0]["fingerprint"] == ranks[1]["fingerprint"] and ranks[0]["n"] == ranks[1]["n"] > 0
     assert ranks[0]["file"] == ranks[1]["file"]
 
@@ -368,7 +389,7 @@ def test_two_runs_at_once_tokenize_once(hh_dir, tmp_path):
     _finish(first)
     _finish(second)
     runs = [json.loads((out / f"{role}.json").read_text()) for role in ("hold-build", "after-build-starts")]
-    assert runs[0]["encode_calls"] > 0 and runs[1]["encode_calls"] == 0 and runs[1]["load_calls"] == 0
+    assert runs[0]["builds"] == 1 and runs[1]["builds"] == 0
     assert runs[0]["fingerprint"] == runs[1]["fingerprint"]
 
 
@@ -412,9 +433,10 @@ def test_no_sequence_length_warning_reaches_the_user(tmp_path, capfd):
 
 
 @pytest.mark.parametrize("tty, verbose", [(True, True), (False, True), (True, False)])
-def test_progress_bars_only_on_a_terminal_of_the_main_rank(hh_dir, tmp_path, monkeypatch, capsys, tty, verbose):
+def test_progress_bars_only_on_a_terminal_of_the_main_rank(hh_dir, tmp_path, monkeypatch, capfd, tty, verbose):
+    """(The bars are drawn by the build's child process, on the stderr it inherits.)"""
     monkeypatch.setattr(sys.stderr, "isatty", lambda: tty)
     _load(hh_dir, tmp_path / "c", char_tokenizer(), verbose=verbose)
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     shown = tty and verbose  # verbose: the main rank
     assert ("rows hh/train" in err and "tokenize hh/train" in err) == shown, err[-500:]

@@ -1,8 +1,9 @@
 """Tokenization, truncation, label masking, collation and the deterministic example order.
 
-This module owns how text becomes token ids (``encode_example``), the truncation rule
-(``truncate_prompt``, shared by training and generation) and the load-time pass that
-tokenizes every example once (``tokenize_dataset``).
+This module owns how text becomes token ids (``encode_example``; ``TextEncoder`` for many texts
+per call, into flat arrays), the truncation rule (``prompt_span``/``truncate_prompt``, shared by
+training and generation) and the load-time pass that tokenizes every example once
+(``tokenize_examples``; ``caldpo.train.tokens`` keeps its output on disk).
 
 Tokenization (``encode_example``):
 
@@ -41,15 +42,17 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import chain, islice
-from typing import Any, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import numpy as np
-import torch
 
 from .data import CountReport, DataError, PromptGroup
 
+if TYPE_CHECKING:
+    import torch
+
 IGNORE_INDEX = -100
-_CHUNK = 1024  # examples per batched tokenizer call at load
+_CHUNK = 256  # examples per batched tokenizer call at load (two chunks in flight: their Encodings bound the memory)
 
 
 class EOSInTextError(ValueError):
@@ -105,13 +108,15 @@ class EncodedTexts(NamedTuple):
 
     ``ids``: int32 [total tokens], the texts' ids one after the other; ``bounds``: int64 [n + 1], text i
     is ``ids[bounds[i]:bounds[i + 1]]``; ``prompt_tokens``: int64 [n], the leading tokens of text i that
-    are its prompt's (the boundary rule, ``prompt_token_counts``); ``errors``: text index -> what the
+    are its prompt's (the boundary rule, ``prompt_token_counts``); ``first_eos``: int64 [n], the position
+    of text i's first EOS id (-1: none, or the tokenizer has no EOS); ``errors``: text index -> what the
     tokenizer raised for that text (its span is empty).
     """
 
     ids: np.ndarray
     bounds: np.ndarray
     prompt_tokens: np.ndarray
+    first_eos: np.ndarray
     errors: dict[int, Exception]
 
     def text(self, i: int) -> np.ndarray:
@@ -185,6 +190,7 @@ class TextEncoder:
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
+        self.eos = tokenizer.eos_token_id
         self.fast = bool(getattr(tokenizer, "is_fast", False))
         self.backend = _direct_backend(tokenizer) if self.fast else None
         try:
@@ -254,7 +260,14 @@ class TextEncoder:
                     continue
                 counts[i] = _common_prefix(ids[bounds[i]:bounds[i + 1]], p_ids[p_bounds[k]:p_bounds[k + 1]],
                                            int(p_lengths[k]))
-        return EncodedTexts(ids, bounds, counts, errors)
+        first_eos = np.full(len(texts), -1, np.int64)
+        if self.eos is not None:
+            hits = np.flatnonzero(ids == self.eos)
+            if hits.size:
+                text = np.searchsorted(bounds, hits, side="right") - 1
+                first = np.concatenate(([True], text[1:] != text[:-1]))
+                first_eos[text[first]] = hits[first] - bounds[text[first]]
+        return EncodedTexts(ids, bounds, counts, first_eos, errors)
 
 
 def prompt_span(n: int, limit: int, mode: str, keep_last: int = 0) -> tuple[int, int]:
@@ -304,24 +317,26 @@ def encode_prompt(prompt: str, tokenizer) -> tuple[list[int], list[tuple[int, in
     return list(ids[0]), [tuple(o) for o in offsets[0]] if offsets is not None else None
 
 
-def _assemble(prompt: str, responses: dict[str, str], seqs: dict[str, np.ndarray], limits: list[int], tokenizer,
-              max_length: int, max_prompt_length: int, truncation_mode: str) -> Encoded:
+def _assemble(prompt: str, responses: dict[str, str], seqs: dict[str, np.ndarray], limits: list[int],
+              eos_at: list[int], eos: tuple[int, str], max_length: int, max_prompt_length: int,
+              truncation_mode: str) -> Encoded:
     """Split joint tokenizations at the prompt boundary, check EOS, append it, truncate.
 
     seqs: response name -> int32 ids of ``prompt + response``; limits: each sequence's prompt tokens by
-    the boundary rule. The prompt is the common prefix of all sequences within the smallest limit.
+    the boundary rule; eos_at: each sequence's first EOS position (-1: none); eos: (EOS id, EOS token).
+    The prompt is the common prefix of all sequences within the smallest limit.
     """
-    eos = tokenizer.eos_token_id
     first = next(iter(seqs.values()))
     n = int(min(limits))
     for ids in seqs.values():
-        n = _common_prefix(first, ids, n)
-    for k, ids in seqs.items():
-        hit = np.flatnonzero(ids == eos)
-        if hit.size:
-            part = "prompt" if hit[0] < n else f"{k} response"
-            raise EOSInTextError(f"the {part} contains the EOS token {tokenizer.eos_token!r} (id {eos}), which "
+        if ids is not first:
+            n = _common_prefix(first, ids, n)
+    for (k, ids), at in zip(seqs.items(), eos_at):
+        if at >= 0:
+            part = "prompt" if at < n else f"{k} response"
+            raise EOSInTextError(f"the {part} contains the EOS token {eos[1]!r} (id {eos[0]}), which "
                                  f"would end the sequence early: {(prompt + responses[k])[:120]!r}")
+    eos = eos[0]
     prompt_ids = first[:n]
     tail = np.array([eos], dtype=np.int32)
     resp = {k: np.concatenate((ids[n:], tail)) for k, ids in seqs.items()}
@@ -339,9 +354,13 @@ def _assemble(prompt: str, responses: dict[str, str], seqs: dict[str, np.ndarray
                    response_cut)
 
 
-def _check(tokenizer, truncation_mode: str) -> None:
+def _check_mode(truncation_mode: str) -> None:
     if truncation_mode not in ("keep_start", "keep_end"):
         raise ValueError(f"unknown truncation mode {truncation_mode!r}; use 'keep_start' or 'keep_end'")
+
+
+def _check(tokenizer, truncation_mode: str) -> None:
+    _check_mode(truncation_mode)
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token_id")
 
@@ -358,9 +377,10 @@ def encode_example(prompt: str, chosen: str, rejected: str | None, tokenizer, *,
     enc = TextEncoder(tokenizer)([prompt + r for r in responses.values()], [prompt] * len(responses))
     if enc.errors:
         raise next(iter(enc.errors.values()))
-    return _assemble(prompt, responses, {k: enc.text(i) for i, k in enumerate(responses)},
-                     [int(enc.prompt_tokens[i]) for i in range(len(responses))], tokenizer, max_length,
-                     max_prompt_length, truncation_mode)
+    at = range(len(responses))
+    return _assemble(prompt, responses, {k: enc.text(i) for i, k in zip(at, responses)},
+                     [int(enc.prompt_tokens[i]) for i in at], [int(enc.first_eos[i]) for i in at],
+                     (tokenizer.eos_token_id, tokenizer.eos_token), max_length, max_prompt_length, truncation_mode)
 
 
 def example_dict(prompt: str, chosen: str, rejected: str | None, enc: Encoded) -> dict[str, Any]:
@@ -458,6 +478,7 @@ def tokenize_examples(examples: Iterable[Example], tokenizer, *, max_length: int
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token_id")
     encoder = TextEncoder(tokenizer)
+    eos = (tokenizer.eos_token_id, tokenizer.eos_token)
 
     def fail(ex: Example, reason: str, what: str) -> None:
         if on_error != "skip":
@@ -468,8 +489,8 @@ def tokenize_examples(examples: Iterable[Example], tokenizer, *, max_length: int
 
     def next_chunk() -> list[Example]:
         chunk = list(islice(it, _CHUNK))
-        for ex in chunk:
-            _check(tokenizer, ex.truncation_mode)
+        for mode in {ex.truncation_mode for ex in chunk}:
+            _check_mode(mode)
         return chunk
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="caldpo-tokenize") as pool:
@@ -493,8 +514,8 @@ def tokenize_examples(examples: Iterable[Example], tokenizer, *, max_length: int
                                                                                "rejected": ex.rejected}
                 try:
                     e = _assemble(ex.prompt, responses, {k: enc.text(j) for k, j in zip(sides, at)},
-                                  [int(enc.prompt_tokens[j]) for j in at], tokenizer, max_length,
-                                  max_prompt_length, ex.truncation_mode)
+                                  [int(enc.prompt_tokens[j]) for j in at], [int(enc.first_eos[j]) for j in at],
+                                  eos, max_length, max_prompt_length, ex.truncation_mode)
                 except EOSInTextError as err:
                     fail(ex, "eos_in_text", str(err))
                     continue
@@ -530,6 +551,8 @@ def tokenize_dataset(examples: Sequence[Example], tokenizer, *, max_length: int,
 
 
 def _pad(seqs: list[list[int]], value: int, left: bool) -> torch.Tensor:
+    import torch  # here: the token cache's build process (caldpo.train.tokens) runs this module without torch
+
     width = max((len(s) for s in seqs), default=0)
     out = torch.full((len(seqs), width), value, dtype=torch.long)
     for i, s in enumerate(seqs):

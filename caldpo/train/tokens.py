@@ -35,8 +35,10 @@ and token reports (printed as at a cold start), the sha256 of the index (every a
 ``tokens``, ``text`` and ``source``) and the split's fingerprint. Reading checks the header, every
 array's dtype, shape and byte range against the file's size, the index's sha256 and the index's
 bounds before anything is used (``read_table``); a file that fails is rebuilt with one log line
-naming why. A file is written under a temporary name in the same folder and renamed into place:
-a reader never sees a half-written one. Across processes: under torchrun rank 0 builds while the
+naming why. A file is built in a child Python process that imports no torch (``build``): grouping
+the rows by prompt holds every row's text at once, and that memory goes back to the system when
+the child exits instead of staying with the trainer. It is written under a temporary name in the
+same folder and renamed into place: a reader never sees a half-written one. Across processes: under torchrun rank 0 builds while the
 other ranks wait, then they map its file; processes that share no process group (two runs, or
 ranks whose cache folders differ) take an exclusive lock on the split's ``.lock`` file, so one
 builds and the others wait and map.
@@ -57,6 +59,7 @@ import sys
 import tempfile
 import time
 from array import array
+from collections import deque
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
@@ -307,9 +310,10 @@ class _Writer:
         self.pending_n = 0
         self.ex_tokens, self.ex_text, self.text_off, self.source_off = array("q"), array("q"), array("q", [0]), array("q", [0])
         self.group, self.flags = array("i"), array("B")
-        # id() of a text -> its string number: a group's prompt and responses are one object each, alive
-        # (in the prompt groups) while the split is written
+        # id() of a text -> its string number, for the current prompt group: the group's prompt and
+        # responses are one object each, alive while its examples are added (examples come group by group)
         self.string_of: dict[int, int] = {}
+        self.last_group = -1
         self.fp_tokens, self.fp_text = hashlib.sha256(), hashlib.sha256()
 
     def _string(self, s: str | None) -> int:
@@ -325,6 +329,9 @@ class _Writer:
         return k
 
     def add(self, ex: Example, group: int, enc: Encoded | None) -> None:
+        if group != self.last_group:
+            self.string_of.clear()
+            self.last_group = group
         if enc is None:
             self.ex_tokens.extend((self.n_tokens, 0, 0, -1))
             self.flags.append(0)
@@ -446,10 +453,112 @@ def _bar(total: int | None, desc: str, unit: str, show: bool):
 
 
 def build(file: Path, spec: SplitSpec, parts: dict[str, Any] | None, tokenizer, *, rows: int | None = None,
-          verbose: bool = False, show_progress: bool = False) -> None:
+          show_progress: bool = False) -> None:
     """Load the split's rows (``data.load_dataset``), tokenize them (``batches.tokenize_examples``) and
-    write the table to ``file`` (atomically). Prints the data and token reports when ``verbose``.
-    Raises DataError / batches.ExampleError for bad data, as loading does."""
+    write the table, its data and token reports included, to ``file`` (atomically).
+
+    The work runs in a child Python process (``python -m caldpo.train.tokens``) that imports no torch:
+    every row's text is held at once while the rows are grouped by prompt, and that memory is the
+    child's and goes back to the system when it exits, instead of staying in the trainer's process
+    for the whole run. A tokenizer that cannot be pickled, or that does not come back the same (its
+    ``tokenizer_digest``), is used in this process instead. Raises DataError / batches.ExampleError
+    for bad data, as loading does (rebuilt from the child's report), RuntimeError when the child
+    fails otherwise (its traceback is on stderr)."""
+    if not _build_in_child(file, spec, parts, tokenizer, rows, show_progress):
+        build_here(file, spec, parts, tokenizer, rows=rows, show_progress=show_progress)
+
+
+_TOKENIZER_DIFFERS = 4  # the child's exit status when the tokenizer did not survive pickling unchanged
+_DATA_ERROR = 3
+
+
+def _build_in_child(file: Path, spec: SplitSpec, parts, tokenizer, rows, show_progress: bool) -> bool:
+    """``build`` in a child process; False when the tokenizer cannot go there (build in this one)."""
+    import pickle
+    import subprocess
+
+    import caldpo
+
+    digest_ = tokenizer_digest(tokenizer) if tokenizer is not None else None
+    with tempfile.TemporaryDirectory(prefix=".build-", dir=file.parent) as tmp:
+        request = Path(tmp) / "request.json"
+        try:
+            with open(Path(tmp) / "tokenizer.pkl", "wb") as f:
+                pickle.dump(tokenizer, f)
+        except Exception:  # noqa: BLE001 - an unpicklable tokenizer is used in this process
+            return False
+        request.write_text(json.dumps({
+            "file": str(file), "spec": dataclasses.asdict(spec), "parts": parts, "rows": rows,
+            "show_progress": show_progress, "tokenizer": str(Path(tmp) / "tokenizer.pkl"),
+            "tokenizer_digest": digest_, "error": str(Path(tmp) / "error.json")}))
+        root = str(Path(caldpo.__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
+        sys.stdout.flush()
+        sys.stderr.flush()
+        child = subprocess.Popen([sys.executable, "-m", "caldpo.train.tokens", str(request)], env=env)
+        try:
+            status = child.wait()
+        except BaseException:
+            child.kill()
+            child.wait()
+            raise
+        if status == 0:
+            return True
+        if status == _TOKENIZER_DIFFERS:
+            log.debug("the tokenizer does not pickle unchanged: tokenizing %s in this process", spec.name)
+            return False
+        error = Path(tmp) / "error.json"
+        if status == _DATA_ERROR and error.exists():
+            raise _data_error(json.loads(error.read_text()))
+        raise RuntimeError(f"tokenizing {spec.name} in a child process failed (exit {status}; its output is above)")
+
+
+def _data_error(d: dict) -> Exception:
+    """The DataError (or batches.ExampleError) a child process reported, as it was raised there."""
+    from .batches import ExampleError
+
+    if d["type"] == "ExampleError":
+        e = ExampleError(d["source"], d["what"], d["reason"], d["hint"])
+    else:
+        e = DataError(d["source"], d["line"], d["what"], d["unit"], hint=d["hint"], reason=d["reason"])
+    e.option = d["option"]
+    return e
+
+
+def _child_main(request_path: str) -> int:
+    """``python -m caldpo.train.tokens REQUEST``: run one ``build_here`` for the parent (``build``)."""
+    import pickle
+
+    req = json.loads(Path(request_path).read_text())
+    with open(req["tokenizer"], "rb") as f:
+        tokenizer = pickle.load(f)
+    if tokenizer is not None and tokenizer_digest(tokenizer) != req["tokenizer_digest"]:
+        return _TOKENIZER_DIFFERS
+    try:
+        build_here(Path(req["file"]), SplitSpec(**req["spec"]), req["parts"], tokenizer, rows=req["rows"],
+                   show_progress=req["show_progress"])
+    except DataError as e:
+        fields = {k: getattr(e, k, None) for k in ("source", "line", "what", "unit", "option", "hint", "reason")}
+        Path(req["error"]).write_text(json.dumps({"type": type(e).__name__, **fields}))
+        return _DATA_ERROR
+    return 0
+
+
+def _in_order(groups: dict, sft: bool, order: deque) -> Iterator[Example]:
+    """The examples of ``groups`` in ``batches.flatten``'s order, one group at a time, each group let go
+    once its examples are out (the memory of the rows' texts shrinks as the split is written); appends
+    (the group's prompt object, its number) to ``order`` as each group starts. Empties ``groups``."""
+    listed = list(groups.values())
+    groups.clear()
+    for k in range(len(listed)):
+        g, listed[k] = listed[k], None
+        order.append((g.prompt, k))
+        yield from flatten({g.prompt: g}, sft=sft)
+
+
+def build_here(file: Path, spec: SplitSpec, parts: dict[str, Any] | None, tokenizer, *, rows: int | None = None,
+               show_progress: bool = False) -> None:
+    """``build`` in this process."""
     writer = _Writer(file)
     try:
         with _gc_paused():
@@ -458,29 +567,32 @@ def build(file: Path, spec: SplitSpec, parts: dict[str, Any] | None, tokenizer, 
                     spec.dataset, spec.split, sft=spec.sft, path=spec.path, on_error=spec.on_error,
                     cache_dir=spec.hub_cache_dir, held_out=spec.held_out, max_row_bytes=spec.max_row_bytes,
                     on_row=bar.update)
-            if verbose:
-                print(str(report), flush=True)
-            examples = flatten(groups, sft=spec.sft)
-            group_of = {id(g.prompt): k for k, g in enumerate(groups.values())}
+            n_groups = len(groups)
+            n_examples = sum(1 if spec.sft else len(g.pairs) for g in groups.values())
+            order: deque = deque()
+            examples = _in_order(groups, spec.sft, order)
+
+            def group_of(ex: Example) -> int:  # the group whose prompt object the example holds
+                while order[0][0] is not ex.prompt:
+                    order.popleft()
+                return order[0][1]
+
             token_report = None
             if tokenizer is not None:
                 token_report = TokenReport(spec.dataset, spec.split, spec.max_length, spec.max_prompt_length)
-                with _bar(len(examples), f"tokenize {spec.name}", " ex", show_progress) as bar:
+                with _bar(n_examples, f"tokenize {spec.name}", " ex", show_progress) as bar:
                     for ex, enc in tokenize_examples(examples, tokenizer, max_length=spec.max_length,
                                                      max_prompt_length=spec.max_prompt_length, report=token_report,
                                                      on_error=spec.on_error, progress=bar.update):
-                        writer.add(ex, group_of[id(ex.prompt)], enc)
-                if verbose:
-                    print(str(token_report), flush=True)
+                        writer.add(ex, group_of(ex), enc)
             else:
                 for ex in examples:
-                    writer.add(ex, group_of[id(ex.prompt)], None)
+                    writer.add(ex, group_of(ex), None)
             meta = {"format": FORMAT, "key": digest(parts) if parts is not None else None, "key_parts": parts,
                     "dataset": spec.dataset, "split": spec.split, "sft": spec.sft,
-                    "truncation_mode": TRUNCATION_MODE[spec.dataset], "n_groups": len(groups),
+                    "truncation_mode": TRUNCATION_MODE[spec.dataset], "n_groups": n_groups,
                     "tokenized": tokenizer is not None, "data_report": dataclasses.asdict(report),
                     "token_report": dataclasses.asdict(token_report) if token_report is not None else None}
-            del groups, examples, group_of
             writer.finish(meta)
     except BaseException:
         writer.close(remove=True)
@@ -608,13 +720,13 @@ def _what_changed(directory: Path, stem: str, parts: dict[str, Any]) -> str:
     return ""
 
 
-def _open_or_build(spec: SplitSpec, tokenizer, directory: Path | None, *, verbose: bool, show_progress: bool,
+def _open_or_build(spec: SplitSpec, tokenizer, directory: Path | None, *, show_progress: bool,
                    announce: bool, rank: int = 0) -> SplitTable:
     """The split's table from the cache, else built (one log line saying why), under the split's lock.
     ``rank`` > 0: a rank after rank 0 loaded the split; building here too is worth a warning."""
     parts, rows = key_parts(spec, tokenizer)
     if parts is None or directory is None:
-        return _build_uncached(spec, parts, tokenizer, rows, verbose, show_progress)
+        return _build_uncached(spec, parts, tokenizer, rows, show_progress)
     key = digest(parts)
     stem = cache_stem(spec)
     file = directory / f"{stem}-{key[:16]}{SUFFIX}"
@@ -628,7 +740,7 @@ def _open_or_build(spec: SplitSpec, tokenizer, directory: Path | None, *, verbos
                 if announce or rank:
                     log.warning("%stoken cache %s cannot be written (%s): tokenizing %s without caching it",
                                 f"rank {rank}: " if rank else "", directory, e.strerror or e, spec.name)
-                return _build_uncached(spec, parts, tokenizer, rows, verbose, show_progress)
+                return _build_uncached(spec, parts, tokenizer, rows, show_progress)
             table, problem = read_table(file, key) if file.exists() else (None, problem)  # built meanwhile?
             if table is None:
                 damaged = problem is not None
@@ -636,8 +748,7 @@ def _open_or_build(spec: SplitSpec, tokenizer, directory: Path | None, *, verbos
                     log.warning("token cache %s is damaged (%s): rebuilding it", file, problem)
                 changed = "" if damaged else _what_changed(directory, stem, parts)
                 t = time.perf_counter()
-                build(file, spec, parts, tokenizer, rows=rows, verbose=verbose, show_progress=show_progress)
-                verbose = False  # its reports were printed while building
+                build(file, spec, parts, tokenizer, rows=rows, show_progress=show_progress)
                 table, problem = read_table(file, key)
                 if table is None:
                     raise RuntimeError(f"token cache {file} fails its checks right after it was written: {problem}")
@@ -647,18 +758,14 @@ def _open_or_build(spec: SplitSpec, tokenizer, directory: Path | None, *, verbos
                 if rank:
                     log.warning("rank %d: %s was not there after rank 0 loaded %s (a cache folder of this node's "
                                 "own?): tokenized it on this rank too", rank, file, spec.name)
-    if verbose:
-        print(str(table.data_report), flush=True)
-        if table.token_report is not None:
-            print(str(table.token_report), flush=True)
     return table
 
 
-def _build_uncached(spec: SplitSpec, parts, tokenizer, rows, verbose: bool, show_progress: bool) -> SplitTable:
+def _build_uncached(spec: SplitSpec, parts, tokenizer, rows, show_progress: bool) -> SplitTable:
     """Build into a temporary file, map it and delete its name (the mapping stays until the process ends)."""
     with tempfile.TemporaryDirectory(prefix="caldpo-tokens-") as tmp:
         file = Path(tmp) / f"{cache_stem(spec)}{SUFFIX}"
-        build(file, spec, parts, tokenizer, rows=rows, verbose=verbose, show_progress=show_progress)
+        build(file, spec, parts, tokenizer, rows=rows, show_progress=show_progress)
         table, problem = read_table(file)
         if table is None:
             raise RuntimeError(f"token table {file} fails its checks right after it was written: {problem}")
@@ -680,13 +787,15 @@ def load_split(spec: SplitSpec, tokenizer, *, cache_dir: str | None = None, proc
     directory = Path(cache_dir).expanduser() if cache_dir else default_cache_dir()
     show = verbose and sys.stderr.isatty()
     if process is None or not process.distributed:
-        return _open_or_build(spec, tokenizer, directory, verbose=verbose, show_progress=show, announce=True)
+        table = _open_or_build(spec, tokenizer, directory, show_progress=show, announce=True)
+        _print_reports(table, verbose)
+        return table
     from .config import ConfigError
 
     table, error = None, None
     if process.is_main:
         try:
-            table = _open_or_build(spec, tokenizer, directory, verbose=verbose, show_progress=show, announce=True)
+            table = _open_or_build(spec, tokenizer, directory, show_progress=show, announce=True)
         except Exception as e:  # noqa: BLE001 - every rank must hear of it, then it is raised here
             error = e
     failed = process.from_main(None if error is None else f"{type(error).__name__}: {error}")
@@ -696,10 +805,22 @@ def load_split(spec: SplitSpec, tokenizer, *, cache_dir: str | None = None, proc
         raise DataError(f"rank 0 loading {spec.name}", None, failed) if failed.startswith(
             ("DataError", "ExampleError")) else RuntimeError(f"rank 0 failed to load {spec.name}: {failed}")
     if not process.is_main:
-        table = _open_or_build(spec, tokenizer, directory, verbose=False, show_progress=False, announce=False,
-                               rank=process.rank)
+        table = _open_or_build(spec, tokenizer, directory, show_progress=False, announce=False, rank=process.rank)
     differs = process.from_main(table.fingerprint) != table.fingerprint
     if process.any(differs):
         raise ConfigError(f"{spec.option}: the ranks hold different {spec.name} examples (fingerprints differ): "
                           "give every rank the same data files")
+    _print_reports(table, verbose)
     return table
+
+
+def _print_reports(table: SplitTable, verbose: bool) -> None:
+    """The data report and the token report, from the table: the same lines cold and warm."""
+    if verbose:
+        print(str(table.data_report), flush=True)
+        if table.token_report is not None:
+            print(str(table.token_report), flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(_child_main(sys.argv[1]))
