@@ -38,6 +38,7 @@ reference code asserts: its EOS would be scored as a premature end of the respon
 from __future__ import annotations
 
 import random
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -179,9 +180,10 @@ class TextEncoder:
     """``tokenizer(texts, add_special_tokens=False)`` for many texts per call, into ``EncodedTexts``.
 
     A fast tokenizer whose class keeps transformers' own call path is called through its
-    ``tokenizers`` backend: each call first runs the ordinary call on its first text (which sets the
-    backend up as transformers does: no truncation or padding, its ``split_special_tokens``), then
-    the backend's ``encode_batch`` on every text, and checks that both agree on that first text; if
+    ``tokenizers`` backend: the ordinary call, made once at construction and then on the first text
+    of each call, sets the backend up as transformers does (no truncation or padding, its
+    ``split_special_tokens``); the backend's ``encode_batch`` then encodes every text (``raw``: it
+    releases the GIL, so another thread can run it ahead), and both must agree on that first text; if
     they ever differ, and for every other tokenizer, the ordinary call serves. The backend call
     builds no Python lists of attention masks or type ids. Neither call emits transformers'
     "Token indices sequence length is longer than the specified maximum" warning (the ordinary call
@@ -201,27 +203,40 @@ class TextEncoder:
         self.options = {"add_special_tokens": False, **({"verbose": False} if quiet else {})}
         if self.fast:
             self.options["return_offsets_mapping"] = True
+        if self.backend is not None:
+            self._ordinary([""])  # the backend set up before any ``raw`` call, which may run in another thread
 
     def _ordinary(self, texts: list[str]):
         enc = self.tokenizer(texts, **self.options)
         return enc["input_ids"], enc["offset_mapping"] if self.fast else None
 
-    def _arrays(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    def raw(self, texts: list[str]) -> list | None:
+        """The backend's encodings of ``texts`` (for ``__call__``), or None: no backend, or it raised
+        (``__call__`` then finds the text at fault)."""
+        if self.backend is None or not texts:
+            return None
+        try:
+            return self.backend.encode_batch(texts, add_special_tokens=False)
+        except Exception:  # noqa: BLE001 - reported per text by __call__
+            return None
+
+    def _arrays(self, texts: list[str], raw: list | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(ids, lengths, offsets or None) of ``texts``; raises what the tokenizer raises."""
         if self.backend is not None:
             ref_ids, ref_offsets = self._ordinary(texts[:1])
-            encs = self.backend.encode_batch(texts, add_special_tokens=False)
+            encs = raw if raw is not None else self.backend.encode_batch(texts, add_special_tokens=False)
             if encs[0].ids == list(ref_ids[0]) and encs[0].offsets == [tuple(o) for o in ref_offsets[0]]:
                 return _flat([e.ids for e in encs], [e.offsets for e in encs])
             self.backend = None  # the backend alone does not reproduce the ordinary call: use that
         return _flat(*self._ordinary(texts))
 
-    def _encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[int, Exception]]:
+    def _encode(self, texts: list[str], raw: list | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[int, Exception]]:
         """``_arrays`` of all texts at once; when that fails, text by text, recording each failure."""
         if not texts:
             return np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros((0, 2), np.int64), {}
         try:
-            return (*self._arrays(texts), {})
+            return (*self._arrays(texts, raw), {})
         except Exception:  # noqa: BLE001 - any encode failure is found and reported per text below
             pass
         parts, errors = [], {}
@@ -236,13 +251,14 @@ class TextEncoder:
         offsets = np.concatenate([p[2] for p in parts]) if self.fast else None
         return ids, lengths, offsets, errors
 
-    def __call__(self, texts: list[str], prompts: list[str]) -> EncodedTexts:
-        """Encode ``texts``; ``prompts[i]`` is the prompt that text i starts with (its boundary).
+    def __call__(self, texts: list[str], prompts: list[str], raw: list | None = None) -> EncodedTexts:
+        """Encode ``texts``; ``prompts[i]`` is the prompt that text i starts with (its boundary); ``raw``:
+        ``self.raw(texts)`` when it already ran.
 
         Fast tokenizers place the boundary by offsets (``prompt_token_counts``); tokenizers without
         offsets at the longest common prefix with the prompt tokenized alone (each distinct prompt once).
         """
-        ids, lengths, offsets, errors = self._encode(texts)
+        ids, lengths, offsets, errors = self._encode(texts, raw)
         bounds = np.zeros(len(texts) + 1, np.int64)
         np.cumsum(lengths, out=bounds[1:])
         if offsets is not None:
@@ -463,8 +479,8 @@ def tokenize_examples(examples: Iterable[Example], tokenizer, *, max_length: int
                       progress: Callable[[int], None] | None = None) -> Iterator[tuple[Example, Encoded]]:
     """The load-time pass: each kept example, in order, with its ids; counts in ``report``.
 
-    Examples are tokenized ``_CHUNK`` at a time (``TextEncoder``: one batched call per chunk,
-    the next chunk encoded in a background thread while this one is split and truncated).
+    Examples are tokenized ``_CHUNK`` at a time (``TextEncoder``: one batched call per chunk; the
+    backend encodes the next two chunks in a background thread while this one is split and truncated).
 
     * a pair whose chosen and rejected ids are identical after truncation carries no
       preference: dropped and counted (``identical_after_truncation``);
@@ -494,12 +510,22 @@ def tokenize_examples(examples: Iterable[Example], tokenizer, *, max_length: int
         return chunk
 
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="caldpo-tokenize") as pool:
-        chunk = next_chunk()
-        pending = pool.submit(encoder, *_chunk_texts(chunk)) if chunk else None
-        while chunk:
-            enc = pending.result()
+        pending: deque = deque()  # (chunk, texts, prompts, the backend's encodings to come)
+
+        def submit(chunk: list[Example]) -> None:
+            texts, prompts = _chunk_texts(chunk)
+            pending.append((chunk, texts, prompts, pool.submit(encoder.raw, texts)))
+
+        for _ in range(2):  # two chunks ahead: the backend works while this thread splits and writes
+            chunk = next_chunk()
+            if chunk:
+                submit(chunk)
+        while pending:
+            chunk, texts, prompts, raw = pending.popleft()
             following = next_chunk()
-            pending = pool.submit(encoder, *_chunk_texts(following)) if following else None
+            if following:
+                submit(following)
+            enc = encoder(texts, prompts, raw.result())
             i = 0
             for ex in chunk:
                 report.examples += 1
@@ -528,7 +554,6 @@ def tokenize_examples(examples: Iterable[Example], tokenizer, *, max_length: int
                 yield ex, e
             if progress is not None:
                 progress(len(chunk))
-            chunk = following
 
 
 def tokenize_dataset(examples: Sequence[Example], tokenizer, *, max_length: int, max_prompt_length: int,

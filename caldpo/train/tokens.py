@@ -192,19 +192,25 @@ class SplitSpec:
 @functools.lru_cache(maxsize=1)
 def code_digest() -> str:
     """sha256 of the code that defines the examples: the sources of data.py, batches.py and this module,
-    the tokenizers / transformers versions and ``FORMAT``."""
+    the tokenizers / transformers versions and ``FORMAT``. Computed when this module is imported (below),
+    so that every rank of a job hashes the code it runs even if the files change while it runs."""
     import caldpo
 
     h = hashlib.sha256(f"format {FORMAT} caldpo {caldpo.__version__}".encode())
-    for mod in ("tokenizers", "transformers"):
+    from importlib.metadata import PackageNotFoundError, version
+
+    for dist in ("tokenizers", "transformers"):
         try:
-            h.update(f" {mod} {__import__(mod).__version__}".encode())
-        except ImportError:
-            h.update(f" {mod} missing".encode())
+            h.update(f" {dist} {version(dist)}".encode())
+        except PackageNotFoundError:
+            h.update(f" {dist} missing".encode())
     here = Path(__file__).resolve().parent
     for name in ("data.py", "batches.py", "tokens.py"):
         h.update((here / name).read_bytes())
     return h.hexdigest()
+
+
+code_digest()
 
 
 def tokenizer_digest(tokenizer) -> str:
