@@ -352,11 +352,10 @@ def _assemble(prompt: str, responses: dict[str, str], seqs: dict[str, np.ndarray
             part = "prompt" if at < n else f"{k} response"
             raise EOSInTextError(f"the {part} contains the EOS token {eos[1]!r} (id {eos[0]}), which "
                                  f"would end the sequence early: {(prompt + responses[k])[:120]!r}")
-    eos = eos[0]
     prompt_ids = first[:n]
-    tail = np.array([eos], dtype=np.int32)
+    tail = np.array(eos[:1], dtype=np.int32)
     resp = {k: np.concatenate((ids[n:], tail)) for k, ids in seqs.items()}
-    longer = max(len(r) for r in resp.values())
+    longer = max(map(len, resp.values()))
     prompt_cut = response_cut = False
     if len(prompt_ids) + longer > max_length:
         prompt_cut = len(prompt_ids) > max_prompt_length
@@ -526,26 +525,30 @@ def tokenize_examples(examples: Iterable[Example], tokenizer, *, max_length: int
             if following:
                 submit(following)
             enc = encoder(texts, prompts, raw.result())
+            ids, bounds = enc.ids, enc.bounds.tolist()  # Python ints: cheaper per example than numpy scalars
+            limits, first_eos, errors = enc.prompt_tokens.tolist(), enc.first_eos.tolist(), enc.errors
             i = 0
             for ex in chunk:
                 report.examples += 1
-                sides = ("chosen",) if ex.rejected is None else ("chosen", "rejected")
-                at = range(i, i + len(sides))
-                i += len(sides)
-                bad = next((enc.errors[j] for j in at if j in enc.errors), None)
-                if bad is not None:
+                pair = ex.rejected is not None
+                j = i
+                i += 1 + pair
+                bad = errors and (errors.get(j) or (pair and errors.get(j + 1)))
+                if bad:
                     fail(ex, "untokenizable", f"the tokenizer cannot encode this text ({type(bad).__name__}: {bad})")
                     continue
-                responses = {"chosen": ex.chosen} if ex.rejected is None else {"chosen": ex.chosen,
-                                                                               "rejected": ex.rejected}
+                if pair:
+                    responses = {"chosen": ex.chosen, "rejected": ex.rejected}
+                    seqs = {"chosen": ids[bounds[j]:bounds[j + 1]], "rejected": ids[bounds[j + 1]:bounds[j + 2]]}
+                else:
+                    responses, seqs = {"chosen": ex.chosen}, {"chosen": ids[bounds[j]:bounds[j + 1]]}
                 try:
-                    e = _assemble(ex.prompt, responses, {k: enc.text(j) for k, j in zip(sides, at)},
-                                  [int(enc.prompt_tokens[j]) for j in at], [int(enc.first_eos[j]) for j in at],
-                                  eos, max_length, max_prompt_length, ex.truncation_mode)
+                    e = _assemble(ex.prompt, responses, seqs, limits[j:i], first_eos[j:i], eos, max_length,
+                                  max_prompt_length, ex.truncation_mode)
                 except EOSInTextError as err:
                     fail(ex, "eos_in_text", str(err))
                     continue
-                if e.rejected is not None and np.array_equal(e.chosen, e.rejected):
+                if pair and len(e.chosen) == len(e.rejected) and np.array_equal(e.chosen, e.rejected):
                     report.add(report.dropped, "identical_after_truncation")
                     continue
                 report.prompts_cut += e.prompt_cut

@@ -342,14 +342,13 @@ class _Writer:
             self.ex_tokens.extend((self.n_tokens, 0, 0, -1))
             self.flags.append(0)
         else:
-            parts = [enc.prompt, enc.chosen] + ([enc.rejected] if enc.rejected is not None else [])
-            self.ex_tokens.extend((self.n_tokens, len(enc.prompt), len(enc.chosen),
-                                   len(enc.rejected) if enc.rejected is not None else -1))
+            p, c, r = len(enc.prompt), len(enc.chosen), len(enc.rejected) if enc.rejected is not None else -1
+            self.ex_tokens.extend((self.n_tokens, p, c, r))
             self.flags.append(PROMPT_CUT * enc.prompt_cut + RESPONSE_CUT * enc.response_cut)
-            for p in parts:
-                self.pending.append(p)
-                self.pending_n += len(p)
-                self.n_tokens += len(p)
+            self.pending += (enc.prompt, enc.chosen) if r < 0 else (enc.prompt, enc.chosen, enc.rejected)
+            n = p + c + max(r, 0)
+            self.pending_n += n
+            self.n_tokens += n
             if self.pending_n >= 1 << 20:
                 self._flush()
         self.ex_text.extend((self._string(ex.prompt), self._string(ex.chosen), self._string(ex.rejected)))
