@@ -440,3 +440,25 @@ def test_progress_bars_only_on_a_terminal_of_the_main_rank(hh_dir, tmp_path, mon
     err = capfd.readouterr().err
     shown = tty and verbose  # verbose: the main rank
     assert ("rows hh/train" in err and "tokenize hh/train" in err) == shown, err[-500:]
+
+
+class _HubRows(list):
+    """What datasets.load_dataset returns, for a fake hub: rows, and the library's content fingerprint."""
+    _fingerprint = "abc123"
+
+
+def test_hub_splits_are_cached_by_the_libraries_fingerprint(tmp_path, monkeypatch, counted):
+    """A hub split is keyed by the ``datasets`` fingerprint of what was downloaded (built in this process,
+    where the library is set up); without one it is tokenized at each start and not cached."""
+    import datasets
+    rows = [json.loads(line) for line in hh_edge_rows(12, seed=5) if "\\ud83d" not in line and "<|endoftext|>" not in line]
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, split, cache_dir=None: _HubRows(rows))
+    cfg = load_config(["datasets=[hh]", f"data.token_cache_dir={tmp_path / 'c'}", "max_length=64",
+                       "max_prompt_length=24", "data.held_out=0.5"])
+    first = Examples(cfg, "train", sft=False, verbose=False, tokenizer=char_tokenizer())
+    assert counted["build"] == 1 and counted["encode"] > 0 and len(list((tmp_path / "c").glob("*.tokens"))) == 1
+    again = Examples(cfg, "train", sft=False, verbose=False, tokenizer=char_tokenizer())
+    assert counted["build"] == 1 and _ids(again) == _ids(first) and first.items[0].source.startswith("Anthropic/hh-rlhf/")
+    monkeypatch.setattr(datasets, "load_dataset", lambda *a, split, cache_dir=None: list(rows))  # no fingerprint
+    uncached = Examples(cfg, "train", sft=False, verbose=False, tokenizer=char_tokenizer())
+    assert counted["build"] == 2 and _ids(uncached) == _ids(first) and uncached.tables[0].path is None

@@ -466,10 +466,12 @@ def build(file: Path, spec: SplitSpec, parts: dict[str, Any] | None, tokenizer, 
     every row's text is held at once while the rows are grouped by prompt, and that memory is the
     child's and goes back to the system when it exits, instead of staying in the trainer's process
     for the whole run. A tokenizer that cannot be pickled, or that does not come back the same (its
-    ``tokenizer_digest``), is used in this process instead. Raises DataError / batches.ExampleError
+    ``tokenizer_digest``), and a hub dataset (the ``datasets`` library's setup is this process's) are
+    built in this process instead. Raises DataError / batches.ExampleError
     for bad data, as loading does (rebuilt from the child's report), RuntimeError when the child
     fails otherwise (its traceback is on stderr)."""
-    if not _build_in_child(file, spec, parts, tokenizer, rows, show_progress):
+    hub = local_source(spec.dataset, spec.split, spec.path) is None  # the datasets library's state is here
+    if hub or not _build_in_child(file, spec, parts, tokenizer, rows, show_progress):
         build_here(file, spec, parts, tokenizer, rows=rows, show_progress=show_progress)
 
 
