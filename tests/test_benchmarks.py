@@ -371,3 +371,23 @@ def test_bench_attention_quick(tmp_path):
     for path, r in res.items():
         assert r["finite"] and r["median_s"] > 0, path
         assert r["hidden_rel_err_vs_padded_mask"] < 1e-5, (path, r["hidden_rel_err_vs_padded_mask"])
+
+
+def test_data_bench_dry_run(tmp_path):
+    """benchmarks/bench_data.py --dry-run: a small HH folder, caldpo's cold run tokenizes both splits
+    once, the warm run none; each run's time to the first step, CPU and peak RSS are measured; TRL
+    is recorded as missing without a peer Python; the JSON and the table are written."""
+    out = tmp_path / "out"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "bench_data.py"), "--dry-run",
+                           "--out-dir", str(out), "--name", "dry"], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    report = json.loads((out / "dry.json").read_text())
+    cold, warm = report["runs"]["caldpo cold"], report["runs"]["caldpo warm"]
+    assert cold["tokenized_lines"] == 2 and warm["tokenized_lines"] == 0
+    for run in (cold, warm):
+        assert 0 < run["first_step_s"] < run["wall_s"] and run["cpu_s"] > 0 and run["peak_rss_mib"] > 100
+    assert report["runs"]["TRL cold"]["status"] == "missing" and report["dry_run"]
+    table = (out / "dry.md").read_text()
+    assert "| caldpo warm | 1 |" in table and "missing: no --peer-python given" in table

@@ -322,23 +322,26 @@ def test_epoch_seeds_are_numpys_draws_one_after_the_other():
 
 def test_examples_fingerprint_follows_every_change_of_the_split(tmp_path):
     """``Examples.fingerprint`` (what a resume checkpoint records): equal for the same examples, different after
-    rows are reordered, added, edited or removed, or the truncation changes; the other split's rows do not
-    enter it."""
+    rows are reordered, added, edited or removed, or a truncation that cuts examples differently; the other
+    split's rows and the data's location do not enter it."""
     import shutil
 
     from caldpo.train.config import load_config
     from caldpo.train.data import SAMPLE_DIR
     from caldpo.train.schedule import Examples
+    from caldpo.train.tiny import build_tokenizer
 
     data = tmp_path / "data"
     shutil.copytree(SAMPLE_DIR, data)
     train = data / "train.jsonl"
     lines = train.read_text().splitlines(keepends=True)
+    tok = build_tokenizer()
 
-    def fp(*over: str, text: list[str] | None = None) -> str:
-        train.write_text("".join(lines if text is None else text))
-        cfg = load_config(["model=tiny", "datasets=[sample]", f"data.paths.sample={data}", *over])
-        return Examples(cfg, "train", sft=False, verbose=False).fingerprint
+    def fp(*over: str, text: list[str] | None = None, where: Path = data) -> str:
+        (where / "train.jsonl").write_text("".join(lines if text is None else text))
+        cfg = load_config(["model=tiny", "datasets=[sample]", f"data.paths.sample={where}",
+                           f"data.token_cache_dir={tmp_path / 'tokens'}", *over])
+        return Examples(cfg, "train", sft=False, verbose=False, tokenizer=tok).fingerprint
 
     base = fp()
     assert len(base) == 64 and fp() == base
@@ -346,7 +349,11 @@ def test_examples_fingerprint_follows_every_change_of_the_split(tmp_path):
     edited["rejected"] += " Really."
     changed = {"reordered": fp(text=lines[1:] + lines[:1]), "added": fp(text=lines + lines[:1]),
                "removed": fp(text=lines[:-1]), "edited": fp(text=lines[:3] + [json.dumps(edited) + "\n"] + lines[4:]),
-               "max_length": fp("max_length=100", "max_prompt_length=50")}
+               "max_length": fp("max_length=64", "max_prompt_length=32")}
     assert all(v != base for v in changed.values()) and len(set(changed.values())) == len(changed)
+    assert fp("max_length=4096", "max_prompt_length=2048") == base  # lengths that cut nothing more: same examples
+    moved = tmp_path / "moved"
+    shutil.copytree(data, moved)
+    assert fp(where=moved) == base
     (data / "test.jsonl").write_text((data / "test.jsonl").read_text().splitlines(keepends=True)[0])
     assert fp() == base

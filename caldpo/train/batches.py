@@ -1,8 +1,9 @@
 """Tokenization, truncation, label masking, collation and the reference iterator's example order.
 
-This module owns how text becomes token ids (``encode_example``), the truncation rule
-(``truncate_prompt``, shared by training and generation) and the load-time pass that
-tokenizes every example once (``tokenize_dataset``).
+This module owns how text becomes token ids (``encode_example``; ``TextEncoder`` for many texts
+per call, into flat arrays), the truncation rule (``prompt_span``/``truncate_prompt``, shared by
+training and generation) and the load-time pass that tokenizes every example once
+(``tokenize_examples``; ``caldpo.train.tokens`` keeps its output on disk).
 
 Tokenization (``encode_example``):
 
@@ -37,16 +38,22 @@ reference code asserts: its EOS would be scored as a premature end of the respon
 from __future__ import annotations
 
 import random
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple, Sequence
+from itertools import chain, islice
+from typing import TYPE_CHECKING, Any, NamedTuple, Sequence
 
 import numpy as np
-import torch
 
 from .data import CountReport, DataError, PromptGroup
 
+if TYPE_CHECKING:
+    import torch
+
 IGNORE_INDEX = -100
-_CHUNK = 512  # texts per batched tokenizer call at load
+_CHUNK = 256  # examples per batched tokenizer call at load (two chunks in flight: their Encodings bound the memory)
 
 
 class EOSInTextError(ValueError):
@@ -99,67 +106,212 @@ class ExampleError(DataError):
 # ----------------------------------------------------------------------------- tokenization
 
 
-def _encode(tokenizer, texts: list[str]) -> list[tuple[list[int], list[tuple[int, int]] | None] | Exception]:
-    """(ids, offsets or None) per text, no special tokens; an encode failure is returned, not raised.
+class EncodedTexts(NamedTuple):
+    """Many texts tokenized at once, in flat arrays (no Python object per token).
 
-    One batched call per chunk; a chunk that fails is retried text by text to find the culprit.
+    ``ids``: int32 [total tokens], the texts' ids one after the other; ``bounds``: int64 [n + 1], text i
+    is ``ids[bounds[i]:bounds[i + 1]]``; ``prompt_tokens``: int64 [n], the leading tokens of text i that
+    are its prompt's (the boundary rule, ``prompt_token_counts``); ``first_eos``: int64 [n], the position
+    of text i's first EOS id (-1: none, or the tokenizer has no EOS); ``errors``: text index -> what the
+    tokenizer raised for that text (its span is empty).
     """
-    fast = bool(getattr(tokenizer, "is_fast", False))
 
-    def call(batch):
-        enc = tokenizer(batch, add_special_tokens=False, return_offsets_mapping=fast)
-        offs = enc["offset_mapping"] if fast else [None] * len(batch)
-        return [(list(i), [tuple(o) for o in off] if off is not None else None)
-                for i, off in zip(enc["input_ids"], offs)]
+    ids: np.ndarray
+    bounds: np.ndarray
+    prompt_tokens: np.ndarray
+    first_eos: np.ndarray
+    errors: dict[int, Exception]
 
-    out: list = []
-    for s in range(0, len(texts), _CHUNK):
-        batch = texts[s:s + _CHUNK]
+    def text(self, i: int) -> np.ndarray:
+        return self.ids[self.bounds[i]:self.bounds[i + 1]]
+
+
+def prompt_token_counts(offsets: np.ndarray, lengths: np.ndarray, n_chars: np.ndarray) -> np.ndarray:
+    """The boundary rule for many texts: per text, its leading tokens that start before its prompt's
+    ``n_chars`` characters end and end at or before that (``start < n_chars and end <= n_chars``).
+
+    offsets: int [total tokens, 2] character (start, end) of each token, texts one after the other;
+    lengths: int [n] tokens per text; n_chars: int [n] prompt characters per text. Returns int64 [n].
+    """
+    lengths = np.asarray(lengths, dtype=np.int64)
+    counts = lengths.copy()
+    if not len(offsets):
+        return counts
+    per_token = np.repeat(np.asarray(n_chars, dtype=np.int64), lengths)
+    outside = np.flatnonzero((offsets[:, 0] >= per_token) | (offsets[:, 1] > per_token))
+    if outside.size:
+        starts = np.concatenate(([0], np.cumsum(lengths)[:-1]))
+        text = np.repeat(np.arange(len(lengths)), lengths)[outside]
+        first = np.concatenate(([True], text[1:] != text[:-1]))
+        counts[text[first]] = outside[first] - starts[text[first]]
+    return counts
+
+
+def _common_prefix(a: np.ndarray, b: np.ndarray, limit: int) -> int:
+    """Leading positions (at most ``limit``) where the id arrays ``a`` and ``b`` agree."""
+    m = min(limit, len(a), len(b))
+    differ = np.flatnonzero(a[:m] != b[:m])
+    return int(differ[0]) if differ.size else m
+
+
+def _direct_backend(tokenizer):
+    """The ``tokenizers.Tokenizer`` behind a fast tokenizer whose class keeps transformers' own call
+    path (``__call__`` and ``_encode_plus``), else None."""
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:
+        return None
+    cls = type(tokenizer)
+    if not isinstance(tokenizer, TokenizersBackend) or cls.__call__ is not PreTrainedTokenizerBase.__call__ \
+            or cls._encode_plus is not TokenizersBackend._encode_plus:
+        return None
+    return getattr(tokenizer, "backend_tokenizer", None)
+
+
+def _flat(ids_lists, offsets_lists) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    lengths = np.fromiter(map(len, ids_lists), np.int64, len(ids_lists))
+    total = int(lengths.sum())
+    ids = np.fromiter(chain.from_iterable(ids_lists), np.int32, total)
+    offsets = None if offsets_lists is None else np.fromiter(
+        chain.from_iterable(chain.from_iterable(offsets_lists)), np.int64, 2 * total).reshape(total, 2)
+    return ids, lengths, offsets
+
+
+class TextEncoder:
+    """``tokenizer(texts, add_special_tokens=False)`` for many texts per call, into ``EncodedTexts``.
+
+    A fast tokenizer whose class keeps transformers' own call path is called through its
+    ``tokenizers`` backend: the ordinary call, made once at construction and then on the first text
+    of each call, sets the backend up as transformers does (no truncation or padding, its
+    ``split_special_tokens``); the backend's ``encode_batch`` then encodes every text (``raw``: it
+    releases the GIL, so another thread can run it ahead), and both must agree on that first text; if
+    they ever differ, and for every other tokenizer, the ordinary call serves. The backend call
+    builds no Python lists of attention masks or type ids. Neither call emits transformers'
+    "Token indices sequence length is longer than the specified maximum" warning (the ordinary call
+    runs with ``verbose=False``): caldpo truncates the sequences itself.
+    """
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.eos = tokenizer.eos_token_id
+        self.fast = bool(getattr(tokenizer, "is_fast", False))
+        self.backend = _direct_backend(tokenizer) if self.fast else None
         try:
-            out.extend(call(batch))
-        except Exception:  # noqa: BLE001 - any encode failure is reported per text below
-            for t in batch:
-                try:
-                    out.extend(call([t]))
-                except Exception as e:  # noqa: BLE001
-                    out.append(e)
-    return out
+            from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+            quiet = isinstance(tokenizer, PreTrainedTokenizerBase)
+        except ImportError:
+            quiet = False
+        self.options = {"add_special_tokens": False, **({"verbose": False} if quiet else {})}
+        if self.fast:
+            self.options["return_offsets_mapping"] = True
+        if self.backend is not None:
+            self._ordinary([""])  # the backend set up before any ``raw`` call, which may run in another thread
+
+    def _ordinary(self, texts: list[str]):
+        enc = self.tokenizer(texts, **self.options)
+        return enc["input_ids"], enc["offset_mapping"] if self.fast else None
+
+    def raw(self, texts: list[str]) -> list | None:
+        """The backend's encodings of ``texts`` (for ``__call__``), or None: no backend, or it raised
+        (``__call__`` then finds the text at fault)."""
+        if self.backend is None or not texts:
+            return None
+        try:
+            return self.backend.encode_batch(texts, add_special_tokens=False)
+        except Exception:  # noqa: BLE001 - reported per text by __call__
+            return None
+
+    def _arrays(self, texts: list[str], raw: list | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(ids, lengths, offsets or None) of ``texts``; raises what the tokenizer raises."""
+        if self.backend is not None:
+            ref_ids, ref_offsets = self._ordinary(texts[:1])
+            encs = raw if raw is not None else self.backend.encode_batch(texts, add_special_tokens=False)
+            if encs[0].ids == list(ref_ids[0]) and encs[0].offsets == [tuple(o) for o in ref_offsets[0]]:
+                return _flat([e.ids for e in encs], [e.offsets for e in encs])
+            self.backend = None  # the backend alone does not reproduce the ordinary call: use that
+        return _flat(*self._ordinary(texts))
+
+    def _encode(self, texts: list[str], raw: list | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[int, Exception]]:
+        """``_arrays`` of all texts at once; when that fails, text by text, recording each failure."""
+        if not texts:
+            return np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros((0, 2), np.int64), {}
+        try:
+            return (*self._arrays(texts, raw), {})
+        except Exception:  # noqa: BLE001 - any encode failure is found and reported per text below
+            pass
+        parts, errors = [], {}
+        for i, t in enumerate(texts):
+            try:
+                parts.append(self._arrays([t]))
+            except Exception as e:  # noqa: BLE001
+                errors[i] = e
+                parts.append((np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros((0, 2), np.int64)))
+        ids = np.concatenate([p[0] for p in parts])
+        lengths = np.concatenate([p[1] for p in parts])
+        offsets = np.concatenate([p[2] for p in parts]) if self.fast else None
+        return ids, lengths, offsets, errors
+
+    def __call__(self, texts: list[str], prompts: list[str], raw: list | None = None) -> EncodedTexts:
+        """Encode ``texts``; ``prompts[i]`` is the prompt that text i starts with (its boundary); ``raw``:
+        ``self.raw(texts)`` when it already ran.
+
+        Fast tokenizers place the boundary by offsets (``prompt_token_counts``); tokenizers without
+        offsets at the longest common prefix with the prompt tokenized alone (each distinct prompt once).
+        """
+        ids, lengths, offsets, errors = self._encode(texts, raw)
+        bounds = np.zeros(len(texts) + 1, np.int64)
+        np.cumsum(lengths, out=bounds[1:])
+        if offsets is not None:
+            counts = prompt_token_counts(offsets, lengths, np.fromiter(map(len, prompts), np.int64, len(prompts)))
+        else:
+            distinct = list(dict.fromkeys(prompts))
+            p_ids, p_lengths, _, p_errors = self._encode(distinct)
+            p_bounds = np.concatenate(([0], np.cumsum(p_lengths)))
+            where = {p: k for k, p in enumerate(distinct)}
+            counts = np.zeros(len(texts), np.int64)
+            for i, p in enumerate(prompts):
+                k = where[p]
+                if k in p_errors:
+                    errors.setdefault(i, p_errors[k])
+                    continue
+                counts[i] = _common_prefix(ids[bounds[i]:bounds[i + 1]], p_ids[p_bounds[k]:p_bounds[k + 1]],
+                                           int(p_lengths[k]))
+        first_eos = np.full(len(texts), -1, np.int64)
+        if self.eos is not None:
+            hits = np.flatnonzero(ids == self.eos)
+            if hits.size:
+                text = np.searchsorted(bounds, hits, side="right") - 1
+                first = np.concatenate(([True], text[1:] != text[:-1]))
+                first_eos[text[first]] = hits[first] - bounds[text[first]]
+        return EncodedTexts(ids, bounds, counts, first_eos, errors)
 
 
-def _prompt_tokens(offsets: list[tuple[int, int]], n_chars: int) -> int:
-    """Leading tokens that lie inside the first ``n_chars`` characters (the boundary rule above)."""
-    n = 0
-    for start, end in offsets:
-        if not (start < n_chars and end <= n_chars):
-            break
-        n += 1
-    return n
+def prompt_span(n: int, limit: int, mode: str, keep_last: int = 0) -> tuple[int, int]:
+    """The one prompt truncation rule, as counts: of a prompt of ``n`` tokens keep the first ``head``
+    and the last ``tail`` (``(head, tail)``), at most ``limit`` in all.
 
-
-def _common_prefix(a: Sequence[int], b: Sequence[int], limit: int) -> int:
-    n = 0
-    while n < limit and n < len(a) and n < len(b) and a[n] == b[n]:
-        n += 1
-    return n
-
-
-def truncate_prompt(ids: Sequence[int], limit: int, mode: str, keep_last: int = 0) -> list[int]:
-    """The one prompt truncation rule (training and generation): at most ``limit`` tokens.
-
-    ``keep_end`` keeps the last ``limit`` tokens; ``keep_start`` keeps the first ones and,
-    with ``keep_last`` > 0, also the final ``keep_last`` tokens (the prompt's cue, e.g.
-    ``"\\nTL;DR:"``), dropping tokens in between. Training uses ``keep_last=0`` (the
-    reference code's rule); generation passes ``prompt_cue_tokens``.
+    ``keep_end`` keeps the last ``limit`` tokens; ``keep_start`` keeps the first ones and, with
+    ``keep_last`` > 0, also the final ``keep_last`` tokens (the prompt's cue, e.g. ``"\\nTL;DR:"``),
+    dropping tokens in between. Training uses ``keep_last=0`` (the reference code's rule); generation
+    passes ``prompt_cue_tokens``. Raises ValueError for another mode.
     """
     if mode not in ("keep_start", "keep_end"):
         raise ValueError(f"unknown truncation mode {mode!r}; use 'keep_start' or 'keep_end'")
-    ids = list(ids)
-    if len(ids) <= limit:
-        return ids
+    if n <= limit:
+        return n, 0
     if mode == "keep_end":
-        return ids[len(ids) - limit:]
+        return 0, limit
     keep_last = min(keep_last, limit)
-    return ids[:limit - keep_last] + (ids[len(ids) - keep_last:] if keep_last else [])
+    return limit - keep_last, keep_last
+
+
+def truncate_prompt(ids: Sequence[int], limit: int, mode: str, keep_last: int = 0) -> list[int]:
+    """``ids`` cut to at most ``limit`` tokens by ``prompt_span`` (training and generation), as a list."""
+    ids = list(ids)
+    head, tail = prompt_span(len(ids), limit, mode, keep_last)
+    return ids[:head] + (ids[len(ids) - tail:] if tail else [])
 
 
 def prompt_cue_tokens(prompt: str, offsets: list[tuple[int, int]] | None, limit: int) -> int:
@@ -178,51 +330,54 @@ def prompt_cue_tokens(prompt: str, offsets: list[tuple[int, int]] | None, limit:
 
 def encode_prompt(prompt: str, tokenizer) -> tuple[list[int], list[tuple[int, int]] | None]:
     """(ids, offsets or None) of a prompt alone, as training tokenizes it (no special tokens)."""
-    res = _encode(tokenizer, [prompt])[0]
-    if isinstance(res, Exception):
-        raise res
-    return res
+    encoder = TextEncoder(tokenizer)
+    ids, offsets = encoder._ordinary([prompt])
+    return list(ids[0]), [tuple(o) for o in offsets[0]] if offsets is not None else None
 
 
-def _assemble(prompt: str, responses: dict[str, str], joint: dict[str, tuple], alone: tuple | None,
-              tokenizer, max_length: int, max_prompt_length: int, truncation_mode: str) -> Encoded:
-    """Split joint tokenizations at the prompt boundary, check EOS, append it, truncate."""
-    eos = tokenizer.eos_token_id
-    n_chars = len(prompt)
-    seqs = {k: ids for k, (ids, _) in joint.items()}
-    limits = []
-    for ids, offsets in joint.values():
-        if offsets is not None:
-            limits.append(_prompt_tokens(offsets, n_chars))
-        else:  # no offsets: the part shared with the prompt tokenized alone
-            limits.append(_common_prefix(ids, alone[0], len(alone[0])))
+def _assemble(prompt: str, responses: dict[str, str], seqs: dict[str, np.ndarray], limits: list[int],
+              eos_at: list[int], eos: tuple[int, str], max_length: int, max_prompt_length: int,
+              truncation_mode: str) -> Encoded:
+    """Split joint tokenizations at the prompt boundary, check EOS, append it, truncate.
+
+    seqs: response name -> int32 ids of ``prompt + response``; limits: each sequence's prompt tokens by
+    the boundary rule; eos_at: each sequence's first EOS position (-1: none); eos: (EOS id, EOS token).
+    The prompt is the common prefix of all sequences within the smallest limit.
+    """
     first = next(iter(seqs.values()))
-    n = min(limits)
+    n = int(min(limits))
     for ids in seqs.values():
-        n = _common_prefix(first, ids, n)
-    for k, ids in seqs.items():
-        if eos in ids:
-            part = "prompt" if ids.index(eos) < n else f"{k} response"
-            raise EOSInTextError(f"the {part} contains the EOS token {tokenizer.eos_token!r} (id {eos}), which "
+        if ids is not first:
+            n = _common_prefix(first, ids, n)
+    for (k, ids), at in zip(seqs.items(), eos_at):
+        if at >= 0:
+            part = "prompt" if at < n else f"{k} response"
+            raise EOSInTextError(f"the {part} contains the EOS token {eos[1]!r} (id {eos[0]}), which "
                                  f"would end the sequence early: {(prompt + responses[k])[:120]!r}")
     prompt_ids = first[:n]
-    resp = {k: ids[n:] + [eos] for k, ids in seqs.items()}
-    longer = max(len(r) for r in resp.values())
+    tail = np.array(eos[:1], dtype=np.int32)
+    resp = {k: np.concatenate((ids[n:], tail)) for k, ids in seqs.items()}
+    longer = max(map(len, resp.values()))
     prompt_cut = response_cut = False
     if len(prompt_ids) + longer > max_length:
         prompt_cut = len(prompt_ids) > max_prompt_length
-        prompt_ids = truncate_prompt(prompt_ids, max_prompt_length, truncation_mode)
+        head, kept_tail = prompt_span(len(prompt_ids), max_prompt_length, truncation_mode)
+        prompt_ids = np.concatenate((prompt_ids[:head], prompt_ids[len(prompt_ids) - kept_tail:] if kept_tail
+                                     else prompt_ids[:0]))
     if len(prompt_ids) + longer > max_length:
         response_cut = True
         resp = {k: r[: max_length - max_prompt_length] for k, r in resp.items()}
-    arr = lambda x: np.asarray(x, dtype=np.int32)  # noqa: E731
-    return Encoded(arr(prompt_ids), arr(resp["chosen"]), arr(resp["rejected"]) if "rejected" in resp else None,
-                   prompt_cut, response_cut)
+    return Encoded(np.array(prompt_ids, dtype=np.int32), resp["chosen"], resp.get("rejected"), prompt_cut,
+                   response_cut)
+
+
+def _check_mode(truncation_mode: str) -> None:
+    if truncation_mode not in ("keep_start", "keep_end"):
+        raise ValueError(f"unknown truncation mode {truncation_mode!r}; use 'keep_start' or 'keep_end'")
 
 
 def _check(tokenizer, truncation_mode: str) -> None:
-    if truncation_mode not in ("keep_start", "keep_end"):
-        raise ValueError(f"unknown truncation mode {truncation_mode!r}; use 'keep_start' or 'keep_end'")
+    _check_mode(truncation_mode)
     if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token_id")
 
@@ -236,15 +391,13 @@ def encode_example(prompt: str, chosen: str, rejected: str | None, tokenizer, *,
     """
     _check(tokenizer, truncation_mode)
     responses = {"chosen": chosen} if rejected is None else {"chosen": chosen, "rejected": rejected}
-    texts = [prompt + r for r in responses.values()]
-    fast = bool(getattr(tokenizer, "is_fast", False))
-    res = _encode(tokenizer, texts if fast else [*texts, prompt])
-    for r in res:
-        if isinstance(r, Exception):
-            raise r
-    joint = dict(zip(responses, res))
-    return _assemble(prompt, responses, joint, None if fast else res[-1], tokenizer, max_length,
-                     max_prompt_length, truncation_mode)
+    enc = TextEncoder(tokenizer)([prompt + r for r in responses.values()], [prompt] * len(responses))
+    if enc.errors:
+        raise next(iter(enc.errors.values()))
+    at = range(len(responses))
+    return _assemble(prompt, responses, {k: enc.text(i) for i, k in zip(at, responses)},
+                     [int(enc.prompt_tokens[i]) for i in at], [int(enc.first_eos[i]) for i in at],
+                     (tokenizer.eos_token_id, tokenizer.eos_token), max_length, max_prompt_length, truncation_mode)
 
 
 def example_dict(prompt: str, chosen: str, rejected: str | None, enc: Encoded) -> dict[str, Any]:
@@ -278,7 +431,7 @@ def tokenize_example(prompt: str, chosen: str, rejected: str | None, tokenizer, 
 
 
 def tokenized(ex: Example, tokenizer, *, max_length: int, max_prompt_length: int) -> dict[str, Any]:
-    """``example_dict`` of an example, from its cached ``tokens`` when ``tokenize_dataset`` set them."""
+    """``example_dict`` of an example, from its cached ``tokens`` when the load-time pass set them."""
     enc = ex.tokens
     if enc is None:
         enc = encode_example(ex.prompt, ex.chosen, ex.rejected, tokenizer, max_length=max_length,
@@ -311,60 +464,116 @@ class TokenReport(CountReport):
                 f"responses cut: {self.responses_cut}")
 
 
-def tokenize_dataset(examples: Sequence[Example], tokenizer, *, max_length: int, max_prompt_length: int,
-                     on_error: str = "raise", dataset: str = "", split: str = "") -> tuple[list[Example], TokenReport]:
-    """Tokenize every example once, at load: the kept examples (``tokens`` set) and a report.
+def _chunk_texts(chunk: list[Example]) -> tuple[list[str], list[str]]:
+    texts, prompts = [], []
+    for ex in chunk:
+        texts.append(ex.prompt + ex.chosen)
+        prompts.append(ex.prompt)
+        if ex.rejected is not None:
+            texts.append(ex.prompt + ex.rejected)
+            prompts.append(ex.prompt)
+    return texts, prompts
+
+
+def tokenize_examples(examples: Iterable[Example], tokenizer, *, max_length: int, max_prompt_length: int,
+                      report: TokenReport, on_error: str = "raise",
+                      progress: Callable[[int], None] | None = None) -> Iterator[tuple[Example, Encoded]]:
+    """The load-time pass: each kept example, in order, with its ids; counts in ``report``.
+
+    Examples are tokenized ``_CHUNK`` at a time (``TextEncoder``: one batched call per chunk; the
+    backend encodes the next two chunks in a background thread while this one is split and truncated).
 
     * a pair whose chosen and rejected ids are identical after truncation carries no
       preference: dropped and counted (``identical_after_truncation``);
     * text the tokenizer cannot encode (e.g. a lone surrogate) and text holding the EOS
       token raise ``ExampleError`` naming the row (``Example.source``), or with
       ``on_error="skip"`` are skipped and counted (``untokenizable``, ``eos_in_text``).
+
+    ``progress(n)`` is called after each chunk with its number of examples. Raises ValueError for a
+    tokenizer without an EOS id or an unknown truncation mode.
     """
-    report = TokenReport(dataset, split, max_length, max_prompt_length, examples=len(examples))
-    if not examples:
-        return [], report
-    tokenizer_eos = tokenizer.eos_token_id
-    if tokenizer_eos is None:
+    if tokenizer.eos_token_id is None:
         raise ValueError("the tokenizer has no eos_token_id")
-    fast = bool(getattr(tokenizer, "is_fast", False))
-    texts: list[str] = []
-    for ex in examples:
-        _check(tokenizer, ex.truncation_mode)
-        texts.append(ex.prompt + ex.chosen)
-        if ex.rejected is not None:
-            texts.append(ex.prompt + ex.rejected)
-        if not fast:
-            texts.append(ex.prompt)
-    encoded = iter(_encode(tokenizer, texts))
+    encoder = TextEncoder(tokenizer)
+    eos = (tokenizer.eos_token_id, tokenizer.eos_token)
 
     def fail(ex: Example, reason: str, what: str) -> None:
         if on_error != "skip":
             raise ExampleError(ex.source, what, reason, "fix the row, or set data.on_error=skip to skip such rows")
         report.skip(reason)
 
-    kept: list[Example] = []
-    for ex in examples:
-        responses = {"chosen": ex.chosen} if ex.rejected is None else {"chosen": ex.chosen, "rejected": ex.rejected}
-        res = [next(encoded) for _ in responses]
-        alone = None if fast else next(encoded)
-        bad = next((r for r in (*res, alone) if isinstance(r, Exception)), None)
-        if bad is not None:
-            fail(ex, "untokenizable", f"the tokenizer cannot encode this text ({type(bad).__name__}: {bad})")
-            continue
-        try:
-            enc = _assemble(ex.prompt, responses, dict(zip(responses, res)), alone, tokenizer, max_length,
-                            max_prompt_length, ex.truncation_mode)
-        except EOSInTextError as e:
-            fail(ex, "eos_in_text", str(e))
-            continue
-        if enc.rejected is not None and np.array_equal(enc.chosen, enc.rejected):
-            report.add(report.dropped, "identical_after_truncation")
-            continue
-        report.prompts_cut += enc.prompt_cut
-        report.responses_cut += enc.response_cut
-        kept.append(ex._replace(tokens=enc))
-    report.kept = len(kept)
+    it = iter(examples)
+
+    def next_chunk() -> list[Example]:
+        chunk = list(islice(it, _CHUNK))
+        for mode in {ex.truncation_mode for ex in chunk}:
+            _check_mode(mode)
+        return chunk
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="caldpo-tokenize") as pool:
+        pending: deque = deque()  # (chunk, texts, prompts, the backend's encodings to come)
+
+        def submit(chunk: list[Example]) -> None:
+            texts, prompts = _chunk_texts(chunk)
+            pending.append((chunk, texts, prompts, pool.submit(encoder.raw, texts)))
+
+        for _ in range(2):  # two chunks ahead: the backend works while this thread splits and writes
+            chunk = next_chunk()
+            if chunk:
+                submit(chunk)
+        while pending:
+            chunk, texts, prompts, raw = pending.popleft()
+            following = next_chunk()
+            if following:
+                submit(following)
+            enc = encoder(texts, prompts, raw.result())
+            ids, bounds = enc.ids, enc.bounds.tolist()  # Python ints: cheaper per example than numpy scalars
+            limits, first_eos, errors = enc.prompt_tokens.tolist(), enc.first_eos.tolist(), enc.errors
+            i = 0
+            for ex in chunk:
+                report.examples += 1
+                pair = ex.rejected is not None
+                j = i
+                i += 1 + pair
+                bad = errors and (errors.get(j) or (pair and errors.get(j + 1)))
+                if bad:
+                    fail(ex, "untokenizable", f"the tokenizer cannot encode this text ({type(bad).__name__}: {bad})")
+                    continue
+                if pair:
+                    responses = {"chosen": ex.chosen, "rejected": ex.rejected}
+                    seqs = {"chosen": ids[bounds[j]:bounds[j + 1]], "rejected": ids[bounds[j + 1]:bounds[j + 2]]}
+                else:
+                    responses, seqs = {"chosen": ex.chosen}, {"chosen": ids[bounds[j]:bounds[j + 1]]}
+                try:
+                    e = _assemble(ex.prompt, responses, seqs, limits[j:i], first_eos[j:i], eos, max_length,
+                                  max_prompt_length, ex.truncation_mode)
+                except EOSInTextError as err:
+                    fail(ex, "eos_in_text", str(err))
+                    continue
+                if pair and len(e.chosen) == len(e.rejected) and np.array_equal(e.chosen, e.rejected):
+                    report.add(report.dropped, "identical_after_truncation")
+                    continue
+                report.prompts_cut += e.prompt_cut
+                report.responses_cut += e.response_cut
+                report.kept += 1
+                yield ex, e
+            if progress is not None:
+                progress(len(chunk))
+
+
+def tokenize_dataset(examples: Sequence[Example], tokenizer, *, max_length: int, max_prompt_length: int,
+                     on_error: str = "raise", dataset: str = "", split: str = "") -> tuple[list[Example], TokenReport]:
+    """``tokenize_examples`` over a list: the kept examples (``tokens`` set) and the report.
+
+    For small datasets and tests; ``schedule.Examples`` keeps the ids of whole splits in flat
+    arrays (``caldpo.train.tokens``) instead of one ``Example`` per row.
+    """
+    report = TokenReport(dataset, split, max_length, max_prompt_length)
+    if not examples:
+        return [], report
+    kept = [ex._replace(tokens=enc) for ex, enc in
+            tokenize_examples(examples, tokenizer, max_length=max_length, max_prompt_length=max_prompt_length,
+                              report=report, on_error=on_error)]
     return kept, report
 
 
@@ -372,6 +581,8 @@ def tokenize_dataset(examples: Sequence[Example], tokenizer, *, max_length: int,
 
 
 def _pad(seqs: list[list[int]], value: int, left: bool) -> torch.Tensor:
+    import torch  # here: the token cache's build process (caldpo.train.tokens) runs this module without torch
+
     width = max((len(s) for s in seqs), default=0)
     out = torch.full((len(seqs), width), value, dtype=torch.long)
     for i, s in enumerate(seqs):

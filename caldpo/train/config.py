@@ -165,6 +165,12 @@ class DataConfig:
     cache_dir: Optional[str] = opt("datasets library cache for hub downloads", identity=False)
     held_out: float = opt("fraction of prompts cut out as the test split (sha256 of the prompt) when one "
                           "data file serves both splits; a folder's train/test files are used as they are")
+    max_row_bytes: int = opt("largest data row in bytes (a JSONL line, a JSON array item, a parquet or hub row); a "
+                             "larger one stops the load naming its file:line and size (data.on_error=skip: skipped "
+                             "and counted as row_too_large) before it is decoded", identity=False)
+    token_cache_dir: Optional[str] = opt("folder of the tokenized-split cache (token ids in flat arrays, built once "
+                                         "per data content, tokenizer and lengths, memory-mapped by every rank); "
+                                         "null: $CALDPO_CACHE/tokens, else ~/.cache/caldpo/tokens", identity=False)
 
 
 @dataclass
@@ -639,6 +645,8 @@ def validate(cfg: DictConfig, world_size: int | None = None, *, argv: list[str] 
                           "(export_at_eval=false writes none)")
     if not 0.0 < cfg.data.held_out < 1.0:
         raise ConfigError(f"data.held_out={cfg.data.held_out}: must be a fraction in (0, 1)")
+    if cfg.data.max_row_bytes < 1:
+        raise ConfigError(f"data.max_row_bytes={cfg.data.max_row_bytes}: must be a positive number of bytes")
     for key in ("batch_size", "eval_batch_size", "gradient_accumulation_steps", "max_length", "max_prompt_length"):
         if cfg[key] < 1:
             raise ConfigError(f"{key}={cfg[key]}: must be a positive integer")

@@ -49,7 +49,7 @@ import hashlib
 import json
 import re
 import zlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -65,6 +65,7 @@ TLDR_SPLITS = {"train": ("train",), "test": ("valid1", "valid2")}  # comparison 
 SAMPLE_DIR = Path(__file__).resolve().parent / "sample"
 ASSISTANT = "\n\nAssistant:"
 TRUNCATION_MODE = {"hh": "keep_end", "sample": "keep_end", "tldr": "keep_start"}
+MAX_ROW_BYTES = 4 << 20  # data.max_row_bytes' default: the largest real HH / TL;DR rows are tens of KB
 
 
 @dataclass
@@ -189,20 +190,47 @@ def _open_bytes(path: Path):
     return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
 
 
-def _iter_json_lines(path: Path) -> Iterator[Record]:
+def _too_large(size: int, limit: int) -> RowError:
+    return RowError("row_too_large", f"row of {size:,} bytes is larger than data.max_row_bytes={limit:,} (no "
+                    "preference pair is that long; raise data.max_row_bytes if such rows are genuine)")
+
+
+def value_bytes(value: Any) -> int:
+    """Approximate size of a decoded row: UTF-8 bytes of its strings plus 8 per other scalar, nested."""
+    if isinstance(value, str):
+        return len(value) if value.isascii() else len(value.encode("utf-8", "surrogatepass"))
+    if isinstance(value, dict):
+        return sum(len(k) + value_bytes(v) for k, v in value.items())
+    if isinstance(value, (list, tuple)):
+        return sum(value_bytes(v) for v in value)
+    return len(value) if isinstance(value, (bytes, bytearray)) else 8
+
+
+def _iter_json_lines(path: Path, max_row_bytes: int) -> Iterator[Record]:
+    """Rows of a JSON-lines file; a line longer than ``max_row_bytes`` is reported by its size without
+    ever being held whole (it is read in bounded pieces and skipped)."""
     src = str(path)
     line_no = 0
     with _open_bytes(path) as f:
-        it = iter(f)
         while True:
             try:
-                raw = next(it)
-            except StopIteration:
-                return
+                raw = f.readline(max_row_bytes + 2)  # the row, its newline (and a \r) at most
+                size = None
+                if len(raw) == max_row_bytes + 2 and not raw.endswith(b"\n"):
+                    size = len(raw)  # longer than the bound: count the rest of the line, hold none of it
+                    while raw and not raw.endswith(b"\n"):
+                        raw = f.readline(1 << 20)
+                        size += len(raw)
             except (EOFError, OSError, zlib.error) as e:  # truncated or corrupt .gz
                 yield Record(src, line_no + 1, RowError("corrupt_file", f"file ends or is corrupt here ({e})"))
                 return
+            if not raw and size is None:
+                return
             line_no += 1
+            if size is not None or len(raw.rstrip(b"\r\n")) > max_row_bytes:
+                size = len(raw.rstrip(b"\r\n")) if size is None else size - (1 if raw.endswith(b"\n") else 0)
+                yield Record(src, line_no, _too_large(size, max_row_bytes))
+                continue
             if not raw.strip():
                 continue
             try:
@@ -219,12 +247,32 @@ def _iter_json_lines(path: Path) -> Iterator[Record]:
                 yield Record(src, line_no, RowError("bad_json", f"bad JSON ({e.msg} at {where})"))
 
 
-def _iter_json_array(path: Path) -> Iterator[Record]:
+_SPACE = re.compile(r"[ \t\n\r]*")
+
+
+def _iter_json_array(path: Path, max_row_bytes: int) -> Iterator[Record]:
+    """Items of a file holding one JSON array. The file is read whole; each item is decoded on its
+    own and one whose text is longer than ``max_row_bytes`` is replaced by its size at once."""
     src = str(path)
     try:
         with _open_bytes(path) as f:
-            data = f.read()
-        items = json.loads(data.decode("utf-8"))
+            text = f.read().decode("utf-8")
+        decoder, items = json.JSONDecoder(), []
+        pos = _SPACE.match(text).end()
+        if not text.startswith("[", pos):
+            raise json.JSONDecodeError("Expecting '['", text, pos)
+        pos = _SPACE.match(text, pos + 1).end()
+        while not text.startswith("]", pos):
+            if items:
+                if not text.startswith(",", pos):
+                    raise json.JSONDecodeError("Expecting ',' delimiter", text, pos)
+                pos = _SPACE.match(text, pos + 1).end()
+            item, end = decoder.raw_decode(text, pos)
+            size = end - pos if text.isascii() else len(text[pos:end].encode("utf-8", "surrogatepass"))
+            items.append(_too_large(size, max_row_bytes) if size > max_row_bytes else item)
+            pos = _SPACE.match(text, end).end()
+        if _SPACE.match(text, pos + 1).end() != len(text):
+            raise json.JSONDecodeError("Extra data", text, _SPACE.match(text, pos + 1).end())
     except UnicodeDecodeError as e:
         yield Record(src, 1, RowError("undecodable", f"not UTF-8 ({e})"))
         return
@@ -233,9 +281,6 @@ def _iter_json_array(path: Path) -> Iterator[Record]:
         return
     except (EOFError, OSError, zlib.error) as e:
         yield Record(src, 1, RowError("corrupt_file", f"file is truncated or corrupt ({e})"))
-        return
-    if not isinstance(items, list):
-        yield Record(src, 1, RowError("wrong_type", "a .json file must hold JSON lines or one JSON array"))
         return
     for i, item in enumerate(items, 1):
         yield Record(src, i, item, unit="item")
@@ -250,23 +295,38 @@ def _starts_with_array(path: Path) -> bool:
     return head.lstrip().startswith(b"[")
 
 
-def iter_file(path: str | Path) -> Iterator[Record]:
-    """Rows of a .jsonl/.json (JSON lines or one array)/.parquet file, optionally gzipped."""
+def _bounded(row: Any, max_row_bytes: int) -> Any:
+    size = value_bytes(row)
+    return _too_large(size, max_row_bytes) if size > max_row_bytes else row
+
+
+def iter_file(path: str | Path, max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[Record]:
+    """Rows of a .jsonl/.json (JSON lines or one array)/.parquet file, optionally gzipped.
+
+    A row larger than ``max_row_bytes`` comes as a ``row_too_large`` RowError with its size: a JSON
+    line before it is decoded (its bytes, newline excluded), an array item by its text, a parquet
+    row by ``value_bytes`` as soon as it is decoded.
+    """
     path = Path(path)
     name = path.name.lower()
     if name.endswith(".parquet"):
         import pyarrow.parquet as pq
 
-        for i, row in enumerate(pq.read_table(path).to_pylist(), 1):
-            yield Record(str(path), i, row, unit="row")
+        i = 0
+        for batch in pq.ParquetFile(path).iter_batches():
+            for row in batch.to_pylist():
+                i += 1
+                yield Record(str(path), i, _bounded(row, max_row_bytes), unit="row")
     elif name.endswith((".json", ".json.gz")) and _starts_with_array(path):
-        yield from _iter_json_array(path)
+        yield from _iter_json_array(path, max_row_bytes)
     else:
-        yield from _iter_json_lines(path)
+        yield from _iter_json_lines(path, max_row_bytes)
 
 
-def iter_hub(name: str, config: str | None, split: str, cache_dir: str | None) -> Iterator[Record]:
-    """Rows of a hub split; ``line`` is the 0-based row index (``ds[line]``)."""
+def iter_hub(name: str, config: str | None, split: str, cache_dir: str | None,
+             max_row_bytes: int = MAX_ROW_BYTES) -> Iterator[Record]:
+    """Rows of a hub split; ``line`` is the 0-based row index (``ds[line]``); a row larger than
+    ``max_row_bytes`` (``value_bytes``) comes as a ``row_too_large`` RowError."""
     import datasets as hf_datasets
 
     args = (name, config) if config else (name,)
@@ -274,7 +334,7 @@ def iter_hub(name: str, config: str | None, split: str, cache_dir: str | None) -
     src = f"hub:{name}{'/' + config if config else ''}[{split}]"
     ref = f"{name}{'/' + config if config else ''}/{split}"
     for i, row in enumerate(ds):
-        yield Record(src, i, row, unit="row", ref=f"{ref}:{i}")
+        yield Record(src, i, _bounded(row, max_row_bytes), unit="row", ref=f"{ref}:{i}")
 
 
 # ----------------------------------------------------------------------------- row parsers
@@ -586,31 +646,48 @@ def held_out_test(prompt: str, fraction: float) -> bool:
     return h / 2.0 ** 64 < fraction
 
 
-def _records(name: str, split: str, sft: bool, path: str | None,
-             cache_dir: str | None) -> tuple[str, Iterable[Record], bool, SplitSource | None, Path | None]:
-    """(source description, records, filter comparison rows by their 'split' field, local
-    source and its root; None, None for the hub)."""
+def hub_source(name: str, split: str, sft: bool) -> tuple[str, str | None, str, bool]:
+    """(hub name, config, hub split, rows carry their own 'split' field) of a dataset read from the hub."""
+    if name in ("hh", "sample"):
+        return HH_HUB, None, split, False
+    if sft:
+        return TLDR_SFT_HUB, None, split, False
+    hub_name, config = TLDR_PREF_HUB
+    return hub_name, config, TLDR_PREF_HUB_SPLIT[split], True
+
+
+def local_source(name: str, split: str, path: str | None) -> tuple[SplitSource, Path] | None:
+    """The local files of ``split`` (:func:`split_source`) and their root; None when the hub serves it.
+    Raises DataError as ``split_source`` does, and for a missing shipped sample."""
     if name == "sample" and path is None:
         if not (SAMPLE_DIR / f"{split}.jsonl").is_file():
             raise DataError(str(SAMPLE_DIR / f"{split}.jsonl"), None, "the shipped sample is missing",
                             hint="write it with `python -m caldpo.train.sample`")
         path = str(SAMPLE_DIR)
     if path is None:
-        if name in ("hh", "sample"):
-            return f"hub:{HH_HUB}", iter_hub(HH_HUB, None, split, cache_dir), False, None, None
-        if sft:
-            return f"hub:{TLDR_SFT_HUB}", iter_hub(TLDR_SFT_HUB, None, split, cache_dir), False, None, None
-        hub_name, config = TLDR_PREF_HUB
-        return (f"hub:{hub_name}/{config}", iter_hub(hub_name, config, TLDR_PREF_HUB_SPLIT[split], cache_dir),
-                True, None, None)
+        return None
     root = Path(path)
-    src = split_source(root, split, HH_SUBSETS if name in ("hh", "sample") else ())
-    return str(path), (r for f in src.files for r in iter_file(f)), name == "tldr", src, root
+    return split_source(root, split, HH_SUBSETS if name in ("hh", "sample") else ()), root
+
+
+def _records(name: str, split: str, sft: bool, path: str | None, cache_dir: str | None,
+             max_row_bytes: int) -> tuple[str, Iterable[Record], bool, SplitSource | None, Path | None]:
+    """(source description, records, filter comparison rows by their 'split' field, local
+    source and its root; None, None for the hub)."""
+    local = local_source(name, split, path)
+    if local is None:
+        hub_name, config, hub_split, by_split = hub_source(name, split, sft)
+        return (f"hub:{hub_name}{'/' + config if config else ''}",
+                iter_hub(hub_name, config, hub_split, cache_dir, max_row_bytes), by_split, None, None)
+    src, root = local
+    return (str(path if path is not None else root), (r for f in src.files for r in iter_file(f, max_row_bytes)),
+            name == "tldr", src, root)
 
 
 def load_dataset(name: str, split: str, *, sft: bool = False, path: str | None = None,
-                 on_error: str = "raise", cache_dir: str | None = None,
-                 held_out: float | None = None) -> tuple[dict[str, PromptGroup], DataReport]:
+                 on_error: str = "raise", cache_dir: str | None = None, held_out: float | None = None,
+                 max_row_bytes: int = MAX_ROW_BYTES,
+                 on_row: Callable[[], None] | None = None) -> tuple[dict[str, PromptGroup], DataReport]:
     """Load one split of a dataset as prompt groups plus the report of what was read.
 
     ``path=None`` reads the hub (HH: Anthropic/hh-rlhf; TL;DR: the comparisons of
@@ -628,8 +705,9 @@ def load_dataset(name: str, split: str, *, sft: bool = False, path: str | None =
 
     The report's ``split_rule`` says which applied. Raises :class:`DataError` (``option``
     ``data.paths.<name>``, or ``datasets`` for the hub) for a broken row (unless
-    ``on_error="skip"``), a missing split file, a folder without data files, and a split
-    with no examples.
+    ``on_error="skip"``), a row larger than ``max_row_bytes`` (bytes; ``iter_file``; counted as
+    ``row_too_large`` with ``on_error="skip"``), a missing split file, a folder without data files,
+    and a split with no examples. ``on_row()`` is called after each row read (progress).
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; valid names: {', '.join(DATASETS)}")
@@ -641,7 +719,7 @@ def load_dataset(name: str, split: str, *, sft: bool = False, path: str | None =
         raise ValueError(f"held_out must be a fraction in (0, 1) or None, not {held_out!r}")
     option = f"data.paths.{name}" if path is not None else f"datasets=[{name}] (hub)"
     try:
-        return _load(name, split, sft, path, on_error, cache_dir, held_out)
+        return _load(name, split, sft, path, on_error, cache_dir, held_out, max_row_bytes, on_row)
     except DataError as e:
         e.option = e.option or option
         if not e.hint and e.line is not None:
@@ -651,8 +729,9 @@ def load_dataset(name: str, split: str, *, sft: bool = False, path: str | None =
 
 
 def _load(name: str, split: str, sft: bool, path: str | None, on_error: str, cache_dir: str | None,
-          held_out: float | None) -> tuple[dict[str, PromptGroup], DataReport]:
-    source, records, by_split, src, root = _records(name, split, sft, path, cache_dir)
+          held_out: float | None, max_row_bytes: int,
+          on_row: Callable[[], None] | None) -> tuple[dict[str, PromptGroup], DataReport]:
+    source, records, by_split, src, root = _records(name, split, sft, path, cache_dir, max_row_bytes)
     report = DataReport(name, split, source)
     cut = src is not None and src.rule == "rows" and held_out is not None
     files = src.describe(root) if src is not None and root.is_dir() else ""
@@ -696,6 +775,8 @@ def _load(name: str, split: str, sft: bool, path: str | None, on_error: str, cac
 
     for rec in records:
         apply_row(rec, report, on_error, lambda row, where=rec.where: add(row, where))
+        if on_row is not None:
+            on_row()
     report.prompts = len(groups.groups)
     report.pairs = sum(len(g.pairs) for g in groups.groups.values())
     report.order_sizes = groups.sizes

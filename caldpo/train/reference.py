@@ -106,15 +106,14 @@ def read_cache(file: Path, key: str, sizes: dict[str, int]) -> tuple[dict | None
 
 
 def cache_key(cfg: DictConfig, path: str, splits, tokenizer) -> str:
-    """16 hex digits hashing, by content, what the cached log-probs are computed from: the example
-    texts of every split (a data file edited in place gets a new key), the tokenizer's full
-    serialization, the truncation settings, the model (hub name, or a local directory's file names,
-    sizes and mtimes), the archive's sha256 and the reference dtype."""
+    """16 hex digits hashing, by content, what the cached log-probs are computed from: each split's
+    examples (``schedule.Examples.fingerprint``: texts and token ids, so a data file edited in place
+    gets a new key), the tokenizer's full serialization, the truncation settings, the model (hub
+    name, or a local directory's file names, sizes and mtimes), the archive's sha256 and the
+    reference dtype."""
     h = hashlib.sha256()
     for data in splits:
-        h.update(str(len(data)).encode())
-        for item in data.items:
-            h.update(json.dumps(list(item[:4])).encode() + b"\n")
+        h.update(f"{len(data)}:{data.fingerprint};".encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     tok = backend.to_str() if backend is not None else json.dumps(sorted(tokenizer.get_vocab().items()))
     local = Path(path)

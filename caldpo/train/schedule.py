@@ -11,38 +11,44 @@ once, in the run's layout (``layout.py``), and the policy and the reference both
 """
 from __future__ import annotations
 
-import functools
 import hashlib
-import json
 from typing import Any
 
 from omegaconf import DictConfig
 
-from .batches import EpochOrder, Example, collate, flatten, tokenize_dataset, tokenized
+from .batches import EpochOrder, Example, collate, tokenized
 from .config import ConfigError
-from .data import load_dataset
+from .data import local_source
 from .layout import pack
 from .metrics import token_work
+from .tokens import ExampleList, SplitSpec, SplitTable, load_split
 
 
 class Examples:
-    """The examples of all datasets, one split (``batches.Example``, in dataset order).
+    """The examples of all datasets, one split, in dataset order (``items[i]``: a ``batches.Example``).
 
-    With a ``tokenizer`` every example is tokenized here, once, at load
-    (``batches.tokenize_dataset``): its ids are cached on the example, pairs identical
-    after truncation are dropped and counted, and text the tokenizer cannot encode or that
-    holds the EOS token stops the run naming its file and line (or, with
-    ``data.on_error=skip``, is skipped and counted). Each dataset prints its data report
-    and its token report. Without a tokenizer (generation) only the texts are loaded.
-    Raises ConfigError when the split ends up empty; DataError (data.py) for bad rows.
+    Each dataset's split is a ``tokens.SplitTable``: token ids and the per-example integers in flat
+    arrays memory-mapped from the token cache (``data.token_cache_dir``), built once per content key
+    (``caldpo.train.tokens``: rows loaded, tokenized by ``batches.tokenize_examples``, written
+    atomically; under torchrun rank 0 builds and the other ranks map its file). With a
+    ``tokenizer``, pairs identical after truncation are dropped and counted, and text the tokenizer
+    cannot encode or that holds the EOS token stops the run naming its file and line (or, with
+    ``data.on_error=skip``, is skipped and counted); without one (generation) only the texts are
+    kept. ``items[i]`` builds its ``Example`` from the arrays on access (``tokens`` are views of the
+    ids). When ``verbose`` each dataset prints its data report and its token report, the same on a
+    cold start and from the cache, with progress bars on a terminal while building.
+
+    ``group_of``, ``rank_of``: each example's reference entry (numbered over all datasets in load
+    order) and its rank there; ``group_sizes``: each entry's rows, dropped ones included;
+    ``n_groups``: the entries: what ``batches.EpochOrder`` orders by (the reference iterator's order).
+
+    process: the trainer's ``distributed.Process`` (None: one process). Raises ConfigError when the
+    split ends up empty or the ranks hold different examples; DataError (data.py) for bad rows.
     """
 
-    def __init__(self, cfg: DictConfig, split: str, sft: bool, verbose: bool, tokenizer=None):
-        self.items: list[Example] = []
-        self.max_length, self.max_prompt_length = cfg.max_length, cfg.max_prompt_length
+    def __init__(self, cfg: DictConfig, split: str, sft: bool, verbose: bool, tokenizer=None, process=None):
+        self.tables: list[SplitTable] = []
         self.files: dict[str, list[str]] = {}  # dataset -> the files its examples were read from, in order
-        # each example's reference group (numbered over all datasets in load order) and its rank there, and
-        # the rows the reference walks per group, dropped ones included: what batches.EpochOrder orders by
         self.group_of: list[int] = []
         self.rank_of: list[int] = []
         self.group_sizes: list[int] = []
@@ -50,28 +56,23 @@ class Examples:
         self.reports = []
         self.token_reports = []
         for name in cfg.datasets:
-            groups, report = load_dataset(name, split, sft=sft, path=(cfg.data.paths or {}).get(name),
-                                          on_error=cfg.data.on_error, cache_dir=cfg.data.cache_dir,
-                                          held_out=cfg.data.held_out)
-            if verbose:
-                print(str(report), flush=True)
-            self.reports.append(report)
-            items = flatten(groups, sft=sft)
+            spec = SplitSpec.from_config(cfg, name, split, sft)
+            table = load_split(spec, tokenizer, cache_dir=cfg.data.get("token_cache_dir"), process=process,
+                               verbose=verbose)
+            self.tables.append(table)
+            self.reports.append(table.data_report)
             if tokenizer is not None:
-                items, tok_report = tokenize_dataset(
-                    items, tokenizer, max_length=cfg.max_length, max_prompt_length=cfg.max_prompt_length,
-                    on_error=cfg.data.on_error, dataset=name, split=split)
-                if verbose:
-                    print(str(tok_report), flush=True)
-                self.token_reports.append(tok_report)
-            self.group_of.extend(self.n_groups + it.order[0] for it in items)
-            # SFT: the reference takes one example per group, where the group stands
-            self.rank_of.extend(0 if sft else it.order[1] for it in items)
-            self.group_sizes.extend([1] * len(report.order_sizes) if sft else report.order_sizes)
-            self.n_groups += len(report.order_sizes)
-            self.items.extend(items)
-            self.files[name] = list(dict.fromkeys(_file_of(it.source) for it in items if it.source)) or [report.source]
-        if not self.items:
+                self.token_reports.append(table.token_report)
+            self.group_of.extend((table.order[:, 0].astype("int64") + self.n_groups).tolist())
+            # SFT: the reference takes one example per entry, where the entry stands
+            self.rank_of.extend([0] * len(table) if sft else table.order[:, 1].tolist())
+            sizes = table.order_sizes
+            self.group_sizes.extend([1] * len(sizes) if sft else sizes.tolist())
+            self.n_groups += len(sizes)
+            local = local_source(name, split, spec.path)
+            self.files[name] = [str(f) for f in local[0].files] if local is not None else [table.data_report.source]
+        self.items: ExampleList = ExampleList(self.tables)
+        if not len(self.items):
             raise ConfigError(f"datasets={list(cfg.datasets)}: no {split} examples")
 
     def __len__(self) -> int:
@@ -82,20 +83,18 @@ class Examples:
         return EpochOrder(len(self.items), seed, groups=self.group_of, n_groups=self.n_groups, ranks=self.rank_of,
                           sizes=self.group_sizes)
 
-    @functools.cached_property
+    @property
     def fingerprint(self) -> str:
-        """Hex sha256 identifying this split's examples: it changes whenever they change (a row edited,
-        added, removed or reordered; another truncation). The one definition every consumer uses (the
-        resume check stores it in each checkpoint).
-
-        PROVISIONAL: sha256 over each example's prompt, chosen, rejected and truncation mode, in order,
-        then ``max_length`` and ``max_prompt_length``. The token-cache rewrite of ``Examples`` replaces
-        this definition with its own (one that also follows the tokenization); consumers read only
-        ``examples.fingerprint``."""
+        """Hex sha256 naming this split's examples (what a resume checkpoint records): the datasets in
+        order and each one's table fingerprint, which hashes everything an example is (prompt, chosen
+        and rejected texts, their token ids after truncation and the cut flags, each example's prompt
+        group and place in the reference order, the truncation mode, sft) and nothing about where it
+        came from (file paths, lines, reports). Equal fingerprints mean the same examples in the same
+        order with the same ids; any change of data content, tokenizer, lengths or rules that changes
+        an example changes it."""
         h = hashlib.sha256()
-        for it in self.items:
-            h.update(json.dumps([it.prompt, it.chosen, it.rejected, it.truncation_mode]).encode() + b"\n")
-        h.update(json.dumps([len(self.items), self.max_length, self.max_prompt_length]).encode())
+        for t in self.tables:
+            h.update(f"{t.dataset}:{t.fingerprint};".encode())
         return h.hexdigest()
 
     @property
@@ -125,14 +124,6 @@ def evaluation_indices(order: EpochOrder, n_eval_examples: int, eval_batch_size:
     if n >= order.reference_examples:
         return order(0)
     return [i for i, pos in order.positions(0) if pos < n]
-
-
-def _file_of(source: str) -> str:
-    """The file of an example's ``source`` (``data.Record.where``: ``path:line``, ``path item N``, ``path row N``)."""
-    for sep in (" item ", " row "):
-        if sep in source:
-            return source.rsplit(sep, 1)[0]
-    return source.rsplit(":", 1)[0]
 
 
 class BatchSchedule:

@@ -100,7 +100,7 @@ class Trainer:
         path = model_path(cfg)
         self.tokenizer = load_tokenizer(cfg, path)
         check_vocab_and_positions(cfg, self.tokenizer, path)
-        self.train_data = Examples(cfg, "train", self.sft, self.is_main, self.tokenizer)
+        self.train_data = Examples(cfg, "train", self.sft, self.is_main, self.tokenizer, process=self.process)
         if len(self.train_data) < cfg.batch_size:
             raise ConfigError(f"batch_size={cfg.batch_size}: the training split holds {len(self.train_data)} training examples "
                               "after loading, not one full batch; lower batch_size or add data")
@@ -114,7 +114,7 @@ class Trainer:
             raise ConfigError(f"n_epochs={cfg.n_epochs}: the run would train no step; use n_epochs >= 1 "
                               "(or n_examples)")
         fault_point("data_load")
-        self.eval_data = Examples(cfg, "test", self.sft, self.is_main, self.tokenizer)
+        self.eval_data = Examples(cfg, "test", self.sft, self.is_main, self.tokenizer, process=self.process)
         self.eval_indices = evaluation_indices(self.eval_data.epoch_order(cfg.seed), cfg.n_eval_examples,
                                                cfg.eval_batch_size)
 
