@@ -148,7 +148,7 @@ def test_a_damaged_model_folder_is_a_config_error_before_the_data_loads(tmp_path
 
     def no_data(*a, **kw):
         raise AssertionError("the data loaded before the model folder was checked")
-    monkeypatch.setattr(schedule, "load_dataset", no_data)
+    monkeypatch.setattr(schedule, "load_split", no_data)
     name, damage, says = MODEL_DAMAGE[case]
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir(), folder)
