@@ -121,3 +121,18 @@ def tldr_edge_rows(n: int = 30, seed: int = 1) -> list[dict]:
         rows.append({"prompt": f"SUBREDDIT: r/x\nTITLE: t{i}\nPOST: {text(2, 40)}\nTL;DR:{end}",
                      "chosen": rng.choice(["", " ", "a ", " b"]) + text(0, 6), "rejected": text(1, 6) + " "})
     return rows
+
+
+def without_offsets(tok):
+    """``tok`` as a slow tokenizer would present itself: no offsets (callers then place the prompt's end
+    at the common prefix with the prompt encoded alone)."""
+
+    class NoOffsets:
+        is_fast = False
+        eos_token, eos_token_id = tok.eos_token, tok.eos_token_id
+
+        def __call__(self, texts, add_special_tokens=False, return_offsets_mapping=False):
+            assert not return_offsets_mapping
+            return tok(texts, add_special_tokens=add_special_tokens)
+
+    return NoOffsets()

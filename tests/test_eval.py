@@ -42,10 +42,12 @@ def test_wilson_interval_against_closed_form():
 
 # ----------------------------------------------------------------------------- chat-completions judge
 
-class JudgeServer:
-    """A chat-completions endpoint: fails its first two requests (500, then 429), then judges."""
+class ReplyServer:
+    """A chat-completions endpoint on 127.0.0.1 answering each POST with ``reply(n, user_text)`` -> (status,
+    content type, body bytes), ``n`` counting requests from 1 (``full=True``: ``reply(n, path, request_body)``
+    -> (status, content type, body bytes, extra headers)); ``completion(text)`` is a well-formed 200 body."""
 
-    def __init__(self):
+    def __init__(self, reply, full: bool = False):
         self.requests = 0
         self.lock = threading.Lock()
         server = self
@@ -59,33 +61,14 @@ class JudgeServer:
                 with server.lock:
                     server.requests += 1
                     n = server.requests
-                if not self.path.endswith("/chat/completions"):
-                    return self._send(404, {"error": {"message": "no such route"}})
-                if body["model"] == "refuse":
-                    return self._send(401, {"error": {"message": "bad key", "type": "auth"}})
-                if n == 1:
-                    return self._send(500, {"error": {"message": "try again"}})
-                if n == 2:
-                    return self._send(429, {"error": {"message": "slow down"}}, {"retry-after": "0"})
-                user = body["messages"][-1]["content"]
-                a = re.search(r"\[Response A\]\n(.*?)\n\n\[Response B\]", user, re.S).group(1)
-                b = re.search(r"\[Response B\]\n(.*?)\n\nWhich", user, re.S).group(1)
-                if "MALFORMED" in user:
-                    text = "Both responses have merit; I cannot decide."
+                if full:
+                    status, ctype, data, headers = reply(n, self.path, body)
                 else:
-                    ga, gb = "good" in a, "good" in b
-                    text = "Comparison.\nVerdict: " + ("A" if ga and not gb else "B" if gb and not ga else "tie")
-                self._send(200, {"id": f"c{n}", "object": "chat.completion", "created": 0, "model": body["model"],
-                                 "choices": [{"index": 0, "finish_reason": "stop",
-                                              "message": {"role": "assistant", "content": text}}],
-                                 "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}})
-
-            def _send(self, code, obj, headers=None):
-                data = json.dumps(obj).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
+                    (status, ctype, data), headers = reply(n, body["messages"][-1]["content"]), {}
+                self.send_response(status)
+                self.send_header("Content-Type", ctype)
                 self.send_header("Content-Length", str(len(data)))
-                for k, v in (headers or {}).items():
+                for k, v in headers.items():
                     self.send_header(k, v)
                 self.end_headers()
                 self.wfile.write(data)
@@ -94,6 +77,13 @@ class JudgeServer:
         self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
         self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
 
+    @staticmethod
+    def completion(text: str, n: int = 0, model: str = "m") -> tuple[int, str, bytes]:
+        return 200, "application/json", json.dumps({
+            "id": f"c{n}", "object": "chat.completion", "created": 0, "model": model,
+            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}],
+            "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}).encode()
+
     def __enter__(self):
         self.thread.start()
         return self
@@ -101,6 +91,34 @@ class JudgeServer:
     def __exit__(self, *exc):
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def _judge_reply(n: int, path: str, body: dict):
+    """Fails the first two requests (500, then 429), then judges: the response holding "good" wins."""
+    def error(code, message, headers=None):
+        return code, "application/json", json.dumps({"error": {"message": message}}).encode(), headers or {}
+    if not path.endswith("/chat/completions"):
+        return error(404, "no such route")
+    if body["model"] == "refuse":
+        return error(401, "bad key")
+    if n == 1:
+        return error(500, "try again")
+    if n == 2:
+        return error(429, "slow down", {"retry-after": "0"})
+    user = body["messages"][-1]["content"]
+    a = re.search(r"\[Response A\]\n(.*?)\n\n\[Response B\]", user, re.S).group(1)
+    b = re.search(r"\[Response B\]\n(.*?)\n\nWhich", user, re.S).group(1)
+    if "MALFORMED" in user:
+        text = "Both responses have merit; I cannot decide."
+    else:
+        ga, gb = "good" in a, "good" in b
+        text = "Comparison.\nVerdict: " + ("A" if ga and not gb else "B" if gb and not ga else "tie")
+    return (*ReplyServer.completion(text, n, body["model"]), {})
+
+
+def JudgeServer() -> ReplyServer:
+    """A chat-completions endpoint: fails its first two requests (500, then 429), then judges."""
+    return ReplyServer(_judge_reply, full=True)
 
 
 @pytest.fixture
@@ -192,50 +210,6 @@ def test_head_to_head_matches_by_prompt(tmp_path):
     pairs, sides = build_pairs(str(tmp_path / "a.json"), "response", "reference", str(tmp_path / "b.json"))
     assert pairs == [("p1", "a1", "b1"), ("p2", "a2", "b2"), ("p1", "a1b", "b1b")]
     assert sides["unmatched"] == 1
-
-
-class ReplyServer:
-    """A chat-completions endpoint answering each request with ``reply(n, user_text)`` -> (status, content type,
-    body bytes), ``n`` counting requests from 1; ``completion(text)`` is a well-formed 200 body."""
-
-    def __init__(self, reply):
-        self.requests = 0
-        self.lock = threading.Lock()
-        server = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):
-                pass
-
-            def do_POST(self):
-                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                with server.lock:
-                    server.requests += 1
-                    n = server.requests
-                status, ctype, data = reply(n, body["messages"][-1]["content"])
-                self.send_response(status)
-                self.send_header("Content-Type", ctype)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-
-    @staticmethod
-    def completion(text: str) -> tuple[int, str, bytes]:
-        return 200, "application/json", json.dumps({
-            "id": "c", "object": "chat.completion", "created": 0, "model": "m",
-            "choices": [{"index": 0, "finish_reason": "stop", "message": {"role": "assistant", "content": text}}]}).encode()
-
-    def __enter__(self):
-        self.thread.start()
-        return self
-
-    def __exit__(self, *exc):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 def _ok(body: dict) -> tuple[int, str, bytes]:

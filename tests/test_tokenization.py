@@ -12,7 +12,7 @@ import json
 
 import pytest
 
-from _data_fixtures import REALDATA
+from _data_fixtures import REALDATA, without_offsets
 from caldpo.train.batches import encode_example, flatten, tokenize_example
 from caldpo.train.data import load_dataset
 
@@ -167,18 +167,11 @@ def test_prompt_prefix_shared_when_responses_merge_differently():
 def test_slow_path_without_offsets_agrees():
     """A tokenizer without offsets (slow) splits at the common prefix with the prompt alone."""
     tok = sentencepiece_bpe()
-
-    class NoOffsets:
-        is_fast = False
-        eos_token, eos_token_id = tok.eos_token, tok.eos_token_id
-
-        def __call__(self, texts, add_special_tokens=False, return_offsets_mapping=False):
-            assert not return_offsets_mapping
-            return tok(texts, add_special_tokens=add_special_tokens)
+    no_offsets = without_offsets(tok)
 
     for prompt, chosen, rejected in PAIRS[:2]:
         kw = dict(max_length=1024, max_prompt_length=512, truncation_mode="keep_end")
-        assert encode_example(prompt, chosen, rejected, NoOffsets(), **kw).prompt.tolist() == \
+        assert encode_example(prompt, chosen, rejected, no_offsets, **kw).prompt.tolist() == \
             encode_example(prompt, chosen, rejected, tok, **kw).prompt.tolist()
 
 

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 import _tokenize_oracle as oracle
-from _data_fixtures import REALDATA, char_tokenizer, hh, hh_edge_rows, tldr_edge_rows, write_jsonl
+from _data_fixtures import REALDATA, char_tokenizer, hh, hh_edge_rows, tldr_edge_rows, without_offsets, write_jsonl
 from caldpo.train import batches, tokens
 from caldpo.train.batches import flatten, tokenize_dataset
 from caldpo.train.config import load_config
@@ -146,20 +146,13 @@ def test_generated_rows_hit_every_rule_as_the_old_path(tok, tmp_path, sft, max_l
 def test_tokenizer_without_offsets_tokenizes_as_the_old_path():
     """A tokenizer without offsets (slow) places the boundary at the common prefix with the prompt alone."""
     tok = _sentencepiece()
-
-    class NoOffsets:
-        is_fast = False
-        eos_token, eos_token_id = tok.eos_token, tok.eos_token_id
-
-        def __call__(self, texts, add_special_tokens=False, return_offsets_mapping=False):
-            assert not return_offsets_mapping
-            return tok(texts, add_special_tokens=add_special_tokens)
+    no_offsets = without_offsets(tok)
 
     groups, _ = load_dataset("hh", "test", path=str(HH))
     examples = flatten(groups, sft=False)
     for length in (512, 64):
-        kept, report = tokenize_dataset(examples, NoOffsets(), max_length=length, max_prompt_length=length // 2)
-        want, want_report = oracle.tokenize_dataset(examples, NoOffsets(), max_length=length,
+        kept, report = tokenize_dataset(examples, no_offsets, max_length=length, max_prompt_length=length // 2)
+        want, want_report = oracle.tokenize_dataset(examples, no_offsets, max_length=length,
                                                     max_prompt_length=length // 2)
         assert [(k.source, k.tokens.prompt.tolist(), k.tokens.chosen.tolist(), k.tokens.rejected.tolist())
                 for k in kept] == [(w.source, w.prompt, w.chosen, w.rejected) for w in want]
