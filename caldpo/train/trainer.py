@@ -196,7 +196,7 @@ class Trainer:
         cfg = self.cfg
         mp = cfg.model.fsdp_policy_mp if self.process.fsdp else None
         out = [DTYPES[mp or cfg.model.policy_dtype]]
-        if not self.sft and not cfg.loss.get("reference_free", False):
+        if not self.sft:  # the reference runs for every preference loss, reference_free included
             ref = DTYPES[cfg.model.reference_dtype]
             out.append(torch.float32 if self.device.type == "cpu" and ref == torch.float16 else ref)
         return tuple(out)
