@@ -30,8 +30,10 @@ install-test: $(VENV)/.installed-test
 demo: install
 	$(PY) -m caldpo.train.demo
 
+# PYTEST_STATUS=<file> also writes pytest's own exit code there (make itself exits 2 on any failure; .ci/run
+# reads the file to say whether tests failed or pytest never ran them).
 test: install-test
-	CALDPO_REQUIRE_REAL_MODEL=1 $(PY) -m pytest -q tests
+	CALDPO_REQUIRE_REAL_MODEL=1 $(PY) -m pytest -q tests; rc=$$?; $(if $(PYTEST_STATUS),echo $$rc > "$(PYTEST_STATUS)";) exit $$rc
 
 bench: install-test
 	$(PY) benchmarks/bench_logprob_loss.py --device cpu
