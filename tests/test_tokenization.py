@@ -197,3 +197,54 @@ def test_byte_level_joint_equals_separate_on_real_rows():
             n += 1
     assert n == 81 + 19
     assert json.loads(HH.read_text().splitlines()[0])  # the rows are the real file's
+
+
+BOUNDARY_TEXTS = [
+    "\n\nHuman: héllo wörld  日本語\u0301 ok?\n\nAssistant:   Sure —   tabs\tand\n\n\nnewlines 😀😀 end",
+    "TL;DR:summary summarize   Hello hello there, Assistant: Human: TL;DR: ﬁ Å Å",
+]
+
+
+def _rule(offsets, n_chars: int) -> int:
+    """The boundary rule written out: leading tokens with start < n_chars and end <= n_chars."""
+    count = 0
+    for start, end in offsets:
+        if not (start < n_chars and end <= n_chars):
+            break
+        count += 1
+    return count
+
+
+def test_the_batched_boundary_is_the_offset_rule_at_every_cut(family):
+    """``TextEncoder`` (the backend's bisection where it applies) places the prompt boundary where the
+    rule over the ordinary call's offsets does, for a prompt ending at every character of texts with
+    combining marks, ligatures, emoji, runs of spaces, tabs and newlines."""
+    from caldpo.train.batches import TextEncoder
+    name, tok = family
+    texts, prompts = [], []
+    for text in BOUNDARY_TEXTS:
+        for cut in range(len(text) + 1):
+            texts.append(text)
+            prompts.append(text[:cut])
+    enc = TextEncoder(tok)(texts, prompts)
+    for i, (text, prompt) in enumerate(zip(texts, prompts)):
+        ordinary = tok(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        assert enc.text(i).tolist() == ordinary["input_ids"], (name, i)
+        assert enc.prompt_tokens[i] == _rule(ordinary["offset_mapping"], len(prompt)), (name, repr(prompt))
+
+
+def test_offsets_out_of_order_use_every_tokens_offsets(monkeypatch):
+    """A tokenizer whose offsets ever go backwards leaves the bisection: the rule is applied to every
+    token's offsets, with the same boundaries."""
+    from caldpo.train import batches
+    tok = byte_level_bpe()
+    text = BOUNDARY_TEXTS[0]
+    texts, prompts = [text] * (len(text) + 1), [text[:cut] for cut in range(len(text) + 1)]
+    searched = batches.TextEncoder(tok)(texts, prompts)
+    monkeypatch.setattr(batches, "_ordered", lambda offsets: False)
+    encoder = batches.TextEncoder(tok)
+    full = encoder(texts, prompts)
+    assert not encoder.search and encoder.backend is not None
+    assert full.prompt_tokens.tolist() == searched.prompt_tokens.tolist()
+    offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
+    assert full.prompt_tokens.tolist() == [_rule(offsets, len(p)) for p in prompts]

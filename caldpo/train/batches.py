@@ -154,6 +154,32 @@ def _common_prefix(a: np.ndarray, b: np.ndarray, limit: int) -> int:
     return int(differ[0]) if differ.size else m
 
 
+def _ordered(offsets: list[tuple[int, int]]) -> bool:
+    """Whether the tokens' starts and ends both never decrease (``_searched_count`` relies on it)."""
+    return all(a[0] <= b[0] and a[1] <= b[1] for a, b in zip(offsets, offsets[1:]))
+
+
+def _searched_count(encoding, n_chars: int) -> int:
+    """``prompt_token_counts``'s rule for one ``tokenizers.Encoding`` by bisection over its tokens'
+    character spans (about log2(tokens) lookups instead of a Python tuple per token).
+
+    With ordered offsets (``_ordered``) the rule's test, ``start < n_chars and end <= n_chars``, holds
+    for a run of leading tokens and fails for every token after it, so the first failing token is the
+    count. ``TextEncoder`` checks the order on the first text of every batch and otherwise applies
+    the rule to every token's offsets.
+    """
+    lo, hi = 0, len(encoding)
+    span = encoding.token_to_chars
+    while lo < hi:
+        mid = (lo + hi) // 2
+        start, end = span(mid)
+        if start < n_chars and end <= n_chars:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
 def _direct_backend(tokenizer):
     """The ``tokenizers.Tokenizer`` behind a fast tokenizer whose class keeps transformers' own call
     path (``__call__`` and ``_encode_plus``), else None."""
@@ -197,6 +223,7 @@ class TextEncoder:
         self.eos = tokenizer.eos_token_id
         self.fast = bool(getattr(tokenizer, "is_fast", False))
         self.backend = _direct_backend(tokenizer) if self.fast else None
+        self.search = True  # the backend's boundary by bisection (``_searched_count``) while offsets are ordered
         try:
             from transformers.tokenization_utils_base import PreTrainedTokenizerBase
             quiet = isinstance(tokenizer, PreTrainedTokenizerBase)
@@ -222,52 +249,65 @@ class TextEncoder:
         except Exception:  # noqa: BLE001 - reported per text by __call__
             return None
 
-    def _arrays(self, texts: list[str], raw: list | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
-        """(ids, lengths, offsets or None) of ``texts``; raises what the tokenizer raises."""
+    def _arrays(self, texts: list[str], n_chars: np.ndarray, raw: list | None = None
+                ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(ids, lengths, prompt token counts or None) of ``texts`` whose prompts are ``n_chars``
+        characters long; raises what the tokenizer raises. Counts are None for a tokenizer without
+        offsets (``__call__`` then places the boundary by ids)."""
         if self.backend is not None:
             ref_ids, ref_offsets = self._ordinary(texts[:1])
             encs = raw if raw is not None else self.backend.encode_batch(texts, add_special_tokens=False)
-            if encs[0].ids == list(ref_ids[0]) and encs[0].offsets == [tuple(o) for o in ref_offsets[0]]:
-                return _flat([e.ids for e in encs], [e.offsets for e in encs])
+            first = encs[0].offsets
+            if encs[0].ids == list(ref_ids[0]) and first == [tuple(o) for o in ref_offsets[0]]:
+                ids, lengths, _ = _flat([e.ids for e in encs], None)
+                if self.search and not _ordered(first):
+                    self.search = False  # offsets out of order: the search does not apply to this tokenizer
+                if not self.search:
+                    offsets = np.fromiter(chain.from_iterable(chain.from_iterable(e.offsets for e in encs)),
+                                          np.int64, 2 * len(ids)).reshape(-1, 2)
+                    return ids, lengths, prompt_token_counts(offsets, lengths, n_chars)
+                return ids, lengths, np.fromiter(map(_searched_count, encs, n_chars.tolist()), np.int64, len(encs))
             self.backend = None  # the backend alone does not reproduce the ordinary call: use that
-        return _flat(*self._ordinary(texts))
+        ids, offsets = self._ordinary(texts)
+        ids, lengths, offsets = _flat(ids, offsets)
+        return ids, lengths, None if offsets is None else prompt_token_counts(offsets, lengths, n_chars)
 
-    def _encode(self, texts: list[str], raw: list | None = None
+    def _encode(self, texts: list[str], n_chars: np.ndarray, raw: list | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[int, Exception]]:
         """``_arrays`` of all texts at once; when that fails, text by text, recording each failure."""
         if not texts:
-            return np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros((0, 2), np.int64), {}
+            return np.zeros(0, np.int32), np.zeros(0, np.int64), np.zeros(0, np.int64), {}
         try:
-            return (*self._arrays(texts, raw), {})
+            return (*self._arrays(texts, n_chars, raw), {})
         except Exception:  # noqa: BLE001 - any encode failure is found and reported per text below
             pass
         parts, errors = [], {}
         for i, t in enumerate(texts):
             try:
-                parts.append(self._arrays([t]))
+                parts.append(self._arrays([t], n_chars[i:i + 1]))
             except Exception as e:  # noqa: BLE001
                 errors[i] = e
-                parts.append((np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros((0, 2), np.int64)))
+                parts.append((np.zeros(0, np.int32), np.zeros(1, np.int64), np.zeros(1, np.int64)))
         ids = np.concatenate([p[0] for p in parts])
         lengths = np.concatenate([p[1] for p in parts])
-        offsets = np.concatenate([p[2] for p in parts]) if self.fast else None
-        return ids, lengths, offsets, errors
+        counts = np.concatenate([p[2] for p in parts]) if self.fast else None
+        return ids, lengths, counts, errors
 
     def __call__(self, texts: list[str], prompts: list[str], raw: list | None = None) -> EncodedTexts:
         """Encode ``texts``; ``prompts[i]`` is the prompt that text i starts with (its boundary); ``raw``:
         ``self.raw(texts)`` when it already ran.
 
-        Fast tokenizers place the boundary by offsets (``prompt_token_counts``); tokenizers without
-        offsets at the longest common prefix with the prompt tokenized alone (each distinct prompt once).
+        Fast tokenizers place the boundary by offsets (``prompt_token_counts``'s rule; through the
+        backend it is found by bisection, ``_searched_count``); tokenizers without offsets at the
+        longest common prefix with the prompt tokenized alone (each distinct prompt once).
         """
-        ids, lengths, offsets, errors = self._encode(texts, raw)
+        n_chars = np.fromiter(map(len, prompts), np.int64, len(prompts))
+        ids, lengths, counts, errors = self._encode(texts, n_chars, raw)
         bounds = np.zeros(len(texts) + 1, np.int64)
         np.cumsum(lengths, out=bounds[1:])
-        if offsets is not None:
-            counts = prompt_token_counts(offsets, lengths, np.fromiter(map(len, prompts), np.int64, len(prompts)))
-        else:
+        if counts is None:
             distinct = list(dict.fromkeys(prompts))
-            p_ids, p_lengths, _, p_errors = self._encode(distinct)
+            p_ids, p_lengths, _, p_errors = self._encode(distinct, np.fromiter(map(len, distinct), np.int64))
             p_bounds = np.concatenate(([0], np.cumsum(p_lengths)))
             where = {p: k for k, p in enumerate(distinct)}
             counts = np.zeros(len(texts), np.int64)
