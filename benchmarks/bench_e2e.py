@@ -6,7 +6,7 @@ Every trainer runs in a process of its own (peak RSS is that process's). The CPU
   hidden 256, 4 layers, 4 heads, output vocabulary 8192: 7.35M parameters), fp32;
 * the same HH-format data, synthesized here: multi-turn ``\\n\\nHuman: ... \\n\\nAssistant: ...``
   dialogues with log-normal turn and reply lengths (words drawn from the shipped sample),
-  some pairs longer than ``max_length``;
+  each pair redrawn until neither trainer truncates it;
 * the same batches: 8 pairs per optimizer step, in caldpo's data order (TRL reads the pairs
   in that order through a sequential sampler), RMSprop, beta 0.1, no warm-up, the reference
   model run each step.
@@ -18,9 +18,8 @@ successive step ends, data loading included), and the table gives the medians ov
 
 tokens/s counts the same tokens for every trainer: the non-padding tokens of chosen and
 rejected, the prompt counted in each (caldpo: its batch's attention masks; TRL: the
-policy forward's attention mask), divided by the step time. Each trainer truncates by its
-own rule (caldpo: prompt to ``max_prompt_length`` then responses; TRL: prompt + response to
-``max_length``), so the token counts per step differ slightly; tokens/s compares the work.
+policy forward's attention mask), divided by the step time. No pair is truncated, and the
+workers raise an error when the trainers' token counts for a step differ.
 
 TRL runs with gradient checkpointing off (its DPOConfig default is on), as caldpo does.
 
@@ -39,10 +38,9 @@ RMSprop. Columns, each in a process of its own, one round, ``--warmup`` untimed 
 ``prefix_shared`` and ``padded`` (SDPA; ``--columns`` adds e.g. ``prefix_shared:flex_attention``);
 then TRL's ``DPOTrainer`` (bf16=True autocast over fp32 weights, the reference model in
 ``--reference-dtype``, SDPA, sigmoid DPO: TRL has no Cal-DPO). Per column: tokens/s (counted
-as above), MFU by caldpo's formula (``caldpo.train.metrics.Throughput``: policy forward and
-backward plus the reference forward, 8 x matmul params per token plus attention) for TRL
-too, on the tokens each backbone runs (caldpo's training metric: padding counted in padded
-rows, a shared prompt once) and on the counted tokens (proportional to tokens/s), and peak
+as above), the useful-work MFU (``caldpo.train.metrics.FlopCount``: policy forward and
+backward plus the reference forward; each pair's prompt once, no padding, causal attention,
+the head on scored tokens), the same formula and work for every column, TRL's included, and peak
 GPU memory (``torch.cuda.max_memory_allocated`` over the worker process). A column that runs
 out of memory is recorded as ``oom``; one that no longer fits the time box as ``skipped``.
 

@@ -24,7 +24,7 @@ triton under ``TRITON_INTERPRET=1``):
   head weight rounded to the dtype, then the backend.
 
 Each cell is the relative error ||lp - lp64|| / ||lp64|| over the sequences' summed log-probs,
-with the largest absolute error in nats. DESIGN.md's bounds: 1e-5 (float32), 1e-2 (bfloat16).
+with the largest absolute error in nats. The bounds (relative, per sequence): 1e-5 (float32), 1e-2 (bfloat16).
 The Triton interpreter is slow at this vocabulary (16 x 16 tiles: about 5 minutes per 16
 response tokens in float32, 8 in bfloat16, on one core), so it runs the ``head`` path only, on
 the shortest sequences of each of ``--triton-datasets`` adding up to ``--triton-tokens`` response

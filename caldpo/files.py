@@ -12,7 +12,8 @@ preprocessed data folders) goes through here:
 - :func:`check_writable`: before the work that produces an output (generation, judging), whether
   its folder exists or can be made and takes a new file: :class:`OutputError` (exit status 2) if not,
   so nothing is computed (or paid for) that could not be written.
-- :func:`swap_dir`: replace a folder by a freshly written one, a complete copy existing at every instant.
+- :func:`swap_dir`: replace a folder by a freshly written one; a complete copy exists at every instant
+  (between its two renames the old one, at ``<dest>.old``).
 - :func:`prepare_jsonl`: make an append-only JSON-lines file (``metrics.jsonl``, the verdict cache)
   safe to append to: a torn last line (a kill or a full disk mid-write) is cut.
 
@@ -143,7 +144,9 @@ def check_writable(path: Path | str, option: str = "") -> Path:
 
 def swap_dir(new: Path, dest: Path) -> None:
     """Replace the folder ``dest`` by ``new`` (a sibling) so that a complete copy exists at every instant:
-    ``dest`` is renamed ``<dest>.old``, ``new`` moved in, the old copy removed. Raises OSError."""
+    ``dest`` is renamed ``<dest>.old``, ``new`` moved in, the old copy removed. Between the two renames
+    ``dest`` does not exist and the complete copy is ``<dest>.old`` (a crash there leaves it for the
+    user to move back). Raises OSError."""
     aside = dest.with_name(dest.name + ".old")
     if dest.exists():
         shutil.rmtree(aside, ignore_errors=True)

@@ -26,7 +26,7 @@ pytestmark = pytest.mark.real_model
 
 REPO = Path(__file__).resolve().parents[1]
 REALDATA = REPO / "tests" / "data" / "realdata"
-BOUND = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # DESIGN.md's relative bounds
+BOUND = {torch.float32: 1e-5, torch.bfloat16: 1e-2}  # the exactness bounds: relative, per sequence
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 
 Every source (hub split, .jsonl, .jsonl.gz, .json, .parquet) goes through the same
 row parsers, which turn rows into prompt groups and count what they did in a
-:class:`DataReport`. Rules (DESIGN.md section 3):
+:class:`DataReport`. Rules (those of the reference data module, ``preference_datasets``):
 
 HH
   * prompt = the longest prefix shared by ``chosen`` and ``rejected`` that ends with

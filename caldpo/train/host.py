@@ -5,7 +5,7 @@ step keeps them to two: the one read-back of the step's flags and metrics
 (``distributed.MetricSums.means``) and the step timer's ``synchronize`` (``metrics.Throughput``).
 Both go through ``read`` / ``synchronize`` here, which count every call in ``SYNCS`` on every
 device (on the CPU they are where the syncs would be), so a test counts them without a GPU; on
-CUDA ``torch.cuda.set_sync_debug_mode`` sees the rest (tests/test_kernels/test_cuda.py).
+CUDA ``torch.cuda.set_sync_debug_mode`` sees the rest (tests/test_host_syncs.py::test_cuda_step_syncs).
 
 Host to device: ``to_device`` copies from pinned memory without blocking (a copy from pageable
 memory synchronizes the stream).
