@@ -10,7 +10,8 @@
 //             d = g * (onehot - softmax)), then grad_hidden += d @ W_block and
 //             grad_weight[block] (+)= d^T @ hidden_rows, both GEMMs.
 // Inputs of any floating dtype are upcast to fp32 (the weight one block at a
-// time); all accumulation is fp32 (the running logsumexp in double).
+// time); accumulation is fp32 in partials of 64 columns, summed in double (the running
+// logsumexp in double).
 //
 // Output heads beyond hidden @ weight^T (caldpo/kernels/head.py): each block's raw
 // logits z become l = softcap(scale * (z + bias)) in the same row pass, with
@@ -85,14 +86,25 @@ CALDPO_INLINE float exp_f32(float x) {
   return tiny ? 0.0f : y;
 }
 
-// Forward row pass: max of x[0:n] and sum of exp(x - max).
-CALDPO_CLONES void row_max_sumexp(const float* x, int64_t n, float* out_max, float* out_sum) {
+// Columns per fp32 partial sum of exp(x - max). One fp32 accumulator over a whole vocabulary row
+// loses every term below half its ulp, always downwards: on a real model's head (V = 49152, one
+// accumulator) the logsumexp came out about 1e-4 low, 1e-4 nats per token. Partials of 64 terms
+// added in double bound that bias by 64 half-ulps of a partial (about 4e-6 relative at worst).
+constexpr int64_t kSumCols = 64;
+
+// Forward row pass: max of x[0:n] and sum of exp(x - max) (fp32 partials, summed in double).
+CALDPO_CLONES void row_max_sumexp(const float* x, int64_t n, float* out_max, double* out_sum) {
   float m = -std::numeric_limits<float>::infinity();
 #pragma omp simd reduction(max : m)
   for (int64_t j = 0; j < n; ++j) m = x[j] > m ? x[j] : m;
-  float s = 0.0f;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < n; ++j) s += exp_f32(x[j] - m);
+  double s = 0.0;
+  for (int64_t j0 = 0; j0 < n; j0 += kSumCols) {
+    const int64_t j1 = std::min(n, j0 + kSumCols);
+    float p = 0.0f;
+#pragma omp simd reduction(+ : p)
+    for (int64_t j = j0; j < j1; ++j) p += exp_f32(x[j] - m);
+    s += p;
+  }
   *out_max = m;
   *out_sum = s;
 }
@@ -241,7 +253,8 @@ std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weig
         const int64_t row = r0 + i;
         float* x = bp + i * nc;
         if (!plain) row_head(x, nc, head.bias_at(c0), head.scale, head.cap);
-        float bm, bs;
+        float bm;
+        double bs;
         row_max_sumexp(x, nc, &bm, &bs);
         const int64_t t = tp[row] - c0;
         if (t >= 0 && t < nc) tgt_logit[row] = x[t];
@@ -251,7 +264,7 @@ std::vector<at::Tensor> forward(const at::Tensor& hidden, const at::Tensor& weig
           run_sum[row] = run_sum[row] * std::exp(om - nm) + bs;
           run_max[row] = nm;
         } else {
-          run_sum[row] += double(bs) * std::exp(nm - om);
+          run_sum[row] += bs * std::exp(nm - om);
         }
       }
     }

@@ -76,6 +76,23 @@ def test_many_row_and_vocab_blocks(gen, dtype, tol):
     check(*inputs(gen, 4100, 8, 1031, dtype), tol, chunk_bytes=4)
 
 
+def test_long_small_tail_is_not_rounded_away(gen):
+    """A language model's row: a few logits near the max, then tens of thousands of small terms
+    exp(x - max) ~ 3e-7, each below half an ulp of a running fp32 sum of ~10. One fp32 accumulator
+    over the row drops (or rounds up) every one of them; the logsumexp must still be right to fp32."""
+    v, m = 49152, 6
+    logits = torch.full((m, v), -15.0, dtype=torch.float64)
+    logits[:, :24] = torch.rand(m, 24, generator=gen, dtype=torch.float64) - 0.5  # the head of the row first
+    for i in range(1, m):
+        logits[i] = logits[i, torch.randperm(v, generator=gen)]  # and anywhere in it
+    hidden, weight = torch.eye(m), logits.T.contiguous().float()  # hidden @ weight^T = the logits, exactly
+    targets = torch.randint(0, v, (m,), generator=gen)
+    ref_lp, ref_lse, _, _ = oracle(hidden, weight, targets, torch.ones(m))
+    lp, lse = native.forward(hidden, weight, targets)
+    assert (lse.double() - ref_lse).abs().max() < 1e-6 * ref_lse.abs().max() + 1e-6
+    assert (lp.double() - ref_lp).abs().max() < 1e-6 * ref_lp.abs().max()
+
+
 def test_only_one_gradient(gen):
     hidden, weight, targets, up = inputs(gen, 21, 8, 300, torch.float32)
     _, _, ref_gh, ref_gw = oracle(hidden, weight, targets, up)
