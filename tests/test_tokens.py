@@ -6,7 +6,8 @@
   families, preference and SFT;
 * the cache: a second load tokenizes nothing and reads no row; a truncated file, a flipped index
   byte, an edited data file, another tokenizer or max_length each rebuild it with one log line;
-  reports print the same cold and warm; the file is safetensors; an unwritable folder still loads;
+  reports print the same cold and warm; the file is safetensors; an unwritable folder or a full disk
+  under it still loads (a full temporary folder too: one OutputError);
 * the fingerprint names the examples (not where they came from);
 * processes: two runs at once, and torchrun's two ranks, tokenize once;
 * no "Token indices sequence length" warning; progress bars on a terminal only.
@@ -335,6 +336,58 @@ def test_an_unwritable_cache_folder_still_loads(hh_dir, tmp_path, caplog):
     msg = _cache_lines(caplog)
     assert len(msg) == 1 and "cannot be written" in msg[0] and data.tables[0].path is None and len(data) > 0
     assert _ids(data) == _ids(_load(hh_dir, tmp_path / "ok", char_tokenizer()))
+
+
+@pytest.fixture
+def full_folder(monkeypatch):
+    """``full_folder(path)``: a folder whose writes run out of room. A real 64 KiB tmpfs where this process may
+    mount (root with CAP_SYS_ADMIN, as in CI; the child process that builds the table meets the full disk
+    itself); elsewhere the build runs in this process and the table writer raises ENOSPC under the folder."""
+    import errno
+    mounted = []
+
+    def make(path: Path) -> Path:
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            mounted_here = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)],
+                                          capture_output=True).returncode == 0
+        except OSError:  # no mount command
+            mounted_here = False
+        if mounted_here:
+            mounted.append(path)
+            return path
+        monkeypatch.setattr(tokens, "_build_in_child", lambda *a, **k: False)
+        real_add = tokens._Writer.add
+
+        def add(self, *a, **k):
+            if str(self.file).startswith(str(path)):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_add(self, *a, **k)
+        monkeypatch.setattr(tokens._Writer, "add", add)
+        return path
+    yield make
+    for p in mounted:
+        subprocess.run(["umount", str(p)], capture_output=True)
+
+
+def test_a_full_cache_disk_still_loads_and_a_full_temporary_folder_is_one_line(hh_dir, tmp_path, caplog,
+                                                                               full_folder, monkeypatch):
+    """The disk under the token cache fills while the table is written: one warning (the folder, the error,
+    the free space), the split tokenized into a temporary file instead, the same examples, nothing left in
+    the cache folder but its lock. No room in the temporary folder either: OutputError naming it."""
+    from caldpo.files import OutputError
+    full = full_folder(tmp_path / "full")
+    caplog.set_level(logging.INFO, logger="caldpo")
+    data = _load(hh_dir, full / "c", char_tokenizer())
+    msg = _cache_lines(caplog)
+    assert len(msg) == 1 and "No space left on device" in msg[0] and "free on" in msg[0], msg
+    assert "without caching it" in msg[0] and data.tables[0].path is None
+    assert _ids(data) == _ids(_load(hh_dir, tmp_path / "ok", char_tokenizer()))
+    assert sorted(p.suffix for p in (full / "c").iterdir()) == [".lock"]  # no file, no temporary left
+    monkeypatch.setattr("tempfile.tempdir", str(full))
+    with pytest.raises(OutputError, match=r"tokenizing hh/train: writing its token table in .*full.* failed: "
+                                          r"\[Errno 28\] No space left on device \(.*free on .*\); free space"):
+        _load(hh_dir, full / "c2", char_tokenizer())
 
 
 def test_a_data_error_leaves_no_cache_file(hh_dir, tmp_path):

@@ -44,12 +44,15 @@ the child exits instead of staying with the trainer. It is written under a tempo
 same folder and renamed into place: a reader never sees a half-written one. Across processes: under torchrun rank 0 builds while the
 other ranks wait, then they map its file; processes that share no process group (two runs, or
 ranks whose cache folders differ) take an exclusive lock on the split's ``.lock`` file, so one
-builds and the others wait and map.
+builds and the others wait and map. A cache folder that cannot be written (read-only, or a disk that
+fills while the file is written) costs one warning: the split is tokenized into a temporary file
+instead (mapped, its name deleted); only when that fails too is it an error (``OutputError``).
 """
 from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
 import functools
 import gc
 import hashlib
@@ -67,6 +70,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import numpy as np
+
+from caldpo.files import OutputError, free_space, os_reason
 
 from .batches import Encoded, Example, TokenReport, flatten, tokenize_examples
 from .data import TRUNCATION_MODE, DataError, DataReport, hub_source, load_dataset, local_source
@@ -315,10 +320,15 @@ class _Writer:
     def __init__(self, file: Path):
         self.file = file
         self.tmp = file.with_name(f"{file.name}.{os.getpid()}.tmp")
-        self.out = open(self.tmp, "wb")
-        self.out.write(b"\0" * (8 + HEADER_RESERVE))
-        self.text_file = open(self.tmp.with_name(self.tmp.name + ".text"), "w+b")
-        self.source_file = open(self.tmp.with_name(self.tmp.name + ".source"), "w+b")
+        self.out = self.text_file = self.source_file = None
+        try:
+            self.out = open(self.tmp, "wb")
+            self.out.write(b"\0" * (8 + HEADER_RESERVE))
+            self.text_file = open(self.tmp.with_name(self.tmp.name + ".text"), "w+b")
+            self.source_file = open(self.tmp.with_name(self.tmp.name + ".source"), "w+b")
+        except BaseException:
+            self.close(remove=True)
+            raise
         self.n_tokens = 0
         self.pending: list[np.ndarray] = []
         self.pending_n = 0
@@ -436,7 +446,13 @@ class _Writer:
 
     def close(self, remove: bool = False) -> None:
         for f in (self.out, self.text_file, self.source_file):
-            f.close()
+            if f is None:
+                continue
+            if remove:
+                with contextlib.suppress(OSError):  # flushing into a full disk: the file goes anyway
+                    f.close()
+            else:
+                f.close()
         for p in (self.tmp.with_name(self.tmp.name + ".text"), self.tmp.with_name(self.tmp.name + ".source"),
                   *([self.tmp] if remove else [])):
             with contextlib.suppress(OSError):
@@ -492,6 +508,8 @@ def build(file: Path, spec: SplitSpec, parts: dict[str, Any] | None, tokenizer, 
 
 _TOKENIZER_DIFFERS = 4  # the child's exit status when the tokenizer did not survive pickling unchanged
 _DATA_ERROR = 3
+_NO_SPACE = 5  # ... when the disk filled while it wrote the table
+_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a write failed for want of room
 
 
 def _build_in_child(file: Path, spec: SplitSpec, parts, tokenizer, rows, show_progress: bool) -> bool:
@@ -532,6 +550,8 @@ def _build_in_child(file: Path, spec: SplitSpec, parts, tokenizer, rows, show_pr
         error = Path(tmp) / "error.json"
         if status == _DATA_ERROR and error.exists():
             raise _data_error(json.loads(error.read_text()))
+        if status == _NO_SPACE:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
         raise RuntimeError(f"tokenizing {spec.name} in a child process failed (exit {status}; its output is above)")
 
 
@@ -563,6 +583,10 @@ def _child_main(request_path: str) -> int:
         fields = {k: getattr(e, k, None) for k in ("source", "line", "what", "unit", "option", "hint", "reason")}
         Path(req["error"]).write_text(json.dumps({"type": type(e).__name__, **fields}))
         return _DATA_ERROR
+    except OSError as e:
+        if e.errno in _FULL:
+            return _NO_SPACE  # the parent says it in one line (and builds elsewhere)
+        raise
     return 0
 
 
@@ -777,7 +801,15 @@ def _open_or_build(spec: SplitSpec, tokenizer, directory: Path | None, *, show_p
                     log.warning("token cache %s is damaged (%s): rebuilding it", file, problem)
                 changed = "" if damaged else _what_changed(directory, stem, parts)
                 t = time.perf_counter()
-                build(file, spec, parts, tokenizer, rows=rows, show_progress=show_progress)
+                try:
+                    build(file, spec, parts, tokenizer, rows=rows, show_progress=show_progress)
+                except OSError as e:
+                    if e.errno not in _FULL:
+                        raise
+                    log.warning("%stoken cache %s: %s (%s): tokenizing %s without caching it",
+                                f"rank {rank}: " if rank else "", directory, os_reason(e), free_space(directory),
+                                spec.name)
+                    return _build_uncached(spec, parts, tokenizer, rows, show_progress)
                 table, problem = read_table(file, key)
                 if table is None:
                     raise RuntimeError(f"token cache {file} fails its checks right after it was written: {problem}")
@@ -791,10 +823,18 @@ def _open_or_build(spec: SplitSpec, tokenizer, directory: Path | None, *, show_p
 
 
 def _build_uncached(spec: SplitSpec, parts, tokenizer, rows, show_progress: bool) -> SplitTable:
-    """Build into a temporary file, map it and delete its name (the mapping stays until the process ends)."""
+    """Build into a temporary file, map it and delete its name (the mapping stays until the process ends).
+    Raises OutputError (exit status 3) when the temporary folder has no room either."""
     with tempfile.TemporaryDirectory(prefix="caldpo-tokens-") as tmp:
         file = Path(tmp) / f"{cache_stem(spec)}{SUFFIX}"
-        build(file, spec, parts, tokenizer, rows=rows, show_progress=show_progress)
+        try:
+            build(file, spec, parts, tokenizer, rows=rows, show_progress=show_progress)
+        except OSError as e:
+            if e.errno not in _FULL:
+                raise
+            raise OutputError(f"tokenizing {spec.name}: writing its token table in {tmp} failed: {os_reason(e)} "
+                              f"({free_space(Path(tmp))}); free space there or in the token cache folder, or "
+                              "point data.token_cache_dir (or TMPDIR) at a folder with room") from None
         table, problem = read_table(file)
         if table is None:
             raise RuntimeError(f"token table {file} fails its checks right after it was written: {problem}")
