@@ -12,6 +12,7 @@ import json
 import math
 import os
 import pickle
+import re
 import shutil
 from pathlib import Path
 
@@ -323,6 +324,8 @@ def test_nonfinite_training_stops_without_saving_or_exporting_it(server, tmp_pat
     bad = [r for r in train_recs if not (math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]))]
     assert len(bad) == 2 and bad[-1]["step"] == train_recs[-1]["step"] and bad[-1]["skipped_nonfinite"] == 2
     assert f"step {bad[-1]['step']}:" in last
+    named = re.match(r"caldpo: .*?step \d+: non-finite ([^;(]+)", last).group(1).strip().split(", ")
+    assert named and all(not math.isfinite(float(kv.split("=")[1])) for kv in named), last  # only those
     assert not (run / "LATEST").exists() and not (run / "DONE").exists()
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     for step in (run / "checkpoints").glob("step_*"):

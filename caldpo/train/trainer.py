@@ -482,7 +482,10 @@ class Trainer:
         self.nonfinite_total += 1
         self.nonfinite_run += 1
         limit = self.cfg.max_nonfinite_steps
-        values = ", ".join(f"{k}={metrics[k]}" for k in ("loss", "grad_norm") if k in metrics)
+        shown = [k for k in ("loss", "grad_norm") if k in metrics]
+        values = ", ".join(f"{k}={metrics[k]}" for k in shown if not math.isfinite(metrics[k]))
+        finite = ", ".join(f"{k}={metrics[k]:.6g}" for k in shown if math.isfinite(metrics[k]))
+        values += f" ({finite})" if finite else ""
         rows = [f"{i} ({src})" if (src := getattr(self.train_data.items[i], "source", "")) else str(i)
                 for i in indices[:8]]
         examples = ", ".join(rows) + (f", ... ({len(indices)} in all)" if len(indices) > 8 else "")
