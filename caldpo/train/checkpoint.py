@@ -463,7 +463,7 @@ def resume_newest(root: Path, run_dir: Path, model, optimizer, scheduler, *,
                   announce: bool) -> tuple[dict | None, list | int | None]:
     """Resume from the newest checkpoint under ``root`` whose manifest verifies (``find_resume``).
 
-    Returns (the trainer state, with ``step``; or None to start fresh, the metrics records to keep:
+    Returns (the trainer state, with ``step`` and ``checkpoint`` (its path); or None to start fresh, the metrics records to keep:
     None = all, 0 = none). Newer damaged checkpoints are named and moved aside
     (``damaged_step_N``, rank 0). A run directory whose checkpoints are all damaged is refused
     (RunError); one that holds metrics but never completed a checkpoint starts from step 0, says so,
@@ -504,9 +504,7 @@ def resume_newest(root: Path, run_dir: Path, model, optimizer, scheduler, *,
         raise ConfigError(f"cannot resume from {path}: it does not match this configuration (a different "
                           f"model or optimizer?): {str(e).strip().splitlines()[-1]} "
                           "Use the original command, or a new run_dir.") from None
-    if announce:
-        log.info("resumed from %s (step %d, %d examples seen)", path, int(state["step"]),
-                 int(state["examples_seen"]))
+    state["checkpoint"] = str(path)  # the caller says "resumed from" once it accepts the state (its data checks)
     return state, state.get("metrics_records")
 
 

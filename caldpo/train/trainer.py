@@ -182,6 +182,9 @@ class Trainer:
                 self.nonfinite_total = int(state.get("nonfinite_total", 0))
                 self.nonfinite_run = int(state.get("nonfinite_run", 0))
                 self._check_data_unchanged(state)
+                if self.is_main:
+                    log.info("resumed from %s (step %d, %d examples seen)", state["checkpoint"], self.step,
+                             self.examples_seen)
         elif (self.run_dir / "metrics.jsonl").exists() or ckpt.latest_resume(self.ckpt_root) is not None:
             raise ConfigError(f"resume=never but run_dir={self.run_dir} already holds a run; "
                               "choose a new run_dir, or resume=auto to continue it")
