@@ -78,8 +78,12 @@ def test_unknown_keys_are_errors_naming_the_closest():
         with pytest.raises(ConfigError, match="unknown") as e:
             load_config(list(overrides))
         assert hint in str(e.value), (overrides, str(e.value))
-    with pytest.raises(ConfigError, match="lr"):
-        load_config(["lr=fast"])
+    for override, takes in [("lr=fast", "a number"), ("batch_size=1.5", "a whole number"),
+                            ("do_first_eval=maybe", "true or false"), ("loss=dpo loss.beta=abc", "a number")]:
+        key = override.split()[-1].split("=")[0]
+        with pytest.raises(ConfigError) as e:  # one short line: the override, the type its key takes
+            load_config(override.split())
+        assert str(e.value) == f"{override.split()[-1]}: {key} takes {takes}" + (" (e.g. 5e-7)" if takes == "a number" else "")
     cfg = load_config(["loss=cal_dpo", "loss.shift=0.3", "datasets=sample"])
     assert cfg.loss.shift == 0.3 and list(cfg.datasets) == ["sample"]
     assert list(load_config(["datasets=hh,sample"]).datasets) == ["hh", "sample"]

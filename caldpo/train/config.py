@@ -30,6 +30,7 @@ import hashlib
 import importlib.util
 import json
 import os
+import re
 import shlex
 import socket
 import threading
@@ -390,6 +391,12 @@ def load_config(overrides: list[str] | None = None) -> DictConfig:
                 raise _unknown(k, known, loss, plus=o.startswith("+"))
         cfg = _compose(overrides)
     except (HydraException, OmegaConfBaseException) as e:
+        cause = e.__cause__ if e.__cause__ is not None else e
+        typed = re.match(r"Value '(.*)' (?:of type '\w+' could not be converted to|is not a valid) (\w+)", str(cause))
+        if typed and getattr(cause, "full_key", None):  # a value of the wrong type: say which type the key takes
+            kind = {"float": "a number (e.g. 5e-7)", "integer": "a whole number", "boolean": "true or false",
+                    "bool": "true or false"}.get(typed.group(2).lower(), typed.group(2))
+            raise ConfigError(f"{cause.full_key}={typed.group(1)}: {cause.full_key} takes {kind}") from None
         msg = " ".join(str(e).split())
         if e.__cause__ is not None:
             msg += ": " + " ".join(str(e.__cause__).split())
