@@ -215,8 +215,12 @@ def _safe_load(path: Path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
+        # torch's text opens with advice to load with weights_only=False (terminal escapes included): name the
+        # object it met instead ("Trying to load unsupported GLOBAL posix.system ...") and nothing else
+        lines = [re.sub(r"\x1b\[[0-9;]*m", "", x).strip() for x in str(e).splitlines()]
+        what = next((x for x in lines if "GLOBAL" in x or "nsupported" in x), "")
         raise CheckpointError(f"{path}: holds objects other than tensors and plain types; refusing to "
-                              f"unpickle it ({str(e).splitlines()[0]})") from None
+                              f"unpickle it{f' ({what})' if what else ''}") from None
     except (RuntimeError, EOFError, OSError) as e:
         raise CheckpointError(f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
 
