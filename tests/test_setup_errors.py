@@ -153,7 +153,9 @@ def test_a_damaged_model_folder_is_a_config_error_before_the_data_loads(tmp_path
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir(), folder)
     damage(folder / name)
-    assert cli(["model=hf", f"model.name_or_path={folder}", *TINY[1:], f"run_dir={tmp_path / 'run'}"]) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"caldpo: config error: model.name_or_path={folder}: ") and err.count("\n") == 1, err
-    assert says in err and "Traceback" not in err
+    args = ["model=hf", f"model.name_or_path={folder}", *TINY[1:], f"run_dir={tmp_path / 'run'}"]
+    for preflight in ([], ["--preflight=submit"]):  # the run, and a submission host's check
+        assert cli([*preflight, *args]) == 2, preflight
+        err = capsys.readouterr().err
+        assert err.startswith(f"caldpo: config error: model.name_or_path={folder}: ") and err.count("\n") == 1, err
+        assert says in err and "Traceback" not in err

@@ -697,12 +697,20 @@ def preflight(overrides: list[str], *, world_size: int = 1, on_node: bool = True
     (``load_config``) and ``validate`` for ``world_size`` processes started by a launcher (torchrun,
     Slurm, submitit). ``on_node=False`` (a submission host): the devices of this machine are not the
     job's, so their checks wait for the job, whose script repeats the preflight on its first node.
+    A model and tokenizer in local folders are also checked as the trainer will check them when they load
+    (``model.load_tokenizer``, ``model.check_vocab_and_positions``: an EOS token, ids inside the head, the
+    positions): a job would meet those only after it was queued. Hub names are left to the job.
     Returns the config; raises ConfigError.
     """
     if world_size < 1:
         raise ConfigError(f"world size {world_size}: must be >= 1")
     cfg = load_config(overrides)
     validate(cfg, world_size, argv=overrides, devices=on_node, launched=True)
+    folders = (cfg.model.name_or_path, cfg.model.tokenizer_name_or_path)
+    if folders[0] is not None and all(p is None or Path(p).expanduser().is_dir() for p in folders):
+        from .model import check_vocab_and_positions, load_tokenizer
+        path = str(folders[0])
+        check_vocab_and_positions(cfg, load_tokenizer(cfg, path), path)
     return cfg
 
 
