@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 import torch
 
+from _fulldisk import full_disk_fixture  # noqa: F401 (the full_disk fixture)
 from _readonly import read_only_fixture  # noqa: F401 (the read_only fixture)
 from caldpo.eval.__main__ import build_pairs, cli, main
 from caldpo.eval.prompts import judge_messages, parse_verdict
@@ -316,6 +317,30 @@ def test_an_unwritable_report_or_cache_is_refused_before_any_request(tmp_path, n
                     "--out", str(tmp_path / "r.json"), "--cache", str(cache)])
     err = capsys.readouterr().err
     assert code == 2 and server.requests == 0 and err.startswith(f"caldpo: cannot write --cache={cache}: [Errno 30]")
+
+
+def test_a_full_disk_at_the_report_or_the_cache_is_one_line_and_keeps_what_was_paid_for(tmp_path, no_proxy, capsys,
+                                                                                          full_disk):
+    """The report's disk fills after the verdicts were paid for: one line (path, error, free space), exit 3, the
+    verdicts kept in the cache so a rerun pays nothing. The verdict cache's own disk full: one line, exit 3."""
+    full = full_disk(tmp_path / "full")
+    samples, cache = _samples(tmp_path, 3), tmp_path / "cache.jsonl"
+    args = [str(samples), "--judge", "chat", "--model", "m", "--retries", "0", "--concurrency", "1"]
+    with ReplyServer(lambda n, user: ReplyServer.completion("Verdict: A")) as server:
+        code = cli(args + ["--base-url", server.url, "--out", str(full / "r.json"), "--cache", str(cache)])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 3 and server.requests == 3 and "Traceback" not in "\n".join(err), err
+        assert err[-1].startswith(f"caldpo: writing the evaluation report {full / 'r.json'} failed: [Errno 28] "
+                                  "No space left on device (") and "MiB free on" in err[-1], err[-1]
+        assert not (full / "r.json").exists()
+        assert cli(args + ["--base-url", server.url, "--out", str(tmp_path / "r.json"), "--cache", str(cache)]) == 0
+        assert server.requests == 3 and len(json.loads((tmp_path / "r.json").read_text())["items"]) == 3
+        capsys.readouterr()
+        code = cli(args + ["--base-url", server.url, "--out", str(tmp_path / "r2.json"), "--cache",
+                           str(full / "cache.jsonl")])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert code == 3 and "Traceback" not in "\n".join(err), err
+        assert err[-1].startswith(f"caldpo: writing the verdict cache {full / 'cache.jsonl'} failed: [Errno 28]"), err
 
 
 # ----------------------------------------------------------------------------- position bias

@@ -12,6 +12,7 @@ import sys
 import pytest
 import torch
 
+from _fulldisk import full_disk_fixture  # noqa: F401 (the full_disk fixture)
 from _readonly import read_only_fixture  # noqa: F401 (the read_only fixture)
 from conftest import REPO, TINY, run_train
 from caldpo.train.batches import encode_prompt, prompt_cue_tokens, truncate_prompt
@@ -128,6 +129,21 @@ def test_sample_during_eval_writes_policy_and_reference(tmp_path):
                                   for r in rows)
     # step 0: policy = reference and decoding is greedy, so both write the same text
     assert [r["response"] for r in rows] == [r["reference_model_response"] for r in rows]
+
+
+def test_a_full_disk_at_the_training_samples_is_one_line(tmp_path, full_disk):
+    """samples/step_<N>.json written during an evaluation onto a full disk: one line (path, error, free
+    space), exit 3, no traceback, no partial file."""
+    run_dir = tmp_path / "run"
+    full = full_disk(run_dir / "samples")
+    proc = run_train([*TINY, "loss=dpo", "n_examples=4", "batch_size=4", "n_eval_examples=4", "eval_batch_size=4",
+                      "sample_during_eval=true", "n_eval_model_samples=3", "max_new_tokens=5", "export_hf=false",
+                      f"run_dir={run_dir}"], check=False)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 3 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert last.startswith(f"caldpo: writing samples {full / 'step_0.json'} failed: [Errno 28] No space left on "
+                           "device (") and "MiB free on" in last, last
+    assert sorted(p.name for p in full.iterdir()) == [".filler"]
 
 
 @pytest.mark.parametrize("override, message", [

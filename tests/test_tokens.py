@@ -25,6 +25,7 @@ import numpy as np
 import pytest
 
 import _tokenize_oracle as oracle
+from _fulldisk import mount_tmpfs, unmount
 from _data_fixtures import REALDATA, char_tokenizer, hh, hh_edge_rows, tldr_edge_rows, without_offsets, write_jsonl
 from caldpo.train import batches, tokens
 from caldpo.train.batches import flatten, tokenize_dataset
@@ -347,13 +348,7 @@ def full_folder(monkeypatch):
     mounted = []
 
     def make(path: Path) -> Path:
-        path.mkdir(parents=True, exist_ok=True)
-        try:
-            mounted_here = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(path)],
-                                          capture_output=True).returncode == 0
-        except OSError:  # no mount command
-            mounted_here = False
-        if mounted_here:
+        if mount_tmpfs(path, "64k"):
             mounted.append(path)
             return path
         monkeypatch.setattr(tokens, "_build_in_child", lambda *a, **k: False)
@@ -367,7 +362,7 @@ def full_folder(monkeypatch):
         return path
     yield make
     for p in mounted:
-        subprocess.run(["umount", str(p)], capture_output=True)
+        unmount(p)
 
 
 def test_a_full_cache_disk_still_loads_and_a_full_temporary_folder_is_one_line(hh_dir, tmp_path, caplog,
