@@ -267,7 +267,7 @@ def test_an_edited_data_file_gets_a_new_key(hh_dir, tmp_path, counted, caplog):
     counted.update(build=0)
     edited = _load(hh_dir, tmp_path / "c", tok)
     msg = _cache_lines(caplog)
-    assert len(msg) == 1 and "changed since the last cache: the data files" in msg[0], msg
+    assert len(msg) == 1 and f"; kept beside {cold.tables[0].path.name}, which differs in: the data files" in msg[0], msg
     assert counted["build"] == 1 and edited.items[0].prompt == "\n\nHuman: edited\n\nAssistant:"
     assert edited.fingerprint != cold.fingerprint and edited.tables[0].path != cold.tables[0].path
 

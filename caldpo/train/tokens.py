@@ -758,7 +758,8 @@ def _locked(path: Path) -> Iterator[None]:
 
 
 def _what_changed(directory: Path, stem: str, parts: dict[str, Any]) -> str:
-    """What differs from the newest other cache file of the same data location and split ('' if none)."""
+    """``"kept beside <file>, which differs in: <what>"`` for the newest other cache file of the same data
+    location and split ('' if none): a new file, not a warning (the other stays for whoever uses it)."""
     others = sorted(directory.glob(f"{stem}-*{SUFFIX}"), key=lambda p: p.stat().st_mtime, reverse=True)
     for other in others:
         try:
@@ -769,7 +770,7 @@ def _what_changed(directory: Path, stem: str, parts: dict[str, Any]) -> str:
             continue
         names = {"source": "the data files", "code": "caldpo's data code", "tokenizer": "the tokenizer"}
         diff = [names.get(k, f"{k} {old.get(k)} -> {parts.get(k)}") for k in sorted(parts) if old.get(k) != parts.get(k)]
-        return ", ".join(diff) or "nothing it records"
+        return f"kept beside {other.name}, which differs in: {', '.join(diff) or 'nothing it records'}"
     return ""
 
 
@@ -815,7 +816,7 @@ def _open_or_build(spec: SplitSpec, tokenizer, directory: Path | None, *, show_p
                     raise RuntimeError(f"token cache {file} fails its checks right after it was written: {problem}")
                 if announce and not damaged:  # after the build: a data error stays the one line a failed load prints
                     log.info("tokenized %s once into %s (%.1f s)%s", spec.name, file, time.perf_counter() - t,
-                             f"; changed since the last cache: {changed}" if changed else "")
+                             f"; {changed}" if changed else "")
                 if rank:
                     log.warning("rank %d: %s was not there after rank 0 loaded %s (a cache folder of this node's "
                                 "own?): tokenized it on this rank too", rank, file, spec.name)

@@ -102,8 +102,10 @@ class Trainer:
         check_vocab_and_positions(cfg, self.tokenizer, path)
         self.train_data = Examples(cfg, "train", self.sft, self.is_main, self.tokenizer, process=self.process)
         if len(self.train_data) < cfg.batch_size:
-            raise ConfigError(f"batch_size={cfg.batch_size}: the training split holds {len(self.train_data)} training examples "
-                              "after loading, not one full batch; lower batch_size or add data")
+            n = len(self.train_data)
+            raise ConfigError(f"batch_size={cfg.batch_size}: the training split holds {n} training "
+                              f"example{'' if n == 1 else 's'} after loading, not one full batch; lower batch_size "
+                              "or add data")
         self.schedule = BatchSchedule(len(self.train_data), cfg.seed, batch_size=cfg.batch_size,
                                       rank=self.process.rank, world=self.world,
                                       accumulation_steps=cfg.gradient_accumulation_steps,
