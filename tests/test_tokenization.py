@@ -248,3 +248,72 @@ def test_offsets_out_of_order_use_every_tokens_offsets(monkeypatch):
     assert full.prompt_tokens.tolist() == searched.prompt_tokens.tolist()
     offsets = tok(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
     assert full.prompt_tokens.tolist() == [_rule(offsets, len(p)) for p in prompts]
+
+
+CUT_TEXT = ("\n\nHuman: it's 1234 dogs'\n\nAssistant: sure\n\nHuman: ok 😀\r\n\r\nAssistant:  fine é\u0301\n \n\t"
+            "Next: a\xa0\nb\u2028\nc\x1c\nd'\n's\n99\n.\n\n\n end 日本\n語 x \n\nTL;DR: done")
+
+
+def _byte_level_variant(normalizer=None, added=(), prefix_space=False):
+    """byte_level_bpe with an NFC normalizer (as Pythia's tokenizer.json), added tokens, or a dummy prefix space."""
+    from tokenizers import AddedToken, normalizers, pre_tokenizers
+    fast = byte_level_bpe()
+    backend = fast.backend_tokenizer
+    if normalizer == "nfc":
+        backend.normalizer = normalizers.NFC()
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=prefix_space)
+    for content, strip in added:
+        backend.add_tokens([AddedToken(content, rstrip=strip, normalized=False)])
+    return fast
+
+
+def test_prompt_prefixes_encoded_once_equal_the_whole_texts():
+    """Where a tokenizer ``splits_at_cuts`` (byte-level BPE with GPT-2's regex: Pythia), each prompt's
+    part before its ``cut_point`` is encoded once for all its responses (``TextEncoder.raw`` with prompts):
+    the ids are the ordinary call's on the whole text and the boundary the rule over its offsets, for a
+    prompt ending at every character of a text with contractions, digits, emoji, combining marks, CRLF,
+    no-break and line-separator spaces, control characters and runs of whitespace before newlines."""
+    from caldpo.train.batches import TextEncoder, cut_point, splits_at_cuts
+    texts, prompts = [], []
+    for cut in range(len(CUT_TEXT) + 1):
+        for response in (" more\n\nHuman: x", "y\n", ""):
+            texts.append(CUT_TEXT[:cut] + response)
+            prompts.append(CUT_TEXT[:cut])
+    assert sum(cut_point(p) > 0 for p in prompts) > len(prompts) // 2
+    cases = {"byte_level": byte_level_bpe(), "byte_level_nfc": _byte_level_variant("nfc"),
+             "spaces_added": _byte_level_variant("nfc", added=[("   ", False)])}
+    for name, tok in cases.items():
+        assert splits_at_cuts(tok.backend_tokenizer), name
+        encoder = TextEncoder(tok)
+        enc = encoder(texts, prompts, encoder.raw(texts, prompts))
+        assert encoder.cut, name  # the first text agreed: the parts served every text
+        for i, (text, prompt) in enumerate(zip(texts, prompts)):
+            ordinary = tok(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+            assert enc.text(i).tolist() == ordinary["input_ids"], (name, repr(prompt))
+            assert enc.prompt_tokens[i] == _rule(ordinary["offset_mapping"], len(prompt)), (name, repr(prompt))
+
+
+def test_tokenizers_that_may_join_across_a_cut_encode_whole_texts(family):
+    """Every other layout encodes whole texts: a dummy prefix (the suffix would get one), an added
+    token holding a newline or stripping whitespace (it could cover the cut), SentencePiece and
+    WordPiece families."""
+    from caldpo.train.batches import splits_at_cuts
+    name, tok = family
+    assert splits_at_cuts(tok.backend_tokenizer) is (name == "byte_level_bpe")
+    assert not splits_at_cuts(_byte_level_variant(prefix_space=True).backend_tokenizer)
+    assert not splits_at_cuts(_byte_level_variant(added=[("a\nb", False)]).backend_tokenizer)
+    assert not splits_at_cuts(_byte_level_variant(added=[("zz", True)]).backend_tokenizer)
+
+
+def test_parts_that_disagree_with_the_whole_text_fall_back(monkeypatch):
+    """If the parts ever differ from the ordinary call on the first text, whole texts are encoded from
+    then on (never a wrong id): a cut placed inside a word here."""
+    from caldpo.train import batches
+    tok = byte_level_bpe()
+    monkeypatch.setattr(batches, "cut_point", lambda prompt: len(prompt) // 2)
+    texts = ["\n\nHuman: How do I bake bread?\n\nAssistant: Mix flour and water."] * 2
+    prompts = ["\n\nHuman: How do I bake bread?\n\nAssistant:"] * 2
+    encoder = batches.TextEncoder(tok)
+    enc = encoder(texts, prompts, encoder.raw(texts, prompts))
+    assert not encoder.cut
+    assert enc.text(1).tolist() == tok(texts[1], add_special_tokens=False)["input_ids"]

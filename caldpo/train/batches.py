@@ -21,7 +21,11 @@ Tokenization (``encode_example``):
   with the prompt tokenized alone;
 * for byte-level BPE (GPT-NeoX/Pythia, GPT-2) and a response starting with a space,
   as in HH and TL;DR, the result is token for token the reference DPO code's
-  ``tokenize_batch_element`` (which tokenizes the three texts separately).
+  ``tokenize_batch_element`` (which tokenizes the three texts separately);
+* at load, for a tokenizer that ``splits_at_cuts`` (byte-level BPE with GPT-2's regex), the part
+  of each prompt before the whitespace ahead of its last line (``cut_point``) is encoded once for
+  all its responses and the rest of each text apart: the same ids as the whole text (why:
+  ``splits_at_cuts``), checked against the ordinary call on the first text of every call.
 
 Truncation (as ``tokenize_batch_element``):
 
@@ -195,6 +199,69 @@ def _direct_backend(tokenizer):
     return getattr(tokenizer, "backend_tokenizer", None)
 
 
+_RUN = " \t\r\n"  # the whitespace a cut may precede (Unicode White_Space and str.isspace alike)
+
+
+def cut_point(prompt: str) -> int:
+    """Where ``prompt + response`` may be encoded in two parts for a tokenizer ``splits_at_cuts``
+    accepts: the start of the run of ``" \\t\\r\\n"`` that holds the prompt's last newline, when a
+    character that is not whitespace precedes it (``"...?\\n\\nAssistant:"``: before ``"\\n\\n"``), else 0
+    (no cut). The prefix is the prompt's, shared by every response of the prompt.
+    """
+    j = prompt.rfind("\n")
+    if j <= 0:
+        return 0
+    i = j
+    while i > 0 and prompt[i - 1] in _RUN:
+        i -= 1
+    return i if i > 0 and not prompt[i - 1].isspace() else 0
+
+
+def splits_at_cuts(backend) -> bool:
+    """Whether the ``tokenizers.Tokenizer`` ``backend`` encodes ``text`` as ``text[:r]`` then
+    ``text[r:]`` encoded apart, for every ``r = cut_point(prompt)`` (a non-whitespace character at
+    ``r - 1``, whitespace at ``r``).
+
+    True for byte-level BPE with GPT-2's pre-tokenizer regex (GPT-NeoX/Pythia, GPT-2), no dummy
+    prefix space, an NFC or no normalizer, no BPE dropout, and no added token that could cover the
+    cut (one holding whitespace and more, or stripping the whitespace next to it). Why it is exact:
+    every alternative of that regex that matches a non-whitespace character stops at whitespace,
+    and none begins with a non-whitespace character and goes on into whitespace, so a pre-token
+    ends at ``r - 1`` and the next begins at ``r`` in the whole text; the regex has no look-behind
+    and its one look-ahead (``\\s+(?!\\S)``) never crosses from ``text[:r]`` (which ends in a
+    non-whitespace character) into ``text[r:]``, so both parts split into the whole text's
+    pre-tokens; BPE merges within a pre-token only; NFC composes nothing across a whitespace
+    character. ``TextEncoder`` still compares the first text of every call with the ordinary call.
+    """
+    try:
+        from tokenizers import models, normalizers, pre_tokenizers
+        pre, norm, model = backend.pre_tokenizer, backend.normalizer, backend.model
+        if type(pre) is not pre_tokenizers.ByteLevel or pre.add_prefix_space or not pre.use_regex:
+            return False
+        if norm is not None and type(norm) is not normalizers.NFC:
+            return False
+        if type(model) is not models.BPE or model.dropout not in (None, 0.0):
+            return False
+        for token in backend.get_added_tokens_decoder().values():
+            text = token.content
+            if token.lstrip or token.rstrip or (any(c.isspace() for c in text) and not text.isspace()):
+                return False
+        return True
+    except Exception:  # noqa: BLE001 - an unknown backend: encode whole texts
+        return False
+
+
+class _CutEncodings(NamedTuple):
+    """The backend's encodings of texts cut at ``cut_point`` (``TextEncoder.raw``): ``encs`` holds each
+    distinct prefix once and every text's remainder; text i is ``encs[prefix[i]]`` (-1: uncut) then
+    ``encs[rest[i]]``, its remainder starting at character ``cuts[i]``."""
+
+    encs: list
+    prefix: list[int]
+    rest: list[int]
+    cuts: list[int]
+
+
 def _flat(ids_lists, offsets_lists) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     lengths = np.fromiter(map(len, ids_lists), np.int64, len(ids_lists))
     total = int(lengths.sum())
@@ -224,6 +291,7 @@ class TextEncoder:
         self.fast = bool(getattr(tokenizer, "is_fast", False))
         self.backend = _direct_backend(tokenizer) if self.fast else None
         self.search = True  # the backend's boundary by bisection (``_searched_count``) while offsets are ordered
+        self.cut = self.backend is not None and splits_at_cuts(self.backend)  # prompts' prefixes encoded once
         try:
             from transformers.tokenization_utils_base import PreTrainedTokenizerBase
             quiet = isinstance(tokenizer, PreTrainedTokenizerBase)
@@ -239,15 +307,58 @@ class TextEncoder:
         enc = self.tokenizer(texts, **self.options)
         return enc["input_ids"], enc["offset_mapping"] if self.fast else None
 
-    def raw(self, texts: list[str]) -> list | None:
+    def raw(self, texts: list[str], prompts: list[str] | None = None) -> list | _CutEncodings | None:
         """The backend's encodings of ``texts`` (for ``__call__``), or None: no backend, or it raised
-        (``__call__`` then finds the text at fault)."""
+        (``__call__`` then finds the text at fault). With ``prompts`` (``prompts[i]`` begins
+        ``texts[i]``) and a backend that ``splits_at_cuts``, each distinct prompt's part before its
+        ``cut_point`` is encoded once (``_CutEncodings``): a pair's chosen and rejected share it."""
         if self.backend is None or not texts:
             return None
         try:
-            return self.backend.encode_batch(texts, add_special_tokens=False)
+            if not (self.cut and self.search and prompts is not None):
+                return self.backend.encode_batch(texts, add_special_tokens=False)
+            parts, prefix, rest, cuts, seen = [], [], [], [], {}
+            for text, prompt in zip(texts, prompts):
+                r = cut_point(prompt)
+                if r:
+                    k = seen.get(prompt)
+                    if k is None:
+                        k = seen[prompt] = len(parts)
+                        parts.append(prompt[:r])
+                    prefix.append(k)
+                else:
+                    prefix.append(-1)
+                rest.append(len(parts))
+                parts.append(text[r:])
+                cuts.append(r)
+            return _CutEncodings(self.backend.encode_batch(parts, add_special_tokens=False), prefix, rest, cuts)
         except Exception:  # noqa: BLE001 - reported per text by __call__
             return None
+
+    def _from_cuts(self, raw: _CutEncodings, n_chars: np.ndarray, ref_ids, ref_offsets
+                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray] | None:
+        """(ids, lengths, prompt token counts) of texts encoded in parts; None when the first text
+        differs from the ordinary call (``ref_ids``/``ref_offsets``) or offsets are out of order."""
+        encs, prefix, rest, cuts = raw
+        ids_of: dict[int, list[int]] = {-1: []}  # each distinct prefix's ids, converted once
+        pre = []
+        for k in prefix:
+            if k not in ids_of:
+                ids_of[k] = encs[k].ids
+            pre.append(ids_of[k])
+        tail = [encs[k] for k in rest]
+        if not _ordered(tail[0].offsets):
+            return None
+        n = n_chars.tolist()
+        counts = [len(p) + _searched_count(e, c - r) for p, e, c, r in zip(pre, tail, n, cuts)]
+        first = np.asarray(ref_ids[0], np.int64)
+        ref_count = prompt_token_counts(np.asarray(ref_offsets[0], np.int64).reshape(-1, 2), [len(first)], n[:1])
+        if pre[0] + tail[0].ids != first.tolist() or counts[0] != int(ref_count[0]):
+            return None
+        tails = [e.ids for e in tail]
+        lengths = np.fromiter(map(len, pre), np.int64, len(pre)) + np.fromiter(map(len, tails), np.int64, len(tails))
+        ids = np.fromiter(chain.from_iterable(chain.from_iterable(zip(pre, tails))), np.int32, int(lengths.sum()))
+        return ids, lengths, np.asarray(counts, np.int64)
 
     def _arrays(self, texts: list[str], n_chars: np.ndarray, raw: list | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
@@ -256,6 +367,11 @@ class TextEncoder:
         offsets (``__call__`` then places the boundary by ids)."""
         if self.backend is not None:
             ref_ids, ref_offsets = self._ordinary(texts[:1])
+            if isinstance(raw, _CutEncodings):
+                got = self._from_cuts(raw, n_chars, ref_ids, ref_offsets)
+                if got is not None:
+                    return got
+                self.cut, raw = False, None  # the parts do not reproduce the whole text: encode whole texts
             encs = raw if raw is not None else self.backend.encode_batch(texts, add_special_tokens=False)
             first = encs[0].offsets
             if encs[0].ids == list(ref_ids[0]) and first == [tuple(o) for o in ref_offsets[0]]:
@@ -295,7 +411,7 @@ class TextEncoder:
 
     def __call__(self, texts: list[str], prompts: list[str], raw: list | None = None) -> EncodedTexts:
         """Encode ``texts``; ``prompts[i]`` is the prompt that text i starts with (its boundary); ``raw``:
-        ``self.raw(texts)`` when it already ran.
+        ``self.raw(texts, prompts)`` when it already ran.
 
         Fast tokenizers place the boundary by offsets (``prompt_token_counts``'s rule; through the
         backend it is found by bisection, ``_searched_count``); tokenizers without offsets at the
@@ -555,7 +671,7 @@ def tokenize_examples(examples: Iterable[Example], tokenizer, *, max_length: int
 
         def submit(chunk: list[Example]) -> None:
             texts, prompts = _chunk_texts(chunk)
-            pending.append((chunk, texts, prompts, pool.submit(encoder.raw, texts)))
+            pending.append((chunk, texts, prompts, pool.submit(encoder.raw, texts, prompts)))
 
         for _ in range(2):  # two chunks ahead: the backend works while this thread splits and writes
             chunk = next_chunk()
