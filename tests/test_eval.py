@@ -5,9 +5,11 @@ in a thread) backed by a programmatic judge: it prefers the response containing 
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import re
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
@@ -193,6 +195,17 @@ def test_chat_judge_retries_counts_malformed_and_resumes_from_cache(tmp_path, no
 def test_chat_judge_without_key_or_url_is_refused(tmp_path, no_proxy, capsys):
     assert cli([str(_samples(tmp_path)), "--judge", "chat", "--model", "gpt-4o"]) == 2
     assert "OPENAI_API_KEY" in capsys.readouterr().err
+
+
+def test_chat_judge_without_the_openai_client_is_one_line(tmp_path, no_proxy, monkeypatch, capsys):
+    """`make install` does not install openai (the `eval` extra does): --judge chat says what to install."""
+    monkeypatch.setitem(sys.modules, "openai", None)  # import openai now raises ImportError; find_spec ValueError
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "openai" else real(name, *a))
+    assert cli([str(_samples(tmp_path)), "--judge", "chat", "--model", "m", "--base-url", "http://127.0.0.1:9/v1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("caldpo: --judge chat talks through the openai client")
+    assert "pip install 'caldpo[eval]'" in err
 
 
 def test_missing_field_names_the_fields_there(tmp_path, capsys):

@@ -25,6 +25,7 @@ Unparsable verdicts are reported and left out of the win rate.
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 from pathlib import Path
@@ -169,6 +170,9 @@ def make_judge(a: argparse.Namespace, report_path: Path):
         return LocalLMJudge(a.judge_lm, device=a.device, max_length=a.max_length, dtype=a.dtype)
     if not a.model:
         raise EvalError("--judge chat needs --model NAME (the served model's name)")
+    if importlib.util.find_spec("openai") is None:
+        raise EvalError("--judge chat talks through the openai client, which is not installed: "
+                        "pip install 'caldpo[eval]' (or pip install openai)")
     key = os.environ.get(a.api_key_env)
     if not key and a.base_url is None:
         raise EvalError(f"--judge chat without --base-url talks to OpenAI, which needs a key: set ${a.api_key_env} "
