@@ -157,3 +157,17 @@ def test_first_native_build_says_what_it_does_once(tmp_path):
     assert len(lines) == 1, runs[0].stderr
     assert lines[0].startswith("caldpo: building the native CPU head (first use") and str(tmp_path / "cache") in lines[0]
     assert "building" not in runs[1].stderr, runs[1].stderr
+
+
+def test_a_folder_named_caldpo_in_the_working_directory_does_not_break_a_run(tmp_path):
+    """From the folder a clone sits in (``./caldpo`` without an ``__init__.py`` there makes ``caldpo`` a
+    namespace package, so ``caldpo/__init__.py`` never runs): a run trains, its token cache built in a
+    child process, without needing anything ``caldpo/__init__.py`` defines."""
+    (tmp_path / "caldpo").mkdir()
+    (tmp_path / "caldpo" / "README.md").write_text("a clone\n")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    out = subprocess.run([sys.executable, "-m", "caldpo.train", "n_examples=8", "batch_size=4", "eval_every=8",
+                          f"run_dir={tmp_path / 'run'}", f"data.token_cache_dir={tmp_path / 'tokens'}"],
+                         capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600)
+    assert out.returncode == 0, (out.stdout[-2000:], out.stderr[-4000:])
+    assert (tmp_path / "run" / "metrics.jsonl").is_file() and list((tmp_path / "tokens").glob("*.tokens"))

@@ -207,9 +207,7 @@ def code_digest() -> str:
     """sha256 of the code that defines the examples: the sources of data.py, batches.py and this module,
     the tokenizers / transformers versions and ``FORMAT``. Computed when this module is imported (below),
     so that every rank of a job hashes the code it runs even if the files change while it runs."""
-    import caldpo
-
-    h = hashlib.sha256(f"format {FORMAT} caldpo {caldpo.__version__}".encode())
+    h = hashlib.sha256(f"format {FORMAT}".encode())
     from importlib.metadata import PackageNotFoundError, version
 
     for dist in ("tokenizers", "transformers"):
@@ -517,8 +515,6 @@ def _build_in_child(file: Path, spec: SplitSpec, parts, tokenizer, rows, show_pr
     import pickle
     import subprocess
 
-    import caldpo
-
     digest_ = tokenizer_digest(tokenizer) if tokenizer is not None else None
     with tempfile.TemporaryDirectory(prefix=".build-", dir=file.parent) as tmp:
         request = Path(tmp) / "request.json"
@@ -531,7 +527,8 @@ def _build_in_child(file: Path, spec: SplitSpec, parts, tokenizer, rows, show_pr
             "file": str(file), "spec": dataclasses.asdict(spec), "parts": parts, "rows": rows,
             "show_progress": show_progress, "tokenizer": str(Path(tmp) / "tokenizer.pkl"),
             "tokenizer_digest": digest_, "error": str(Path(tmp) / "error.json")}))
-        root = str(Path(caldpo.__file__).resolve().parents[1])
+        root = str(Path(__file__).resolve().parents[2])  # the folder holding this caldpo (not ``caldpo.__file__``:
+        # a folder named caldpo in the working directory, e.g. a clone's, makes ``caldpo`` a namespace package)
         env = {**os.environ, "PYTHONPATH": os.pathsep.join([root] + [p for p in [os.environ.get("PYTHONPATH")] if p])}
         sys.stdout.flush()
         sys.stderr.flush()
