@@ -351,16 +351,16 @@ class TextEncoder:
             return None
         n = n_chars.tolist()
         counts = [len(p) + _searched_count(e, c - r) for p, e, c, r in zip(pre, tail, n, cuts)]
-        first = np.asarray(ref_ids[0], np.int64)
-        ref_count = prompt_token_counts(np.asarray(ref_offsets[0], np.int64).reshape(-1, 2), [len(first)], n[:1])
-        if pre[0] + tail[0].ids != first.tolist() or counts[0] != int(ref_count[0]):
-            return None
         tails = [e.ids for e in tail]
+        first = list(ref_ids[0])
+        ref_count = prompt_token_counts(np.asarray(ref_offsets[0], np.int64).reshape(-1, 2), [len(first)], n[:1])
+        if pre[0] + tails[0] != first or counts[0] != int(ref_count[0]):
+            return None
         lengths = np.fromiter(map(len, pre), np.int64, len(pre)) + np.fromiter(map(len, tails), np.int64, len(tails))
         ids = np.fromiter(chain.from_iterable(chain.from_iterable(zip(pre, tails))), np.int32, int(lengths.sum()))
         return ids, lengths, np.asarray(counts, np.int64)
 
-    def _arrays(self, texts: list[str], n_chars: np.ndarray, raw: list | None = None
+    def _arrays(self, texts: list[str], n_chars: np.ndarray, raw: list | _CutEncodings | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
         """(ids, lengths, prompt token counts or None) of ``texts`` whose prompts are ``n_chars``
         characters long; raises what the tokenizer raises. Counts are None for a tokenizer without
@@ -388,7 +388,7 @@ class TextEncoder:
         ids, lengths, offsets = _flat(ids, offsets)
         return ids, lengths, None if offsets is None else prompt_token_counts(offsets, lengths, n_chars)
 
-    def _encode(self, texts: list[str], n_chars: np.ndarray, raw: list | None = None
+    def _encode(self, texts: list[str], n_chars: np.ndarray, raw: list | _CutEncodings | None = None
                 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None, dict[int, Exception]]:
         """``_arrays`` of all texts at once; when that fails, text by text, recording each failure."""
         if not texts:
@@ -409,7 +409,7 @@ class TextEncoder:
         counts = np.concatenate([p[2] for p in parts]) if self.fast else None
         return ids, lengths, counts, errors
 
-    def __call__(self, texts: list[str], prompts: list[str], raw: list | None = None) -> EncodedTexts:
+    def __call__(self, texts: list[str], prompts: list[str], raw: list | _CutEncodings | None = None) -> EncodedTexts:
         """Encode ``texts``; ``prompts[i]`` is the prompt that text i starts with (its boundary); ``raw``:
         ``self.raw(texts, prompts)`` when it already ran.
 
